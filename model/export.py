@@ -1,0 +1,120 @@
+"""Versioned, atomic SavedModel exports for TensorFlow Serving: <export_base>/PlanetModel/<N>/.
+
+A version is written under a temporary dot-name beside the versions and renamed into place once
+complete, because TF Serving (and our handlers) pick up any new numbered folder at once.
+
+Usage: python -m model.export --checkpoint JOB/checkpoints/epoch_003.keras --export_base EXPORT
+"""
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+
+import tensorflow as tf
+
+from model import schema
+
+_VERSION_RE = re.compile(r'^\d+$')
+
+
+def model_dir(export_base: str) -> str:
+  return os.path.join(export_base, schema.MODEL_NAME)
+
+
+def list_versions(base_path: str) -> list[int]:
+  """The complete version numbers under a PlanetModel/ folder, ascending (temporary names skipped)."""
+  if not tf.io.gfile.isdir(base_path):
+    return []
+  return sorted(int(name.rstrip('/')) for name in tf.io.gfile.listdir(base_path)
+                if _VERSION_RE.match(name.rstrip('/')))
+
+
+def _write_checksums(version_dir: str) -> None:
+  """Records the sha256 of every file in the version, so a reader can refuse a partial copy."""
+  lines = []
+  for root, _, files in tf.io.gfile.walk(version_dir):
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      relative = os.path.relpath(path, version_dir)
+      if relative == schema.EXPORT_CHECKSUMS_FILE:
+        continue
+      with tf.io.gfile.GFile(path, 'rb') as f:
+        lines.append(f'{hashlib.sha256(f.read()).hexdigest()}  {relative}')
+  with tf.io.gfile.GFile(os.path.join(version_dir, schema.EXPORT_CHECKSUMS_FILE), 'w') as f:
+    f.write('\n'.join(sorted(lines, key=lambda l: l.split('  ', 1)[1])) + '\n')
+
+
+def export_model(model, export_base: str, info: dict | None = None) -> str:
+  """Exports a model built by `model.network.build_model` as the next version; returns its path.
+
+  Signatures: `serving_default` (input `images`, uint8) and `predict_float` (input `input_image`,
+  float32 in [0, 1]); both output `weather` and `ground`. `assets.extra/planet.json` holds the label
+  order, the image size, and whatever `info` adds (thresholds, metrics).
+  """
+  from model.network import CORE_NAME  # pylint: disable=import-outside-toplevel
+  import keras  # pylint: disable=import-outside-toplevel
+
+  image_size = int(model.input.shape[1])
+  shape = [None, image_size, image_size, schema.CHANNELS]
+  core = model.get_layer(CORE_NAME)
+
+  archive = keras.export.ExportArchive()
+  archive.track(model)
+  archive.add_endpoint(
+      name=schema.SERVING_SIGNATURE,
+      fn=lambda images: model(images, training=False),
+      input_signature=[tf.TensorSpec(shape, tf.uint8, name=schema.INPUT_IMAGES)])
+  archive.add_endpoint(
+      name=schema.FLOAT_SIGNATURE,
+      fn=lambda input_image: core(input_image, training=False),
+      input_signature=[tf.TensorSpec(shape, tf.float32, name=schema.INPUT_FLOAT)])
+
+  base = model_dir(export_base)
+  tf.io.gfile.makedirs(base)
+  version = max(list_versions(base), default=0) + 1
+  temporary = os.path.join(base, f'.tmp-{version}-{uuid.uuid4().hex[:8]}')
+  final = os.path.join(base, str(version))
+  try:
+    archive.write_out(temporary, verbose=False)
+    info = {
+        'model_name': schema.MODEL_NAME,
+        'version': version,
+        'image_size': image_size,
+        'weather_labels': list(schema.WEATHER_LABELS),
+        'ground_labels': list(schema.GROUND_LABELS),
+        'ground_thresholds': [schema.DEFAULT_GROUND_THRESHOLD] * schema.NUM_GROUND,
+        **(info or {}),
+    }
+    tf.io.gfile.makedirs(os.path.join(temporary, os.path.dirname(schema.EXPORT_INFO_FILE)))
+    with tf.io.gfile.GFile(os.path.join(temporary, schema.EXPORT_INFO_FILE), 'w') as f:
+      json.dump(info, f, indent=2)
+    _write_checksums(temporary)
+    if tf.io.gfile.exists(final):  # another exporter won the race for this number
+      raise FileExistsError(f'{final} appeared while exporting; export again')
+    tf.io.gfile.rename(temporary, final)
+  finally:
+    if tf.io.gfile.exists(temporary):
+      tf.io.gfile.rmtree(temporary)
+  return final
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description='Export a training checkpoint as the next version.')
+  parser.add_argument('--checkpoint', required=True, help='a .keras checkpoint written by model.train')
+  parser.add_argument('--export_base', required=True, help='exports go to EXPORT_BASE/PlanetModel/<N>')
+  parser.add_argument('--info_json', help='extra planet.json fields (thresholds, metrics), e.g. JOB/metrics.json')
+  args = parser.parse_args(argv)
+  import keras  # pylint: disable=import-outside-toplevel
+  model = keras.models.load_model(args.checkpoint)
+  info = None
+  if args.info_json:
+    with tf.io.gfile.GFile(args.info_json) as f:
+      info = json.load(f)
+  print(f'export: wrote {export_model(model, args.export_base, info)}')
+
+
+if __name__ == '__main__':
+  main()

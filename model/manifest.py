@@ -1,0 +1,59 @@
+"""Stage manifests: a small JSON file each stage writes last, and the next stage checks first.
+
+A folder without `manifest.json` is a stage that did not finish (or is still running), so it is
+never consumed. All access goes through Beam's FileSystems: local paths and gs:// alike.
+"""
+import hashlib
+import json
+
+from apache_beam.io.filesystems import FileSystems
+
+from model import schema
+
+
+class ManifestMissing(FileNotFoundError):
+  """The folder has no manifest: its stage did not finish."""
+
+
+def manifest_path(output_dir: str) -> str:
+  return FileSystems.join(output_dir, schema.MANIFEST_FILE)
+
+
+def write_manifest(output_dir: str, manifest: dict) -> str:
+  """Writes `manifest` as OUTPUT_DIR/manifest.json (via a temporary name); returns the path."""
+  final = manifest_path(output_dir)
+  temporary = final + '.tmp'
+  with FileSystems.create(temporary) as f:
+    f.write(json.dumps(manifest, indent=2, sort_keys=True, default=str).encode('utf-8'))
+  if FileSystems.exists(final):
+    FileSystems.delete([final])
+  FileSystems.rename([temporary], [final])
+  return final
+
+
+def read_manifest(output_dir: str, expected_stage: str | None = None) -> dict:
+  """Reads a stage's manifest, refusing a folder whose stage did not finish.
+
+  Raises:
+    ManifestMissing: no manifest.json in `output_dir`.
+    ValueError: the manifest was written by another stage than `expected_stage`.
+  """
+  path = manifest_path(output_dir)
+  if not FileSystems.exists(path):
+    raise ManifestMissing(
+        f'{output_dir} has no {schema.MANIFEST_FILE}: the stage that writes it did not finish '
+        '(or is still running). Run it again (with --overwrite) and use its output once it ends.')
+  with FileSystems.open(path) as f:
+    manifest = json.loads(f.read().decode('utf-8'))
+  if expected_stage and manifest.get('stage') != expected_stage:
+    raise ValueError(f'{path} was written by stage {manifest.get("stage")!r}, '
+                     f'not {expected_stage!r}: point this command at a {expected_stage} output')
+  return manifest
+
+
+def sha256_of_file(path: str, chunk_bytes: int = 1 << 20) -> str:
+  digest = hashlib.sha256()
+  with FileSystems.open(path) as f:
+    while chunk := f.read(chunk_bytes):
+      digest.update(chunk)
+  return digest.hexdigest()

@@ -1,0 +1,51 @@
+"""The contracts between stages: label vocabulary, tf.Example keys, model I/O names, file names.
+
+Plain Python on purpose (no TensorFlow import): Beam workers, the training module, the local
+server and the tests all import this one module, so every fact below is written exactly once.
+"""
+
+# The original tutorial's label order, so its label CSV (KagglePlanetMCML.csv) stays usable.
+# `artisinal_mine` is the real (misspelt) Kaggle tag.
+WEATHER_LABELS = ('clear', 'cloudy', 'haze', 'partly_cloudy')
+GROUND_LABELS = (
+    'agriculture', 'artisinal_mine', 'bare_ground', 'blooming', 'blow_down',
+    'conventional_mine', 'cultivation', 'habitation', 'primary', 'road',
+    'selective_logging', 'slash_burn', 'water',
+)
+ALL_LABELS = WEATHER_LABELS + GROUND_LABELS
+NUM_WEATHER = len(WEATHER_LABELS)
+NUM_GROUND = len(GROUND_LABELS)
+
+# Pixels every stage works at unless told otherwise: a 256x256 chip halves exactly, which lets the
+# JPEG decoder scale in the DCT domain (draft) instead of decoding full size.
+DEFAULT_IMAGE_SIZE = 128
+CHANNELS = 3
+
+# tf.train.Example feature keys (written by beam_jobs.preprocess, read by model.input).
+KEY_NAME = 'image/name'          # bytes: the image name (file stem)
+KEY_SHA256 = 'image/sha256'      # bytes: hex sha256 of the source file
+KEY_PIXELS = 'image/pixels'      # bytes: raw uint8 RGB, row-major H x W x 3
+KEY_SHAPE = 'image/shape'        # int64 [3]: H, W, 3
+KEY_WEATHER = 'label/weather'    # float [4]: one-hot; all zeros when the row has no weather tag
+KEY_GROUND = 'label/ground'      # float [13]: multi-hot
+
+# Model I/O names, shared by the export, the in-process handler, the gRPC client and the server.
+MODEL_NAME = 'PlanetModel'
+SERVING_SIGNATURE = 'serving_default'   # input INPUT_IMAGES: uint8 [batch, H, W, 3]
+FLOAT_SIGNATURE = 'predict_float'       # input INPUT_FLOAT: float32 [batch, H, W, 3] in [0, 1]
+INPUT_IMAGES = 'images'
+INPUT_FLOAT = 'input_image'
+OUTPUT_WEATHER = 'weather'              # float32 [batch, 4], softmax
+OUTPUT_GROUND = 'ground'                # float32 [batch, 13], sigmoid
+OUTPUT_NAMES = (OUTPUT_WEATHER, OUTPUT_GROUND)
+
+# Files inside an export version folder, PlanetModel/<N>/.
+EXPORT_INFO_FILE = 'assets.extra/planet.json'   # label order, thresholds, image size, metrics
+EXPORT_CHECKSUMS_FILE = 'assets.extra/SHA256SUMS'
+
+# Every stage writes this last, after all its outputs are complete; the next stage refuses
+# an output folder without it.
+MANIFEST_FILE = 'manifest.json'
+
+# Decision threshold for a ground label when an export carries none (the tutorial's choice).
+DEFAULT_GROUND_THRESHOLD = 0.2

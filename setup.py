@@ -1,0 +1,23 @@
+"""Package for users (pip install -e .) and for Dataflow workers (--setup_file ./setup.py)."""
+import setuptools
+
+REQUIRED_PACKAGES = [
+    'apache-beam[gcp]==2.77.0',
+    'tensorflow==2.21.*',
+    'tensorflow-serving-api==2.21.*',
+    'grpcio',
+    # TF Serving's generated protos need >=6.31.1; Beam 2.77 needs <7.
+    'protobuf>=6.31.1,<7',
+    'pandas',
+    'pillow',
+]
+
+setuptools.setup(
+    name='planet-batch',
+    version='0.1.0',
+    description='Beam data prep, tf.keras training and bulk batch inference for the Planet chips.',
+    python_requires='>=3.10,<3.13',
+    packages=setuptools.find_packages(include=['beam_jobs', 'beam_jobs.*', 'model', 'model.*']),
+    install_requires=REQUIRED_PACKAGES,
+    extras_require={'test': ['pytest', 'hypothesis']},
+)
