@@ -1,0 +1,57 @@
+"""Dead letters: every input a job cannot use, with its name, reason code, message and stage.
+
+Both jobs write them as JSON lines through a Beam sink, count them by reason, and fail the job
+after the run (before publishing a manifest) when they exceed `--max_bad_fraction`.
+"""
+import json
+from typing import Any
+
+import apache_beam as beam
+
+from beam_jobs.progress import counter
+from model.errors import InputRefused, Reason
+
+
+def dead_letter(image_name: str, reason: Reason | str, message: str, stage: str,
+                path: str | None = None, **extra: Any) -> dict:
+  """One dead-letter record (a plain dict, so it serialises anywhere)."""
+  record = {'image_name': image_name, 'reason': str(reason), 'message': message, 'stage': stage}
+  if path is not None:
+    record['path'] = path
+  record.update(extra)
+  return record
+
+
+def from_refusal(image_name: str, refusal: InputRefused, stage: str, path: str | None = None,
+                 **extra: Any) -> dict:
+  return dead_letter(image_name, refusal.reason, refusal.message, stage, path, **extra)
+
+
+def _count(record: dict) -> dict:
+  counter(f'dead_letters_{record["reason"]}').inc()
+  counter('dead_letters').inc()
+  return record
+
+
+@beam.ptransform_fn
+def WriteDeadLetters(records, file_path_prefix: str):  # pylint: disable=invalid-name
+  """Counts dead letters by reason and writes them as JSON lines, sorted within each shard."""
+  return (records
+          | 'CountByReason' >> beam.Map(_count)
+          | 'ToJson' >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
+          | 'Write' >> beam.io.WriteToText(file_path_prefix, file_name_suffix='.jsonl',
+                                           num_shards=1))
+
+
+class TooManyBadInputs(RuntimeError):
+  """More inputs were dead-lettered than --max_bad_fraction allows."""
+
+
+def check_bad_fraction(bad: int, total: int, max_bad_fraction: float, what: str,
+                       dead_letters_at: str) -> None:
+  """Fails the job when `bad / total` exceeds `max_bad_fraction`, naming counts and location."""
+  if total and bad / total > max_bad_fraction:
+    raise TooManyBadInputs(
+        f'{bad} of {total} {what} ({bad / total:.1%}) were refused, above --max_bad_fraction='
+        f'{max_bad_fraction}; nothing was published. The reasons are in {dead_letters_at}: fix the '
+        'inputs, or raise --max_bad_fraction if they are expected.')
