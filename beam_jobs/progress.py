@@ -7,6 +7,18 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 METRICS_NAMESPACE = 'planet'
+_log = logging.getLogger('planet.progress')
+
+
+def show_progress_logs() -> None:
+  """Sends the project's INFO lines to stderr in this process (Beam's own stay at their level)."""
+  logger = logging.getLogger('planet')
+  if not logger.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def counter(name: str):
@@ -29,6 +41,10 @@ class LogProgress(beam.DoFn):
     self._what = what
     self._every = every_seconds
 
+  def setup(self):
+    # Worker processes (multi_processing, Dataflow) start without our handler.
+    show_progress_logs()
+
   def process(self, element):
     now = time.monotonic()
     cls = LogProgress
@@ -37,7 +53,7 @@ class LogProgress(beam.DoFn):
       started = cls._started.setdefault(self._what, now)
       if now - cls._last_log.get(self._what, started) >= self._every:
         cls._last_log[self._what] = now
-        logging.warning('%s: %d done, %.1f/s', self._what, done, done / max(now - started, 1e-9))
+        _log.info('%s: %d done, %.1f/s', self._what, done, done / max(now - started, 1e-9))
     yield element
 
 
