@@ -57,3 +57,22 @@ def sha256_of_file(path: str, chunk_bytes: int = 1 << 20) -> str:
     while chunk := f.read(chunk_bytes):
       digest.update(chunk)
   return digest.hexdigest()
+
+
+def claim_output_dir(output_dir: str, overwrite: bool) -> None:
+  """Makes `output_dir` ready for a new run, or refuses with what to do.
+
+  A folder holding a finished run (a manifest) or the remains of an unfinished one is only reused
+  with `overwrite`, and then cleared first: stale outputs must never mix with new ones.
+  """
+  if not FileSystems.exists(output_dir):
+    return
+  leftovers = FileSystems.match([FileSystems.join(output_dir, '*')])[0].metadata_list
+  if not leftovers:
+    return
+  if not overwrite:
+    state = ('holds a finished run' if FileSystems.exists(manifest_path(output_dir))
+             else 'holds files of an unfinished run (no manifest)')
+    raise FileExistsError(f'{output_dir} {state}; choose another --output_dir or pass '
+                          '--overwrite to clear it first')
+  FileSystems.delete([output_dir])
