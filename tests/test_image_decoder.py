@@ -1,8 +1,6 @@
 """The one decoder: correct colours for every image kind, typed refusals for every bad input."""
 import io
-import struct
 import tracemalloc
-import zlib
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ from PIL import Image
 
 from beam_jobs.image_decoder import RESIZE_FILTER, decode_image
 from model.errors import InputRefused, Reason
+from tests.hostile_inputs import png_declaring
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -84,19 +83,10 @@ def test_refuses_truncated_images(fmt):
   assert _refusal(data[:len(data) // 2]) is Reason.TRUNCATED_IMAGE
 
 
-def _png_declaring(width: int, height: int) -> bytes:
-  """A tiny valid-looking PNG whose header declares width x height: a decompression bomb."""
-  def chunk(kind, body):
-    return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
-  header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
-  idat = zlib.compress(b'\x00' * 1024)
-  return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', idat) + chunk(b'IEND', b'')
-
-
 def test_refuses_decompression_bomb_before_decoding():
   tracemalloc.start()
   try:
-    assert _refusal(_png_declaring(50_000, 50_000)) is Reason.TOO_MANY_PIXELS
+    assert _refusal(png_declaring(50_000, 50_000)) is Reason.TOO_MANY_PIXELS
     _, peak = tracemalloc.get_traced_memory()
   finally:
     tracemalloc.stop()
