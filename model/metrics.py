@@ -36,9 +36,16 @@ def per_label_scores(y_true: np.ndarray, y_pred: np.ndarray,
                      labels=schema.ALL_LABELS) -> dict[str, dict[str, float]]:
   """Precision, recall and F2 of each label (column), with its support and predicted count."""
   y_true, y_pred = np.asarray(y_true, bool), np.asarray(y_pred, bool)
-  tp = (y_true & y_pred).sum(axis=0).astype(float)
-  fp = (~y_true & y_pred).sum(axis=0).astype(float)
-  fn = (y_true & ~y_pred).sum(axis=0).astype(float)
+  return scores_from_counts((y_true & y_pred).sum(axis=0), (~y_true & y_pred).sum(axis=0),
+                            (y_true & ~y_pred).sum(axis=0), labels)
+
+
+def scores_from_counts(tp, fp, fn, labels=schema.ALL_LABELS) -> dict[str, dict[str, float]]:
+  """Per-label precision, recall, F2, support and predicted count from summed tp/fp/fn counts.
+
+  Split from `per_label_scores` so a distributed job can sum the counts and score at the end.
+  """
+  tp, fp, fn = (np.asarray(c, dtype=float) for c in (tp, fp, fn))
   precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
   recall = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
   f2 = _fbeta(tp, fp, fn)

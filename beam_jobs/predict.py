@@ -1,0 +1,502 @@
+"""Bulk prediction: image folders -> predictions, submission.csv, dead letters, summary, report.
+
+Usage:
+  python -m beam_jobs.predict --input DIR_OR_GLOB [--input ...] --output_dir OUT \
+      --model_dir EXPORT/PlanetModel[/N] [--labels_csv CSV] [Beam pipeline options]
+  python -m beam_jobs.predict ... --serving_address HOST:PORT [--model_name PlanetModel]
+
+The graph, in order: match files -> one path per image name -> read + decode (the one decoder,
+at the model's resolution) -> RunInference (in-process SavedModel or gRPC to TF Serving) -> result
+rows -> sinks. Every image is keyed by its name (the file stem) from the match to the last write,
+and ends either as a prediction or as a dead letter: matched = predictions + dead letters.
+"""
+import argparse
+import collections
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Iterable, NamedTuple
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_jobs import dead_letters, labels, report
+from beam_jobs.image_decoder import DEFAULT_MAX_PIXELS, decode_image
+from beam_jobs.progress import LogProgress, counter, show_progress_logs
+from model import manifest, metrics, schema
+from model.errors import InputRefused, Reason
+
+STAGE = 'predict'
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+THUMBNAILS = 36
+
+
+class JobConfig(NamedTuple):
+  """Everything the graph needs, validated before the pipeline starts."""
+  patterns: tuple[str, ...]
+  output_dir: str
+  image_size: int
+  ground_thresholds: tuple[float, ...]
+  model_name: str
+  backend: str                 # 'in_process' or 'grpc'
+  labels_csv: str | None
+  max_pixels: int
+  started_at: float
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def input_pattern(given: str) -> str:
+  """A folder means every image below it, recursively; a glob or a file is used as it is."""
+  if any(c in given for c in '*?[') or given.lower().endswith(IMAGE_EXTENSIONS):
+    return given
+  return given.rstrip('/') + '/**'
+
+
+def is_image_path(path: str) -> bool:
+  return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def image_name(path: str) -> str:
+  """The key of an image from first read to last write: its file stem."""
+  return os.path.splitext(path.rstrip('/').rsplit('/', 1)[-1])[0]
+
+
+def pick_path(name: str, paths: Iterable[str]) -> tuple[str, list[str]]:
+  """One file per image name: the first path in sort order; the others are duplicates."""
+  ordered = sorted(paths)
+  return ordered[0], ordered[1:]
+
+
+def result_row(name: str, path: str, inference: dict, thresholds, model_name: str) -> dict:
+  """One prediction row: probabilities by label name and the tags after the thresholds."""
+  weather = np.asarray(inference[schema.OUTPUT_WEATHER], dtype=float)
+  ground = np.asarray(inference[schema.OUTPUT_GROUND], dtype=float)
+  decisions = metrics.decide(weather[None], ground[None], thresholds)[0]
+  return {
+      'image_name': name,
+      'path': path,
+      'weather': {label: float(p) for label, p in zip(schema.WEATHER_LABELS, weather)},
+      'ground': {label: float(p) for label, p in zip(schema.GROUND_LABELS, ground)},
+      'tags': metrics.tags_of(decisions),
+      'model_name': model_name,
+      'model_version': str(inference['model_version']),
+  }
+
+
+def row_decisions(row: dict) -> np.ndarray:
+  tags = set(row['tags'])
+  return np.array([label in tags for label in schema.ALL_LABELS])
+
+
+def submission_line(row) -> str:
+  return f'{row["image_name"]},{" ".join(row["tags"])}'
+
+
+def thumbnail_key(item) -> str:
+  """A deterministic, content-independent sample of images for the report."""
+  (name, _), _ = item
+  return hashlib.sha256(name.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- DoFns
+
+
+class ReadAndDecode(beam.DoFn):
+  """(name, path) -> ((name, path), uint8 pixels), or a dead letter on the 'refused' output."""
+
+  def __init__(self, image_size: int, max_pixels: int):
+    self._size = image_size
+    self._max_pixels = max_pixels
+
+  def process(self, element):
+    name, path = element
+    try:
+      with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        data = f.read()
+    except Exception as e:  # pylint: disable=broad-except
+      counter('unreadable_files').inc()
+      yield beam.pvalue.TaggedOutput('refused', dead_letters.dead_letter(
+          name, Reason.UNREADABLE_FILE, f'cannot read the file: {e}', STAGE, path))
+      return
+    try:
+      pixels = decode_image(data, self._size, self._max_pixels)
+    except InputRefused as e:
+      yield beam.pvalue.TaggedOutput('refused', dead_letters.from_refusal(name, e, STAGE, path))
+      return
+    counter('images_decoded').inc()
+    yield (name, path), pixels
+
+
+class ToResultRow(beam.DoFn):
+  """PredictionResult -> result row, or a dead letter when the backend refused the image."""
+
+  def __init__(self, thresholds, model_name: str):
+    self._thresholds = thresholds
+    self._model_name = model_name
+
+  def process(self, element):
+    (name, path), result = element
+    if isinstance(result.inference, InputRefused):
+      yield beam.pvalue.TaggedOutput('refused', dead_letters.from_refusal(
+          name, result.inference, STAGE, path))
+      return
+    counter('predictions').inc()
+    yield result_row(name, path, result.inference, self._thresholds, self._model_name)
+
+
+def failed_batch_to_dead_letters(failure) -> Iterable[dict]:
+  """RunInference's own failures (a whole batch raised): one dead letter per image of the batch."""
+  batch, error = failure  # error: (type, value, traceback text), as ParDo's exception handling gives
+  message = error[1] if isinstance(error, tuple) and len(error) > 1 else error
+  for (name, path), _ in batch:
+    yield dead_letters.dead_letter(name, Reason.INFERENCE_FAILED,
+                                   f'inference failed for its batch: {message}', STAGE, path)
+
+
+class AttachTruth(beam.DoFn):
+  """row -> (row, 17-vector of true labels or None), from the labels CSV loaded once per worker."""
+
+  def __init__(self, labels_csv: str):
+    self._labels_csv = labels_csv
+    self._truth = None
+
+  def setup(self):
+    rows, _ = labels.parse_label_file(self._labels_csv)
+    self._truth = {name: np.array(r.weather + r.ground, dtype=bool) for name, r in rows.items()}
+
+  def process(self, row):
+    yield row, self._truth.get(row['image_name'])
+
+
+# ----------------------------------------------------------------------------- combiners
+
+
+class PredictionStatsFn(beam.CombineFn):
+  """Counts predicted labels and versions; with labels, the sums Kaggle's F2 and the rest need."""
+
+  def create_accumulator(self):
+    zeros = np.zeros(len(schema.ALL_LABELS), dtype=np.int64)
+    return {'predictions': 0, 'predicted': zeros.copy(), 'versions': collections.Counter(),
+            'labelled': 0, 'unlabelled': 0, 'f2_sum': 0.0, 'tp': zeros.copy(), 'fp': zeros.copy(),
+            'fn': zeros.copy(), 'confusion': np.zeros((schema.NUM_WEATHER,) * 2, dtype=np.int64)}
+
+  def add_input(self, acc, element):
+    row, truth = element
+    decided = row_decisions(row)
+    acc['predictions'] += 1
+    acc['predicted'] += decided
+    acc['versions'][row['model_version']] += 1
+    if truth is None:
+      acc['unlabelled'] += 1
+      return acc
+    acc['labelled'] += 1
+    acc['f2_sum'] += float(metrics.f2_per_image(truth[None], decided[None])[0])
+    acc['tp'] += truth & decided
+    acc['fp'] += ~truth & decided
+    acc['fn'] += truth & ~decided
+    if truth[:schema.NUM_WEATHER].any():
+      acc['confusion'][truth[:schema.NUM_WEATHER].argmax(), decided[:schema.NUM_WEATHER].argmax()] += 1
+    return acc
+
+  def merge_accumulators(self, accumulators):
+    merged = self.create_accumulator()
+    for acc in accumulators:
+      for key, value in acc.items():
+        merged[key] = merged[key] + value
+    return merged
+
+  def extract_output(self, acc):
+    return acc
+
+
+class DeadLetterStatsFn(beam.CombineFn):
+  """Counts dead letters by reason and keeps a few examples of each."""
+  EXAMPLES_PER_REASON = 3
+
+  def create_accumulator(self):
+    return collections.Counter(), {}
+
+  def add_input(self, acc, record):
+    counts, examples = acc
+    counts[record['reason']] += 1
+    kept = examples.setdefault(record['reason'], [])
+    if len(kept) < self.EXAMPLES_PER_REASON:
+      kept.append(record)
+    return acc
+
+  def merge_accumulators(self, accumulators):
+    counts, examples = collections.Counter(), {}
+    for c, e in accumulators:
+      counts.update(c)
+      for reason, records in e.items():
+        kept = examples.setdefault(reason, [])
+        kept.extend(records[:self.EXAMPLES_PER_REASON - len(kept)])
+    return counts, examples
+
+  def extract_output(self, acc):
+    counts, examples = acc
+    return dict(counts), sorted((r for rs in examples.values() for r in rs),
+                                key=lambda r: (r['reason'], r['image_name']))
+
+
+def build_summary(_, config: JobConfig, matched: int, stats: dict, dead, thumbnails) -> dict:
+  """The job's summary.json: counts, label distribution, versions, and the evaluation."""
+  dead_counts, dead_examples = dead
+  elapsed = time.time() - config.started_at
+  predicted = {label: int(n) for label, n in zip(schema.ALL_LABELS, stats['predicted'])}
+  summary = {
+      'model_name': config.model_name,
+      'model_versions': sorted(stats['versions']),
+      'predictions_per_version': dict(sorted(stats['versions'].items())),
+      'backend': config.backend,
+      'image_size': config.image_size,
+      'started_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(config.started_at)),
+      'elapsed_seconds': round(elapsed, 3),
+      'images_per_second': round(stats['predictions'] / elapsed, 2) if elapsed > 0 else 0.0,
+      'counts': {'images_matched': matched, 'predictions': stats['predictions'],
+                 'dead_letters': sum(dead_counts.values())},
+      'dead_letter_reasons': dict(sorted(dead_counts.items())),
+      'dead_letter_examples': dead_examples,
+      'predicted_label_counts': predicted,
+  }
+  if config.labels_csv:
+    n = stats['labelled']
+    summary['evaluation'] = {
+        'labels_csv': config.labels_csv,
+        'labelled_images': n,
+        'unlabelled_images': stats['unlabelled'],
+        'f2': stats['f2_sum'] / n if n else 0.0,
+        'per_label': metrics.scores_from_counts(stats['tp'], stats['fp'], stats['fn']),
+        'weather_labels': list(schema.WEATHER_LABELS),
+        'weather_confusion': stats['confusion'].tolist(),
+    }
+  return summary
+
+
+def make_thumbnails(sampled, thresholds, model_name: str) -> list[dict]:
+  thumbs = []
+  for (name, path), result in sorted(sampled, key=lambda item: item[0]):
+    row = result_row(name, path, result.inference, thresholds, model_name)
+    thumbs.append({'image_name': name, 'tags': row['tags'],
+                   'src': report.make_thumbnail(result.example)})
+  return thumbs
+
+
+# ----------------------------------------------------------------------------- the graph
+
+
+def _write_one_file(pcoll, path: str, label: str):
+  """Writes a PCollection holding one string as exactly `path` (no shard suffix)."""
+  return pcoll | label >> beam.io.WriteToText(path, num_shards=1, shard_name_template='')
+
+
+def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler) -> None:
+  """Builds the prediction graph on `p`; `model_handler` yields the shared result contract."""
+  out = config.output_dir
+  matched = (p
+             | 'InputPatterns' >> beam.Create(config.patterns)
+             | 'MatchFiles' >> fileio.MatchAll()
+             | 'KeepImages' >> beam.Filter(lambda m: is_image_path(m.path))
+             | 'KeyByName' >> beam.Map(lambda m: (image_name(m.path), m.path)))
+  matched_count = matched | 'CountMatched' >> beam.combiners.Count.Globally()
+
+  def one_path_per_name(element):
+    name, paths = element
+    kept, duplicates = pick_path(name, paths)
+    yield name, kept
+    for path in duplicates:
+      yield beam.pvalue.TaggedOutput('duplicate', dead_letters.dead_letter(
+          name, Reason.DUPLICATE_NAME, f'another file has the same image name: {kept}; '
+          'only that one is predicted (rename one of them)', STAGE, path))
+
+  unique = (matched
+            | 'GroupByName' >> beam.GroupByKey()
+            | 'OnePathPerName' >> beam.FlatMap(one_path_per_name).with_outputs(
+                'duplicate', main='unique'))
+  decoded = (unique.unique
+             | 'SpreadReads' >> beam.Reshuffle()
+             | 'ReadAndDecode' >> beam.ParDo(ReadAndDecode(config.image_size, config.max_pixels))
+             .with_outputs('refused', main='decoded'))
+  inferred, failed = (decoded.decoded
+                      | 'Progress' >> beam.ParDo(LogProgress(f'{STAGE}: images decoded'))
+                      | 'RunInference' >> RunInference(KeyedModelHandler(model_handler))
+                      .with_exception_handling())
+  rows = inferred | 'ToResultRow' >> beam.ParDo(
+      ToResultRow(config.ground_thresholds, config.model_name)).with_outputs('refused', main='rows')
+
+  refused = ((unique.duplicate, decoded.refused, rows.refused,
+              failed.failed_inferences | 'FailedBatches' >> beam.FlatMap(failed_batch_to_dead_letters))
+             | 'AllDeadLetters' >> beam.Flatten())
+  _ = refused | 'WriteDeadLetters' >> dead_letters.WriteDeadLetters(
+      FileSystems.join(out, 'dead_letters'))
+
+  _ = (rows.rows
+       | 'PredictionToJson' >> beam.Map(lambda row: json.dumps(row, sort_keys=True))
+       | 'WritePredictions' >> beam.io.WriteToText(
+           FileSystems.join(out, 'predictions'), file_name_suffix='.jsonl'))
+  _ = _write_one_file(
+      rows.rows
+      | 'SubmissionLine' >> beam.Map(submission_line)
+      | 'AllSubmissionLines' >> beam.combiners.ToList()
+      | 'SubmissionText' >> beam.Map(lambda lines: '\n'.join(['image_name,tags'] + sorted(lines))),
+      FileSystems.join(out, 'submission.csv'), 'WriteSubmission')
+
+  if config.labels_csv:
+    with_truth = rows.rows | 'AttachTruth' >> beam.ParDo(AttachTruth(config.labels_csv))
+  else:
+    with_truth = rows.rows | 'NoTruth' >> beam.Map(lambda row: (row, None))
+  stats = with_truth | 'PredictionStats' >> beam.CombineGlobally(PredictionStatsFn())
+  dead_stats = refused | 'DeadLetterStats' >> beam.CombineGlobally(DeadLetterStatsFn())
+  sampled = (inferred
+             | 'Predicted' >> beam.Filter(lambda item: not isinstance(item[1].inference, InputRefused))
+             | 'SampleThumbnails' >> beam.combiners.Top.Of(THUMBNAILS, key=thumbnail_key, reverse=True))
+  summary = (p
+             | 'SummaryTrigger' >> beam.Create([None])
+             | 'BuildSummary' >> beam.Map(
+                 build_summary, config,
+                 matched=beam.pvalue.AsSingleton(matched_count),
+                 stats=beam.pvalue.AsSingleton(stats),
+                 dead=beam.pvalue.AsSingleton(dead_stats),
+                 thumbnails=beam.pvalue.AsSingleton(sampled)))
+  _ = _write_one_file(summary | 'SummaryJson' >> beam.Map(json.dumps, indent=2, sort_keys=True),
+                      FileSystems.join(out, 'summary.json'), 'WriteSummary')
+  _ = _write_one_file(
+      summary | 'RenderReport' >> beam.Map(
+          lambda s, sample: report.render_report(
+              s, make_thumbnails(sample, config.ground_thresholds, config.model_name)),
+          sample=beam.pvalue.AsSingleton(sampled)),
+      FileSystems.join(out, 'report.html'), 'WriteReport')
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--input', action='append', required=True,
+                      help='a folder (every .jpg/.jpeg/.png below it), a glob or a file; repeatable')
+  parser.add_argument('--output_dir', required=True)
+  backend = parser.add_mutually_exclusive_group(required=True)
+  backend.add_argument('--model_dir', help='EXPORT/PlanetModel (highest version) or one version folder')
+  backend.add_argument('--serving_address', help='HOST:PORT of TensorFlow Serving (gRPC)')
+  parser.add_argument('--model_name', default=schema.MODEL_NAME)
+  parser.add_argument('--model_version', type=int, help='gRPC: a fixed version (default: latest)')
+  parser.add_argument('--tls', action='store_true', help='gRPC over TLS')
+  parser.add_argument('--root_cert', help='gRPC TLS: a PEM root certificate file')
+  parser.add_argument('--allow_insecure', action='store_true',
+                      help='gRPC without TLS to a host that is not loopback')
+  parser.add_argument('--max_request_bytes', type=int, help='gRPC: the largest request sent')
+  parser.add_argument('--labels_csv', help='score the predictions against these labels')
+  parser.add_argument('--max_bad_fraction', type=float, default=0.05)
+  parser.add_argument('--batch_size', type=int, default=64)
+  parser.add_argument('--max_pixels', type=int, default=DEFAULT_MAX_PIXELS)
+  parser.add_argument('--overwrite', action='store_true', help='clear OUTPUT_DIR of an earlier run')
+  args, pipeline_args = parser.parse_known_args(argv)
+  if not 0 <= args.max_bad_fraction <= 1:
+    parser.error('--max_bad_fraction must be between 0 and 1')
+  if args.batch_size < 1:
+    parser.error('--batch_size must be at least 1')
+  return args, pipeline_args
+
+
+def is_dry_run(options: PipelineOptions) -> bool:
+  return bool(options.get_all_options().get('dry_run'))
+
+
+def check_inputs(patterns: Iterable[str]) -> None:
+  """Fails before the pipeline starts when a pattern matches no image."""
+  for pattern in patterns:
+    found = [m.path for m in FileSystems.match([pattern])[0].metadata_list if is_image_path(m.path)]
+    if not found:
+      raise FileNotFoundError(f'--input {pattern} matches no .jpg/.jpeg/.png file; check the path')
+
+
+def make_backend(args) -> tuple[Any, int, tuple[float, ...], str, dict]:
+  """The model handler, image size, thresholds, backend name and model facts for the manifest."""
+  if args.model_dir:
+    from beam_jobs.inference_handler import SavedModelHandler  # pylint: disable=import-outside-toplevel
+    from model.saved_model_info import inspect_export  # pylint: disable=import-outside-toplevel
+    export = inspect_export(args.model_dir)
+    return (SavedModelHandler(export, max_batch_size=args.batch_size), export.image_size,
+            export.ground_thresholds, 'in_process',
+            {'model_dir': args.model_dir, 'version_dir': export.version_dir,
+             'version': export.version})
+  from beam_jobs import serving_handler  # pylint: disable=import-outside-toplevel
+  return serving_handler.make_backend(args)
+
+
+def run(argv=None) -> dict | None:
+  """Runs the job; returns the summary (None for a Dataflow dry run)."""
+  started_at = time.time()
+  args, pipeline_args = parse_args(argv)
+  options = PipelineOptions(pipeline_args)
+  dry_run = is_dry_run(options)
+  patterns = tuple(input_pattern(i) for i in args.input)
+  check_inputs(patterns)
+  if args.labels_csv:
+    labels.read_label_lines(args.labels_csv)  # a wrong header fails here, not on a worker
+  handler, image_size, thresholds, backend, model_facts = make_backend(args)
+  if not dry_run:
+    manifest.claim_output_dir(args.output_dir, args.overwrite)
+  config = JobConfig(patterns, args.output_dir, image_size, thresholds, args.model_name, backend,
+                     args.labels_csv, args.max_pixels, started_at)
+  print(f'{STAGE}: {", ".join(patterns)} -> {args.output_dir} ({backend}, '
+        f'{image_size}px, model {model_facts})', flush=True)
+  show_progress_logs()
+  pipeline = beam.Pipeline(options=options)
+  build_pipeline(pipeline, config, handler)
+  result = pipeline.run()
+  result.wait_until_finish()
+  if dry_run:
+    return None
+
+  with FileSystems.open(FileSystems.join(args.output_dir, 'summary.json')) as f:
+    summary = json.loads(f.read())
+  counts = summary['counts']
+  dead_letters_at = FileSystems.join(args.output_dir, 'dead_letters-*.jsonl')
+  print(f'{STAGE}: {counts["images_matched"]} images matched, {counts["predictions"]} predicted, '
+        f'{counts["dead_letters"]} dead letters ({summary["dead_letter_reasons"]}), '
+        f'{summary["images_per_second"]} images/s'
+        + (f', F2 {summary["evaluation"]["f2"]:.4f}' if 'evaluation' in summary else ''),
+        flush=True)
+  dead_letters.check_bad_fraction(counts['dead_letters'], counts['images_matched'],
+                                  args.max_bad_fraction, 'images', dead_letters_at)
+  outputs = sorted(m.path for m in FileSystems.match(
+      [FileSystems.join(args.output_dir, '*')])[0].metadata_list)
+  manifest.write_manifest(args.output_dir, {
+      'stage': STAGE,
+      'inputs': {'patterns': list(patterns), 'labels_csv': args.labels_csv,
+                 'labels_csv_sha256': (manifest.sha256_of_file(args.labels_csv)
+                                       if args.labels_csv else None)},
+      'model': {**model_facts, 'name': args.model_name, 'image_size': image_size,
+                'ground_thresholds': list(thresholds), 'versions_seen': summary['model_versions']},
+      'options': {k: v for k, v in vars(args).items() if k not in ('input', 'output_dir')},
+      'counts': {**counts, 'dead_letter_reasons': summary['dead_letter_reasons']},
+      'outputs': [os.path.basename(p) for p in outputs],
+  })
+  print(f'{STAGE}: wrote {args.output_dir}/(predictions-*.jsonl, submission.csv, '
+        'dead_letters-*.jsonl, summary.json, report.html, manifest.json)', flush=True)
+  return summary
+
+
+def main(argv=None):
+  try:
+    run(argv)
+  except (ValueError, FileNotFoundError, FileExistsError, dead_letters.TooManyBadInputs) as e:
+    print(f'{STAGE}: error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  logging.getLogger().setLevel(logging.WARNING)
+  main()

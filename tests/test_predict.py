@@ -1,0 +1,186 @@
+"""The prediction job, in-process backend: conservation, exact predictions, F2, refusals, Dataflow."""
+import glob
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from beam_jobs import predict
+from beam_jobs.image_decoder import decode_image
+from beam_jobs.make_sample import make_sample
+from model import metrics, schema
+from tests.hostile_inputs import png_declaring
+
+IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope='module')
+def export_base(tmp_path_factory):
+  """A real (untrained) export: predictions are what they are; the job must pass them on exactly."""
+  from model.export import export_model
+  from model.network import build_model
+  base = tmp_path_factory.mktemp('export')
+  export_model(build_model(IMAGE_SIZE), str(base))
+  return base
+
+
+@pytest.fixture(scope='module')
+def mixed_folder(tmp_path_factory, planet_dir):
+  """Good sample chips, the 6 real CMYK chips, one input of every refusal, a duplicate name."""
+  root = tmp_path_factory.mktemp('mixed')
+  sample = root / 'sample'
+  make_sample(str(sample), count=24, seed=11, prefix='chip')
+  images = root / 'images'
+  shutil.copytree(sample / 'train-jpg', images)
+  (images / 'real').mkdir()
+  for chip in (planet_dir / 'train-jpg').glob('*.jpg'):
+    shutil.copy(chip, images / 'real' / chip.name)
+  (images / 'empty.jpg').write_bytes(b'')
+  (images / 'notes.jpg').write_bytes(b'these are not pixels')
+  good = (images / 'chip_1.jpg').read_bytes()
+  (images / 'cut.jpg').write_bytes(good[:len(good) // 2])
+  (images / 'bomb.png').write_bytes(png_declaring(50_000, 50_000))
+  (images / 'dup').mkdir()
+  shutil.copy(images / 'chip_2.jpg', images / 'dup' / 'chip_2.JPG')
+  (images / 'readme.txt').write_text('not matched: not an image extension')
+  labels_csv = root / 'labels.csv'
+  real_rows = [line for line in (planet_dir / 'train_v2.csv').read_text().splitlines()[1:]
+               if line.split(',')[0] in {p.stem for p in (images / 'real').iterdir()}]
+  labels_csv.write_text((sample / 'train_v2.csv').read_text() + '\n'.join(real_rows) + '\n')
+  return images, labels_csv
+
+
+def _read_jsonl(pattern):
+  return [json.loads(line) for path in sorted(glob.glob(pattern))
+          for line in open(path) if line.strip()]
+
+
+@pytest.fixture(scope='module')
+def job(tmp_path_factory, export_base, mixed_folder):
+  images, labels_csv = mixed_folder
+  out = tmp_path_factory.mktemp('predict_out')
+  summary = predict.run(['--input', str(images), '--output_dir', str(out),
+                         '--model_dir', str(export_base / 'PlanetModel'),
+                         '--labels_csv', str(labels_csv), '--max_bad_fraction', '0.3',
+                         '--overwrite'])
+  return out, summary
+
+
+def test_every_image_is_a_prediction_or_a_dead_letter(job):
+  out, summary = job
+  predictions = _read_jsonl(f'{out}/predictions-*.jsonl')
+  dead = _read_jsonl(f'{out}/dead_letters-*.jsonl')
+  # 24 chips + 1 duplicate + 6 real + 4 refused inputs; readme.txt is not an image.
+  assert summary['counts'] == {'images_matched': 35, 'predictions': 30, 'dead_letters': 5}
+  assert len(predictions) == 30 and len(dead) == 5
+  names = [p['image_name'] for p in predictions]
+  assert len(set(names)) == 30
+  assert {d['reason'] for d in dead} == {
+      'EMPTY_FILE', 'NOT_AN_IMAGE', 'TRUNCATED_IMAGE', 'TOO_MANY_PIXELS', 'DUPLICATE_NAME'}
+  assert summary['dead_letter_reasons'] == {r: 1 for r in {d['reason'] for d in dead}}
+  duplicate = next(d for d in dead if d['reason'] == 'DUPLICATE_NAME')
+  assert duplicate['image_name'] == 'chip_2' and 'chip_2' in names
+  assert all(d['message'] and d['stage'] == 'predict' and d['path'] for d in dead)
+  manifest = json.loads((out / 'manifest.json').read_text())
+  assert manifest['counts']['predictions'] == 30 and manifest['model']['version'] == '1'
+
+
+def test_predictions_equal_the_saved_model_on_the_decoders_pixels(job, export_base):
+  import tensorflow as tf
+  out, _ = job
+  predictions = {p['image_name']: p for p in _read_jsonl(f'{out}/predictions-*.jsonl')}
+  paths = [predictions[n]['path'] for n in sorted(predictions)]
+  pixels = np.stack([decode_image(open(p, 'rb').read(), IMAGE_SIZE) for p in paths])
+  loaded = tf.saved_model.load(str(export_base / 'PlanetModel' / '1'))
+  direct = loaded.signatures[schema.SERVING_SIGNATURE](images=tf.constant(pixels))
+  job_weather = np.array([[predictions[n]['weather'][l] for l in schema.WEATHER_LABELS]
+                          for n in sorted(predictions)])
+  job_ground = np.array([[predictions[n]['ground'][l] for l in schema.GROUND_LABELS]
+                         for n in sorted(predictions)])
+  assert np.abs(job_weather - direct['weather'].numpy()).max() < 1e-6
+  assert np.abs(job_ground - direct['ground'].numpy()).max() < 1e-6
+  for name in ('train_0', 'train_10000'):  # the real CMYK chips were predicted, not refused
+    assert name in predictions and predictions[name]['model_version'] == '1'
+
+
+def test_summary_f2_equals_an_independent_computation(job, mixed_folder):
+  out, summary = job
+  _, labels_csv = mixed_folder
+  truth = {}
+  for line in labels_csv.read_text().splitlines()[1:]:
+    name, tags = line.split(',')
+    truth[name] = set(tags.split())
+  lines = (out / 'submission.csv').read_text().splitlines()
+  assert lines[0] == 'image_name,tags' and len(lines) == 31
+  submitted = {l.split(',')[0]: set(l.split(',')[1].split()) for l in lines[1:]}
+  y_true = np.array([[label in truth[n] for label in schema.ALL_LABELS] for n in submitted])
+  y_pred = np.array([[label in submitted[n] for label in schema.ALL_LABELS] for n in submitted])
+  assert summary['evaluation']['labelled_images'] == 30
+  assert summary['evaluation']['f2'] == pytest.approx(metrics.mean_f2(y_true, y_pred), abs=1e-9)
+  assert sum(map(sum, summary['evaluation']['weather_confusion'])) == 30
+
+
+def test_report_is_written(job):
+  out, _ = job
+  html = (out / 'report.html').read_text()
+  assert html.lstrip().lower().startswith('<!doctype html') and 'chip_' in html
+
+
+def _run_expecting(capsys, argv, *fragments):
+  with pytest.raises(SystemExit):
+    predict.main(argv)
+  err = capsys.readouterr().err
+  for fragment in fragments:
+    assert fragment in err, err
+
+
+def test_refusals_before_the_pipeline_starts(tmp_path, capsys, export_base, mixed_folder):
+  images, _ = mixed_folder
+  model = str(export_base / 'PlanetModel')
+  out = str(tmp_path / 'out')
+  _run_expecting(capsys, ['--input', str(tmp_path / 'nothing'), '--output_dir', out,
+                          '--model_dir', model], 'matches no .jpg')
+  _run_expecting(capsys, ['--input', str(images), '--output_dir', out,
+                          '--model_dir', str(tmp_path)], 'no complete model version')
+  bad_csv = tmp_path / 'bad.csv'
+  bad_csv.write_text('name,labels\n')
+  _run_expecting(capsys, ['--input', str(images), '--output_dir', out, '--model_dir', model,
+                          '--labels_csv', str(bad_csv)], 'unrecognised labels CSV header')
+  (tmp_path / 'out').mkdir()
+  (tmp_path / 'out' / 'old.txt').write_text('x')
+  _run_expecting(capsys, ['--input', str(images), '--output_dir', out, '--model_dir', model],
+                 'unfinished run', '--overwrite')
+
+
+def test_refuses_an_export_without_the_serving_signature(tmp_path, capsys, export_base, mixed_folder):
+  images, _ = mixed_folder
+  broken = tmp_path / 'PlanetModel' / '1'
+  shutil.copytree(export_base / 'PlanetModel' / '1', broken)
+  pb = (broken / 'saved_model.pb').read_bytes()
+  (broken / 'saved_model.pb').write_bytes(pb.replace(b'serving_default', b'serving_other__'))
+  _run_expecting(capsys, ['--input', str(images), '--output_dir', str(tmp_path / 'out'),
+                          '--model_dir', str(broken.parent)], 'does not match its checksum')
+
+
+def test_too_many_bad_images_fail_the_job_without_a_manifest(tmp_path, capsys, export_base,
+                                                             mixed_folder):
+  images, _ = mixed_folder
+  out = tmp_path / 'out'
+  _run_expecting(capsys, ['--input', str(images), '--output_dir', str(out),
+                          '--model_dir', str(export_base / 'PlanetModel'),
+                          '--max_bad_fraction', '0.05'],
+                 '5 of 35 images', 'dead_letters')
+  assert not (out / 'manifest.json').exists()
+
+
+@pytest.mark.slow
+def test_dataflow_dry_run_translates_the_job(tmp_path, export_base, mixed_folder):
+  images, labels_csv = mixed_folder
+  summary = predict.run([
+      '--input', str(images), '--output_dir', 'gs://my-bucket/out',
+      '--model_dir', str(export_base / 'PlanetModel'), '--labels_csv', str(labels_csv),
+      '--runner=DataflowRunner', '--dry_run=True', '--no_auth', '--project=my-project',
+      '--region=us-central1', '--temp_location=gs://my-bucket/tmp',
+      '--staging_location=gs://my-bucket/staging', '--setup_file=./setup.py'])
+  assert summary is None
