@@ -413,6 +413,13 @@ def is_dry_run(options: PipelineOptions) -> bool:
   return bool(options.get_all_options().get('dry_run'))
 
 
+def dry_run_description(result) -> dict:
+  """What a Dataflow dry run translated: the job's name and the labels of its transforms."""
+  transforms = result.job.proto_pipeline.components.transforms.values()
+  return {'dry_run': True, 'job_name': result.job.options.get_all_options()['job_name'],
+          'transforms': sorted(t.unique_name for t in transforms)}
+
+
 def check_inputs(patterns: Iterable[str]) -> None:
   """Fails before the pipeline starts when a pattern matches no image."""
   for pattern in patterns:
@@ -435,8 +442,8 @@ def make_backend(args) -> tuple[Any, int, tuple[float, ...], str, dict]:
   return serving_handler.make_backend(args)
 
 
-def run(argv=None) -> dict | None:
-  """Runs the job; returns the summary (None for a Dataflow dry run)."""
+def run(argv=None) -> dict:
+  """Runs the job; returns the summary (for a Dataflow dry run, what was translated)."""
   started_at = time.time()
   args, pipeline_args = parse_args(argv)
   options = PipelineOptions(pipeline_args)
@@ -458,7 +465,7 @@ def run(argv=None) -> dict | None:
   result = pipeline.run()
   result.wait_until_finish()
   if dry_run:
-    return None
+    return dry_run_description(result)
 
   with FileSystems.open(FileSystems.join(args.output_dir, 'summary.json')) as f:
     summary = json.loads(f.read())

@@ -183,4 +183,28 @@ def test_dataflow_dry_run_translates_the_job(tmp_path, export_base, mixed_folder
       '--runner=DataflowRunner', '--dry_run=True', '--no_auth', '--project=my-project',
       '--region=us-central1', '--temp_location=gs://my-bucket/tmp',
       '--staging_location=gs://my-bucket/staging', '--setup_file=./setup.py'])
-  assert summary is None
+  assert summary['dry_run']
+  for step in ('MatchFiles', 'ReadAndDecode', 'RunInference', 'WritePredictions',
+               'WriteDeadLetters', 'WriteSubmission', 'WriteSummary', 'WriteReport', 'AttachTruth'):
+    assert step in summary['transforms'], step
+
+
+@pytest.mark.slow
+def test_multi_processing_gives_the_same_outputs(tmp_path, job, export_base, mixed_folder):
+  images, labels_csv = mixed_folder
+  out, summary = job
+  multi = predict.run(['--input', str(images), '--output_dir', str(tmp_path / 'multi'),
+                       '--model_dir', str(export_base / 'PlanetModel'),
+                       '--labels_csv', str(labels_csv), '--max_bad_fraction', '0.3',
+                       '--direct_running_mode=multi_processing', '--direct_num_workers=2'])
+  assert multi['counts'] == summary['counts']
+  # Summation order differs between workers: equal to rounding.
+  assert multi['evaluation']['f2'] == pytest.approx(summary['evaluation']['f2'], abs=1e-12)
+
+  def keyed(pattern, drop=()):
+    return {r['image_name'] + r.get('reason', ''): {k: v for k, v in r.items() if k not in drop}
+            for r in _read_jsonl(pattern)}
+  assert keyed(f'{tmp_path}/multi/predictions-*.jsonl') == keyed(f'{out}/predictions-*.jsonl')
+  assert (keyed(f'{tmp_path}/multi/dead_letters-*.jsonl')
+          == keyed(f'{out}/dead_letters-*.jsonl'))
+  assert (tmp_path / 'multi' / 'submission.csv').read_text() == (out / 'submission.csv').read_text()
