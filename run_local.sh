@@ -24,6 +24,20 @@ ensure_venv() {
   fi
 }
 
+# The report test opens report.html in a real headless browser: Debian's chromium.
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 && return 0
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "== installing Debian's chromium for the report test"
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null \
+      || echo "run_local.sh: could not install chromium; the report test will fail" >&2
+  else
+    echo "run_local.sh: no apt-get: install Chromium yourself for the report test" >&2
+  fi
+}
+
 run_flow() {
   local work=${PLANET_WORK_DIR:-work}
   local sample_count=${PLANET_SAMPLE_COUNT:-2000}
@@ -47,6 +61,7 @@ ensure_venv
 case "${1:-}" in
   test)
     shift
+    ensure_chromium
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   "")
