@@ -1,0 +1,452 @@
+"""Stage 1, beam_jobs.preprocess: conservation, round trip, splits, workers, Dataflow translation."""
+import io
+import json
+import os
+import pathlib
+import socket
+import struct
+import zlib
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
+
+from beam_jobs import preprocess
+from beam_jobs.dead_letters import TooManyBadInputs
+from beam_jobs.image_decoder import decode_image
+from beam_jobs.labels import CsvFormat, LabelRow, parse_label_line
+from beam_jobs.make_sample import make_sample
+from beam_jobs.preprocess import ConfigError, EncodedExample, LabelledImage
+from model import schema
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+GOOD = 12   # generated chips train_0 .. train_11
+
+# Every kind of bad input, one each: (CSV line or None, file name or None, file bytes or None,
+# the dead letters it must produce as (image_name, reason)). `{jpeg}` stands for a valid chip.
+_BAD_INPUTS = [
+    ('ghost_1,clear primary', None, None, [('ghost_1', 'MISSING_IMAGE')]),
+    ('empty_1,clear primary', 'empty_1.jpg', b'', [('empty_1', 'EMPTY_FILE')]),
+    ('text_1,clear primary', 'text_1.jpg', b'image_name,tags\n', [('text_1', 'NOT_AN_IMAGE')]),
+    ('cut_1,clear primary', 'cut_1.jpg', 'half', [('cut_1', 'TRUNCATED_IMAGE')]),
+    ('bomb_1,clear primary', 'bomb_1.jpg', 'bomb', [('bomb_1', 'TOO_MANY_PIXELS')]),
+    ('typo_1,clear priamry', 'typo_1.jpg', 'jpeg', [('typo_1', 'UNKNOWN_TAG')]),
+    ('notag_1,', 'notag_1.jpg', 'jpeg', [('notag_1', 'EMPTY_TAGS')]),
+    ('twowx_1,clear haze primary', 'twowx_1.jpg', 'jpeg', [('twowx_1', 'MULTIPLE_WEATHER')]),
+    ('../x,clear primary', None, None, [('../x', 'BAD_IMAGE_NAME')]),
+    ('train_3,{train_3_tags}', None, None, [('train_3', 'DUPLICATE_NAME')]),    # identical
+    ('train_4,cloudy', None, None, [('train_4', 'DUPLICATE_NAME')] * 2),        # conflicting
+    ('broken_1,clear,primary,extra', 'broken_1.jpg', 'jpeg', [('broken_1', 'MALFORMED_ROW')]),
+    (',clear primary', None, None, [('line:{line}', 'BAD_IMAGE_NAME')]),
+    (None, 'orphan_1.jpg', 'jpeg', [('orphan_1', 'IMAGE_WITHOUT_ROW')]),
+    ('nowx_1,primary water', 'nowx_1.jpg', 'jpeg', []),   # kept: all-zero weather
+]
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+  """A tiny PNG whose header declares width x height: a decompression bomb.
+
+  The same as tests/test_image_decoder.py's (test modules do not import each other here).
+  """
+  def chunk(kind, body):
+    return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
+  header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) +
+          chunk(b'IDAT', zlib.compress(b'\x00' * 1024)) + chunk(b'IEND', b''))
+
+
+def _jpeg(seed: int) -> bytes:
+  pixels = np.random.default_rng(seed).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, 'JPEG', quality=90)
+  return buffer.getvalue()
+
+
+@pytest.fixture(scope='module')
+def bad_mix(tmp_path_factory):
+  """12 good chips + one input of every bad kind; returns (folder, expected dead letters)."""
+  root = tmp_path_factory.mktemp('bad_mix')
+  rows = make_sample(str(root), GOOD, seed=3)
+  images = root / 'train-jpg'
+  tags = dict(rows)
+  lines = (root / 'train_v2.csv').read_text().splitlines()
+  expected = []
+  for i, (line, file_name, data, letters) in enumerate(_BAD_INPUTS):
+    if line is not None:
+      lines.append(line.format(train_3_tags=' '.join(tags['train_3'])))
+    if file_name is not None:
+      payload = {'jpeg': _jpeg(i), 'half': _jpeg(i)[:3000], 'bomb': _png_declaring(50_000, 50_000)}
+      (images / file_name).write_bytes(payload.get(data, data))
+    expected += [(name.format(line=len(lines)), reason) for name, reason in letters]
+  # The conflicting duplicate also refuses train_4's original row.
+  (root / 'train_v2.csv').write_text('\n'.join(lines) + '\n')
+  return root, sorted(expected)
+
+
+def _args(root: pathlib.Path, out: pathlib.Path, *extra: str) -> list[str]:
+  return ['--labels_csv', str(root / 'train_v2.csv'), '--images_dir', str(root / 'train-jpg'),
+          '--output_dir', str(out), *extra]
+
+
+def _read_examples(out: pathlib.Path, manifest: dict) -> dict[str, dict]:
+  """Every Example in the shards, read with tf.data, by image name (+ its split)."""
+  import tensorflow as tf
+  spec = {
+      schema.KEY_NAME: tf.io.FixedLenFeature([], tf.string),
+      schema.KEY_SHA256: tf.io.FixedLenFeature([], tf.string),
+      schema.KEY_PIXELS: tf.io.FixedLenFeature([], tf.string),
+      schema.KEY_SHAPE: tf.io.FixedLenFeature([3], tf.int64),
+      schema.KEY_WEATHER: tf.io.FixedLenFeature([schema.NUM_WEATHER], tf.float32),
+      schema.KEY_GROUND: tf.io.FixedLenFeature([schema.NUM_GROUND], tf.float32),
+  }
+  compression = {'none': '', 'gzip': 'GZIP'}[manifest['compression']]
+  examples = {}
+  for split, shards in manifest['shards'].items():
+    dataset = tf.data.TFRecordDataset([str(out / s) for s in shards], compression)
+    for record in dataset.map(lambda r: tf.io.parse_single_example(r, spec)):
+      name = record[schema.KEY_NAME].numpy().decode()
+      assert name not in examples, f'{name} written twice'
+      shape = tuple(record[schema.KEY_SHAPE].numpy())
+      examples[name] = {
+          'split': split, 'sha256': record[schema.KEY_SHA256].numpy().decode(),
+          'pixels': np.frombuffer(record[schema.KEY_PIXELS].numpy(), np.uint8).reshape(shape),
+          'weather': tuple(record[schema.KEY_WEATHER].numpy()),
+          'ground': tuple(record[schema.KEY_GROUND].numpy())}
+  return examples
+
+
+def _read_dead_letters(out: pathlib.Path) -> list[dict]:
+  records = []
+  for path in sorted((out / 'dead_letters').glob('*.jsonl')):
+    records += [json.loads(line) for line in path.read_text().splitlines()]
+  return records
+
+
+def _csv_rows(root: pathlib.Path) -> dict[str, LabelRow]:
+  """The first good row per name of root/train_v2.csv, parsed independently of the job."""
+  rows = {}
+  for line in (root / 'train_v2.csv').read_text().splitlines()[1:]:
+    try:
+      row = parse_label_line(line, CsvFormat.KAGGLE)
+    except ValueError:
+      continue
+    rows.setdefault(row.image_name, row)
+  return rows
+
+
+# ---- Pure functions -------------------------------------------------------------------------
+
+def test_split_follows_the_worked_example_and_the_fraction():
+  assert preprocess.assign_split('train_1', 0.2) == 'eval'     # sha256 prefix 0.0250
+  assert preprocess.assign_split('train_0', 0.2) == 'train'    # sha256 prefix 0.4247
+  assert preprocess.assign_split('train_0', 0.43) == 'eval'
+  names = [f'train_{i}' for i in range(20_000)]
+  at_20 = {n for n in names if preprocess.assign_split(n, 0.2) == 'eval'}
+  at_30 = {n for n in names if preprocess.assign_split(n, 0.3) == 'eval'}
+  assert abs(len(at_20) / len(names) - 0.2) < 0.01
+  assert at_20 < at_30   # raising the fraction only moves images from train to eval
+
+
+def test_shard_estimate_keeps_shards_between_100_and_200_mb():
+  for rows, fraction in [(40_479, 0.8), (40_479, 0.2), (1_000_000, 0.8), (40_479, 1.0)]:
+    shards = preprocess.estimate_num_shards(rows, 128, fraction)
+    per_shard = rows * fraction * (128 * 128 * 3 + 256) / shards
+    assert 100 * 2**20 < per_shard <= 200 * 2**20, (rows, fraction, shards)
+  assert preprocess.estimate_num_shards(60, 128, 0.2) == 1
+
+
+def test_raw_image_name_names_what_it_can():
+  assert preprocess.raw_image_name(b'train_7,clear,too,many') == 'train_7'
+  assert preprocess.raw_image_name(b'"a,b",clear') == 'a,b'
+  assert preprocess.raw_image_name(b',clear') == ''
+  assert preprocess.raw_image_name(b'\xff\xfe,x') == '\ufffd\ufffd'
+  assert len(preprocess.raw_image_name(b'x' * 20_000)) == 255
+
+
+def _row(name, weather=(1.0, 0.0, 0.0, 0.0), ground=(0.0,) * 13):
+  return LabelRow(name, weather, ground)
+
+
+def test_join_one_name_covers_every_case():
+  join = preprocess.join_rows_with_image
+  a, b = _row('a'), _row('a', weather=(0.0, 1.0, 0.0, 0.0))
+  image, refused = join('a', [(5, a)], [], ['/i/a.jpg'], '/i/a.jpg')
+  assert image == LabelledImage('a', 5, a, '/i/a.jpg') and refused == []
+  # Identical duplicates: the first by line is kept, later ones refused.
+  image, refused = join('a', [(9, a), (5, a)], [], ['/i/a.jpg'], '/i/a.jpg')
+  assert image.line == 5 and [(r['line'], r['reason']) for r in refused] == [(9, 'DUPLICATE_NAME')]
+  # Conflicting: all refused, and the file is not reported as having no row.
+  image, refused = join('a', [(5, a), (9, b)], [], ['/i/a.jpg'], '/i/a.jpg')
+  assert image is None and [r['line'] for r in refused] == [5, 9]
+  assert {r['reason'] for r in refused} == {'DUPLICATE_NAME'}
+  # A row without its file.
+  image, refused = join('a', [(5, a)], [], [], '/i/a.jpg')
+  assert image is None and refused[0]['reason'] == 'MISSING_IMAGE' and refused[0]['line'] == 5
+  assert '/i/a.jpg' in refused[0]['message']
+  # A file without any row: listed, but not a row (no line number).
+  image, refused = join('a', [], [], ['/i/a.jpg'], '/i/a.jpg')
+  assert image is None and refused[0]['reason'] == 'IMAGE_WITHOUT_ROW' and 'line' not in refused[0]
+  # A file whose only row was refused while parsing: that row's dead letter accounts for it.
+  assert join('a', [], [7], ['/i/a.jpg'], '/i/a.jpg') == (None, [])
+
+
+def test_counts_from_tally_fill_every_label_and_check_conservation():
+  tally = {'csv_rows': 3, 'examples/train': 1, 'examples/eval': 1, 'dead_lettered_rows': 1,
+           'dead_letters/MISSING_IMAGE': 1, 'dead_letters/IMAGE_WITHOUT_ROW': 2,
+           'images_without_rows': 2, 'labels/train/clear': 1, 'labels/eval/water': 1}
+  counts, label_counts = preprocess.counts_from_tally(tally)
+  assert counts == {'csv_rows': 3, 'examples': {'train': 1, 'eval': 1},
+                    'dead_letters': {'IMAGE_WITHOUT_ROW': 2, 'MISSING_IMAGE': 1},
+                    'dead_lettered_rows': 1, 'images_without_rows': 2, 'rows_without_weather': 0}
+  assert list(label_counts['train']) == list(schema.ALL_LABELS)
+  assert label_counts['train']['clear'] == 1 and label_counts['eval']['water'] == 1
+  preprocess.check_conservation(counts)
+  with pytest.raises(AssertionError, match='lost or duplicated'):
+    preprocess.check_conservation({**counts, 'csv_rows': 4})
+
+
+def test_tally_keys_of_examples_and_dead_letters():
+  example = EncodedExample('eval', _row('a', weather=(0.0,) * 4, ground=(1.0,) + (0.0,) * 12), b'')
+  assert preprocess.tally_example(example) == [
+      'examples/eval', 'labels/eval/agriculture', 'rows_without_weather']
+  assert preprocess.tally_dead_letter({'reason': 'IMAGE_WITHOUT_ROW'}) == [
+      'dead_letters/IMAGE_WITHOUT_ROW', 'images_without_rows']
+  assert preprocess.tally_dead_letter({'reason': 'EMPTY_FILE', 'line': 4}) == [
+      'dead_letters/EMPTY_FILE', 'dead_lettered_rows']
+
+
+def test_image_to_example_hashes_and_decodes_the_same_bytes():
+  import hashlib
+
+  import tensorflow as tf
+  data = _jpeg(0)
+  example = tf.train.Example.FromString(preprocess.image_to_example(_row('a'), data, 64))
+  feature = example.features.feature
+  assert feature[schema.KEY_SHA256].bytes_list.value[0].decode() == hashlib.sha256(data).hexdigest()
+  pixels = np.frombuffer(feature[schema.KEY_PIXELS].bytes_list.value[0], np.uint8)
+  np.testing.assert_array_equal(pixels.reshape(64, 64, 3), decode_image(data, 64))
+
+
+# ---- Configuration, refused before anything runs ----------------------------------------------
+
+@pytest.mark.parametrize('change, message', [
+    ({'--labels_csv': 'nowhere.csv'}, 'does not exist'),
+    ({'--images_dir': 'nowhere'}, 'does not exist'),
+    ({'--images_dir': 'EMPTY'}, 'holds no .jpg files'),
+    ({'--labels_csv': 'BADHEADER'}, 'unrecognised labels CSV header'),
+    ({'--eval_fraction': '0'}, '--eval_fraction must be between 0 and 1'),
+    ({'--eval_fraction': '1'}, '--eval_fraction must be between 0 and 1'),
+    ({'--max_bad_fraction': '1.5'}, '--max_bad_fraction must be between 0 and 1'),
+    ({'--num_shards': '0'}, '--num_shards must be at least 1'),
+    ({'--image_size': '0'}, '--image_size must be between'),
+])
+def test_bad_configuration_fails_before_the_pipeline(small_sample, tmp_path, change, message):
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'bad.csv').write_text('name,labels\ntrain_0,clear\n')
+  flags = dict(zip(*[iter(_args(small_sample, tmp_path / 'out'))] * 2))
+  for flag, value in change.items():
+    flags[flag] = {'EMPTY': str(tmp_path / 'empty'), 'BADHEADER': str(tmp_path / 'bad.csv'),
+                   'nowhere': str(tmp_path / 'nowhere'),
+                   'nowhere.csv': str(tmp_path / 'nowhere.csv')}.get(value, value)
+  with pytest.raises(ConfigError, match=message):
+    preprocess.run([x for pair in flags.items() for x in pair])
+  assert not (tmp_path / 'out').exists()
+
+
+# ---- The pipeline on a TestPipeline -----------------------------------------------------------
+
+def test_pipeline_routes_every_bad_input_to_its_dead_letter(bad_mix, tmp_path):
+  root, expected = bad_mix
+  config, _ = preprocess.validate_config(preprocess.parse_args(_args(root, tmp_path))[0])
+  good = [f'train_{i}' for i in range(GOOD) if i != 4] + ['nowx_1']
+  with test_pipeline.TestPipeline() as p:
+    outputs = preprocess.build_pipeline(p, config)
+    assert_that(outputs.dead_letters | beam.Map(lambda r: (r['image_name'], r['reason'])),
+                equal_to(expected), label='CheckDeadLetters')
+    assert_that(outputs.examples | beam.Map(lambda e: (e.row.image_name, e.split)),
+                equal_to([(n, preprocess.assign_split(n, 0.2)) for n in good]),
+                label='CheckExamples')
+  counts = json.loads((tmp_path / 'counts.json').read_text())
+  assert counts['csv_rows'] == len(good) + sum(r != 'IMAGE_WITHOUT_ROW' for _, r in expected)
+
+
+# ---- The whole job ----------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def mixed_run(bad_mix, tmp_path_factory):
+  """The job, in-process, on the bad mix (whose bad share is far above the default limit)."""
+  root, _ = bad_mix
+  out = tmp_path_factory.mktemp('mixed_run')
+  return out, preprocess.run(_args(root, out, '--max_bad_fraction', '0.9'))
+
+
+def test_every_row_is_an_example_or_a_dead_letter_and_all_reports_agree(bad_mix, mixed_run):
+  root, expected = bad_mix
+  out, outcome = mixed_run
+  manifest = json.loads((out / schema.MANIFEST_FILE).read_text())
+  assert manifest == json.loads(json.dumps(outcome.manifest))
+  counts = manifest['counts']
+  examples = _read_examples(out, manifest)
+  letters = _read_dead_letters(out)
+  row_letters = [r for r in letters if r['reason'] != 'IMAGE_WITHOUT_ROW']
+  csv_lines = len((root / 'train_v2.csv').read_text().splitlines()) - 1
+
+  # Conservation, exactly, in the files themselves.
+  assert counts['csv_rows'] == csv_lines == len(examples) + len(row_letters)
+  assert counts['examples'] == {s: sum(e['split'] == s for e in examples.values())
+                                for s in ('train', 'eval')}
+  assert counts['dead_lettered_rows'] == len(row_letters) == 14
+  assert sorted((r['image_name'], r['reason']) for r in letters) == expected
+  assert counts['images_without_rows'] == 1 and counts['rows_without_weather'] == 1
+  assert sum(counts['dead_letters'].values()) == len(letters)
+  # Every dead letter says what, why, where; a row's says its line.
+  for record in letters:
+    assert record['stage'] == 'preprocess' and record['message'] and record['step']
+    assert ('line' in record) == (record['reason'] != 'IMAGE_WITHOUT_ROW')
+  conflict = (root / 'train_v2.csv').read_text().splitlines().index('train_4,cloudy') + 1
+  assert {r['line'] for r in row_letters if r['image_name'] == 'train_4'} == {6, conflict}
+
+  # The counters say the same numbers.
+  counters = outcome.counters
+  assert counters['csv_rows'] == counts['csv_rows']
+  assert counters['dead_lettered_rows'] == counts['dead_lettered_rows']
+  assert counters['images_without_rows'] == counts['images_without_rows']
+  assert counters['rows_without_weather'] == counts['rows_without_weather']
+  for split in ('train', 'eval'):
+    assert counters[f'examples_{split}'] == counts['examples'][split]
+    for label, n in manifest['label_counts'][split].items():
+      assert counters.get(f'labels_{split}_{label}', 0) == n
+  for reason, n in counts['dead_letters'].items():
+    assert counters[f'dead_letters_{reason}'] == n
+
+  # The manifest's contract with the training stage.
+  assert manifest['stage'] == 'preprocess' and manifest['image_size'] == 128
+  assert manifest['compression'] == 'none'
+  assert all(not p.startswith('/') and (out / p).is_file()
+             for split in ('train', 'eval') for p in manifest['shards'][split])
+  import hashlib
+  assert manifest['inputs']['labels_csv_sha256'] == hashlib.sha256(
+      (root / 'train_v2.csv').read_bytes()).hexdigest()
+
+
+def test_shards_hold_the_decoders_pixels_and_the_rows_labels(bad_mix, mixed_run):
+  root, _ = bad_mix
+  out, outcome = mixed_run
+  examples = _read_examples(out, outcome.manifest)
+  rows = _csv_rows(root)
+  for name, example in examples.items():
+    data = (root / 'train-jpg' / f'{name}.jpg').read_bytes()
+    np.testing.assert_array_equal(example['pixels'], decode_image(data, 128))
+    assert example['weather'] == rows[name].weather and example['ground'] == rows[name].ground
+    assert example['split'] == preprocess.assign_split(name, 0.2)
+  assert examples['nowx_1']['weather'] == (0.0,) * 4
+
+
+def test_two_worker_processes_give_the_same_examples(bad_mix, mixed_run, tmp_path):
+  root, _ = bad_mix
+  out, outcome = mixed_run
+  multi = preprocess.run(_args(root, tmp_path, '--max_bad_fraction', '0.9',
+                               '--direct_running_mode=multi_processing',
+                               '--direct_num_workers=2'))
+
+  def summary(directory, manifest):
+    examples = {n: (e['split'], e['sha256'], e['pixels'].tobytes(), e['weather'], e['ground'])
+                for n, e in _read_examples(directory, manifest).items()}
+    letters = sorted(json.dumps(r, sort_keys=True) for r in _read_dead_letters(directory))
+    return examples, letters, manifest['counts'], manifest['label_counts']
+
+  assert summary(tmp_path, multi.manifest) == summary(out, outcome.manifest)
+  assert multi.counters['csv_rows'] == outcome.manifest['counts']['csv_rows']
+
+
+def test_too_many_bad_rows_fail_unpublished_and_reruns_never_mix_shards(bad_mix, tmp_path):
+  root, _ = bad_mix
+  with pytest.raises(TooManyBadInputs, match=r'14 of \d+ CSV rows .*dead_letters'):
+    preprocess.run(_args(root, tmp_path, '--num_shards', '3'))
+  assert not (tmp_path / schema.MANIFEST_FILE).exists()
+  assert len(list((tmp_path / 'train').glob('*-of-00003.tfrecord'))) == 3   # left unpublished
+
+  # A rerun clears the unfinished run's shards: -of-00003 never sits beside -of-00002.
+  manifest = preprocess.run(_args(root, tmp_path, '--num_shards', '2',
+                                  '--max_bad_fraction', '0.9')).manifest
+  assert sorted(p.name for p in (tmp_path / 'train').iterdir()) == [
+      'part-00000-of-00002.tfrecord', 'part-00001-of-00002.tfrecord']
+  assert manifest['shards']['train'] == [f'train/part-0000{i}-of-00002.tfrecord' for i in (0, 1)]
+
+  # A finished output is refused without --overwrite, and left as it was.
+  before = (tmp_path / schema.MANIFEST_FILE).read_bytes()
+  with pytest.raises(ConfigError, match='--overwrite'):
+    preprocess.run(_args(root, tmp_path, '--max_bad_fraction', '0.9'))
+  assert (tmp_path / schema.MANIFEST_FILE).read_bytes() == before
+
+  # --overwrite replaces it whole; gzip shards read back the same.
+  gzipped = preprocess.run(_args(root, tmp_path, '--overwrite', '--compression', 'gzip',
+                                 '--max_bad_fraction', '0.9')).manifest
+  assert gzipped['compression'] == 'gzip'
+  assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob('*/*.tfrecord*')) == sorted(
+      gzipped['shards']['train'] + gzipped['shards']['eval'])
+  assert all(p.endswith('.tfrecord.gz') for p in gzipped['shards']['train'])
+  assert len(_read_examples(tmp_path, gzipped)) == gzipped['counts']['examples']['train'] + \
+      gzipped['counts']['examples']['eval']
+
+
+def test_real_chips_in_both_csv_formats_come_out_in_colour(planet_dir, real_chips, tmp_path):
+  names = [p.stem for p in real_chips]
+  for csv_name in ('train_v2.csv', 'KagglePlanetMCML.csv'):
+    lines = (planet_dir / csv_name).read_text().splitlines()
+    picked = [lines[0]] + [l for l in lines[1:] if l.split(',', 1)[0] in names]
+    (tmp_path / csv_name).write_text('\n'.join(picked) + '\n')
+  kaggle = _csv_rows(tmp_path)   # the labels, as the Kaggle CSV says them
+  for csv_name in ('train_v2.csv', 'KagglePlanetMCML.csv'):
+    out = tmp_path / csv_name.replace('.csv', '')
+    manifest = preprocess.run(['--labels_csv', str(tmp_path / csv_name),
+                               '--images_dir', str(planet_dir / 'train-jpg'),
+                               '--output_dir', str(out)]).manifest
+    assert manifest['counts']['csv_rows'] == 6 and manifest['counts']['dead_lettered_rows'] == 0
+    examples = _read_examples(out, manifest)
+    assert sorted(examples) == sorted(names)
+    for path in real_chips:
+      example = examples[path.stem]
+      np.testing.assert_array_equal(example['pixels'], decode_image(path.read_bytes(), 128))
+      assert example['pixels'].mean() > 20, f'{path.stem} came out (nearly) black'
+      assert example['weather'] == kaggle[path.stem].weather
+      assert example['ground'] == kaggle[path.stem].ground
+
+
+# ---- Dataflow ---------------------------------------------------------------------------------
+
+def test_dataflow_dry_run_translates_the_job_without_touching_the_network(
+    bad_mix, tmp_path, monkeypatch):
+  root, _ = bad_mix
+
+  def no_network(*args, **kwargs):
+    raise AssertionError(f'a dry run touched the network: {args}')
+  monkeypatch.setattr(socket.socket, 'connect', no_network)
+  monkeypatch.setattr(socket, 'create_connection', no_network)
+  monkeypatch.chdir(REPO)   # --setup_file=./setup.py, as a user runs it
+  outcome = preprocess.run(_args(root, 'gs://my-bucket/out') + [
+      '--runner=DataflowRunner', '--dry_run=True', '--no_auth', '--project=my-project',
+      '--region=us-central1', '--temp_location=gs://my-bucket/tmp',
+      '--staging_location=gs://my-bucket/staging', '--setup_file=./setup.py'])
+  assert outcome.manifest is None
+  job = outcome.pipeline_result.job
+  transforms = job.proto_pipeline.components.transforms.values()
+  top_level = {t.unique_name for t in transforms if '/' not in t.unique_name}
+  assert {'ReadLabels', 'ListImages', 'JoinRowsWithImages', 'EncodeExamples', 'SplitTrainEval',
+          'WriteTrain', 'WriteEval', 'WriteDeadLetters', 'WriteCounts'} <= top_level
+  from apache_beam.portability.api import beam_runner_api_pb2
+  patterns = set()
+  for transform in transforms:
+    for item in transform.display_data:
+      payload = beam_runner_api_pb2.LabelledPayload.FromString(item.payload)
+      if payload.label == 'File Pattern':
+        patterns.add(payload.string_value)
+  assert 'gs://my-bucket/out/train/part-%(shard_num)05d-of-%(num_shards)05d.tfrecord' in patterns
+  assert 'gs://my-bucket/out/counts.json' in patterns
+  staged = {d.role_payload for env in job.proto_pipeline.components.environments.values()
+            for d in env.dependencies}
+  assert any(b'workflow.tar.gz' in p for p in staged), 'the setup.py package was not built'
+  assert not (REPO / 'gs:').exists()
