@@ -1,9 +1,10 @@
-"""Versioned, atomic SavedModel exports for TensorFlow Serving: <export_base>/PlanetModel/<N>/.
+r"""Versioned, atomic SavedModel exports for TensorFlow Serving: <export_base>/PlanetModel/<N>/.
 
 A version is written under a temporary dot-name beside the versions and renamed into place once
 complete, because TF Serving (and our handlers) pick up any new numbered folder at once.
 
-Usage: python -m model.export --checkpoint JOB/checkpoints/epoch_003.keras --export_base EXPORT
+Usage: python -m model.export --checkpoint JOB/checkpoints/epoch_003.keras --export_base EXPORT \
+         [--info_json JOB/metrics.json]
 """
 import argparse
 import hashlib
@@ -101,18 +102,52 @@ def export_model(model, export_base: str, info: dict | None = None) -> str:
   return final
 
 
+def info_from_metrics(metrics: dict) -> dict:
+  """The planet.json fields an export takes from model.train's JOB/metrics.json.
+
+  The tuned ground thresholds (so predictions decide as the evaluation did) and a summary of the
+  evaluation (so an export says how good it is without its JOB folder).
+
+  Raises:
+    ValueError: the JSON holds no valid thresholds (it is not a model.train metrics.json).
+  """
+  thresholds = metrics.get('ground_thresholds')
+  if (not isinstance(thresholds, list) or len(thresholds) != schema.NUM_GROUND
+      or not all(isinstance(t, (int, float)) and 0 < t < 1 for t in thresholds)):
+    raise ValueError(f'no ground_thresholds list of {schema.NUM_GROUND} values in (0, 1): '
+                     'pass the metrics.json that model.train wrote in its --job_dir')
+  evaluation = metrics.get('eval', {})
+  summary = {
+      'eval_mean_f2': evaluation.get('mean_f2'),
+      'eval_mean_f2_default_thresholds': evaluation.get('mean_f2_default_thresholds'),
+      'baseline_mean_f2': evaluation.get('baseline', {}).get('mean_f2'),
+      'eval_examples': evaluation.get('examples'),
+      'best_epoch': metrics.get('best_epoch'),
+      'per_label': evaluation.get('per_label'),
+  }
+  return {'ground_thresholds': [float(t) for t in thresholds],
+          'metrics': {k: v for k, v in summary.items() if v is not None}}
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description='Export a training checkpoint as the next version.')
   parser.add_argument('--checkpoint', required=True, help='a .keras checkpoint written by model.train')
   parser.add_argument('--export_base', required=True, help='exports go to EXPORT_BASE/PlanetModel/<N>')
-  parser.add_argument('--info_json', help='extra planet.json fields (thresholds, metrics), e.g. JOB/metrics.json')
+  parser.add_argument('--info_json',
+                      help='JOB/metrics.json from model.train: its tuned ground thresholds and '
+                           'eval summary go into planet.json (default: thresholds of 0.2)')
   args = parser.parse_args(argv)
+  info = None
+  if args.info_json:   # read before loading the model: a wrong file fails in a second
+    with tf.io.gfile.GFile(args.info_json) as f:
+      metrics = json.load(f)
+    info = info_from_metrics(metrics)
   import keras  # pylint: disable=import-outside-toplevel
   model = keras.models.load_model(args.checkpoint)
-  info = None
-  if args.info_json:
-    with tf.io.gfile.GFile(args.info_json) as f:
-      info = json.load(f)
+  if info and metrics.get('image_size') not in (None, int(model.input.shape[1])):
+    raise ValueError(f'{args.info_json} is for {metrics["image_size"]} px images but '
+                     f'{args.checkpoint} takes {int(model.input.shape[1])} px: pass the metrics '
+                     'of the run that wrote the checkpoint')
   print(f'export: wrote {export_model(model, args.export_base, info)}')
 
 

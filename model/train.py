@@ -1,0 +1,395 @@
+r"""Trains the two-headed Planet model on a preprocess output, evaluates it, and exports it.
+
+Usage:
+  python -m model.train --data_dir PREP_OUT --job_dir JOB --export_base EXPORT \
+      [--epochs 10] [--batch_size 32] [--learning_rate 1e-3] [--patience 3] [--resume] \
+      [--no_augment] [--image_size 128] [--architecture model.network:tutorial_cnn]
+
+Writes JOB/checkpoints/epoch_NNN.keras (model + optimizer, every epoch), JOB/logs/ (TensorBoard),
+JOB/history.json (per-epoch losses, kept across --resume), JOB/metrics.json (eval F2, per-label
+scores, tuned ground thresholds, the prior-only baseline), the next EXPORT/PlanetModel/<N>/, and
+JOB/manifest.json last.
+"""
+import argparse
+import importlib
+import json
+import logging
+import os
+import re
+import time
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+import keras
+from tensorflow.core.framework import summary_pb2
+
+from model import export as export_lib
+from model import input as input_lib
+from model import manifest as manifest_lib
+from model import metrics as metrics_lib
+from model import network
+from model import schema
+
+DEFAULT_ARCHITECTURE = 'model.network:tutorial_cnn'
+CHECKPOINT_PATTERN = 'epoch_{epoch:03d}.keras'
+_CHECKPOINT_RE = re.compile(r'^epoch_(\d+)\.keras$')
+# The prior-only baseline predicts every label at least this common in the training labels.
+BASELINE_MIN_FREQUENCY = 0.2
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      description='Train the Planet model on a preprocess output, evaluate it, export it.')
+  parser.add_argument('--data_dir', required=True, help='a beam_jobs.preprocess output folder')
+  parser.add_argument('--job_dir', required=True,
+                      help='checkpoints/, logs/, history.json, metrics.json, manifest.json go here')
+  parser.add_argument('--export_base', required=True,
+                      help='the trained model goes to EXPORT_BASE/PlanetModel/<next version>/')
+  parser.add_argument('--epochs', type=int, default=10, help='total epochs, counting resumed ones')
+  parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--learning_rate', type=float, default=1e-3, help='Adam; ignored on --resume')
+  parser.add_argument('--patience', type=int, default=3,
+                      help='stop after this many epochs without a lower eval loss; 0 never stops')
+  parser.add_argument('--resume', action='store_true',
+                      help='continue from the newest checkpoint in JOB/checkpoints/')
+  parser.add_argument('--no_augment', dest='augment', action='store_false',
+                      help='no random flips and 90-degree rotations of training chips')
+  parser.add_argument('--image_size', type=int,
+                      help='refuse data prepared at another size (default: the manifest\'s)')
+  parser.add_argument('--architecture', default=DEFAULT_ARCHITECTURE,
+                      help='module:function building float features from a [0, 1] image tensor '
+                           '(ignored on --resume: the checkpoint holds the network)')
+  parser.add_argument('--shuffle_buffer', type=int, default=input_lib.DEFAULT_SHUFFLE_BUFFER)
+  parser.add_argument('--seed', type=int, help='seed every random draw (weights, shuffle, augment)')
+  parser.add_argument('--verbose', type=int, default=1, choices=(0, 1, 2),
+                      help='Keras fit verbosity: 1 a progress bar, 2 a line per epoch')
+  args = parser.parse_args(argv)
+  for name in ('epochs', 'batch_size'):
+    if getattr(args, name) < 1:
+      parser.error(f'--{name} must be at least 1')
+  if args.learning_rate <= 0:
+    parser.error('--learning_rate must be positive')
+  try:
+    load_architecture(args.architecture)   # a typo fails now, not after the data checks
+  except ValueError as e:
+    parser.error(str(e))
+  return args
+
+
+def load_architecture(spec: str) -> Callable:
+  """Imports `module:function`, the feature extractor `network.build_model` wraps."""
+  module_name, _, function_name = spec.partition(':')
+  if not module_name or not function_name:
+    raise ValueError(f'--architecture {spec!r} must be module:function, '
+                     f'e.g. {DEFAULT_ARCHITECTURE}')
+  try:
+    function = getattr(importlib.import_module(module_name), function_name)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f'--architecture {spec!r} cannot be loaded: {e}') from None
+  if not callable(function):
+    raise ValueError(f'--architecture {spec!r} is not a function')
+  return function
+
+
+def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
+  """Adam, categorical cross-entropy for weather (one of 4), binary for ground (any of 13)."""
+  model.compile(
+      optimizer=keras.optimizers.Adam(learning_rate),
+      loss={schema.OUTPUT_WEATHER: keras.losses.CategoricalCrossentropy(),
+            schema.OUTPUT_GROUND: keras.losses.BinaryCrossentropy()})
+  return model
+
+
+def checkpoint_dir(job_dir: str) -> str:
+  return os.path.join(job_dir, 'checkpoints')
+
+
+def list_checkpoints(job_dir: str) -> dict[int, str]:
+  """Epoch number -> checkpoint path, for every checkpoint model.train wrote in JOB."""
+  directory = checkpoint_dir(job_dir)
+  if not tf.io.gfile.isdir(directory):
+    return {}
+  found = {}
+  for name in tf.io.gfile.listdir(directory):
+    match = _CHECKPOINT_RE.match(name)
+    if match:
+      found[int(match.group(1))] = os.path.join(directory, name)
+  return found
+
+
+def restore_or_build(args: argparse.Namespace, image_size: int) -> tuple[keras.Model, int]:
+  """The model to train and the number of epochs already done.
+
+  With --resume and a checkpoint: the newest checkpoint, with its optimizer state (step count,
+  Adam moments). Otherwise a new compiled model; JOB must then hold no checkpoints, so that two
+  runs never mix in one folder.
+  """
+  checkpoints = list_checkpoints(args.job_dir)
+  if checkpoints and not args.resume:
+    raise FileExistsError(
+        f'{checkpoint_dir(args.job_dir)} already holds checkpoints (epochs {min(checkpoints)}-'
+        f'{max(checkpoints)}): pass --resume to continue that run, or use a new --job_dir')
+  if args.resume and checkpoints:
+    epoch = max(checkpoints)
+    model = keras.models.load_model(checkpoints[epoch])
+    size = int(model.input.shape[1])
+    if size != image_size:
+      raise ValueError(f'{checkpoints[epoch]} takes {size} px images but the data is '
+                       f'{image_size} px: resume with the data it was trained on')
+    logging.info('resuming from %s: epoch %d done, optimizer step %d', checkpoints[epoch], epoch,
+                 int(model.optimizer.iterations.numpy()))
+    return model, epoch
+  if args.resume:
+    logging.warning('--resume: no checkpoint in %s, starting from scratch',
+                    checkpoint_dir(args.job_dir))
+  model = network.build_model(image_size, load_architecture(args.architecture))
+  return compile_model(model, args.learning_rate), 0
+
+
+def read_history(job_dir: str) -> list[dict]:
+  path = os.path.join(job_dir, 'history.json')
+  if not tf.io.gfile.exists(path):
+    return []
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, value) -> None:
+  """Writes JSON through a temporary name, so a reader never sees half a file."""
+  temporary = path + '.tmp'
+  with tf.io.gfile.GFile(temporary, 'w') as f:
+    json.dump(value, f, indent=2)
+  tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+class EpochHistory(keras.callbacks.Callback):
+  """Keeps JOB/history.json: each epoch's losses and training speed, across --resume runs.
+
+  Listed before the checkpoint callback, so an epoch's checkpoint never exists without its row.
+  """
+
+  def __init__(self, job_dir: str, rows: list[dict], train_examples: int):
+    super().__init__()
+    self.path = os.path.join(job_dir, 'history.json')
+    self.rows = list(rows)
+    self.train_examples = train_examples
+    self._started = self._train_seconds = 0.0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._started = time.perf_counter()
+    self._train_seconds = 0.0
+
+  def on_test_begin(self, logs=None):
+    # Validation runs inside the epoch; the speed figure counts training steps only.
+    if self._started:
+      self._train_seconds = time.perf_counter() - self._started
+
+  def on_epoch_end(self, epoch, logs=None):
+    seconds = self._train_seconds or (time.perf_counter() - self._started)
+    row = {'epoch': epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
+           'train_seconds': seconds, 'train_images_per_second': self.train_examples / seconds}
+    self.rows = [r for r in self.rows if r['epoch'] < epoch + 1] + [row]
+    _write_json(self.path, self.rows)
+
+
+class EpochSummaries(keras.callbacks.Callback):
+  """Writes each epoch's losses as TensorBoard scalars: JOB/logs/train and JOB/logs/validation.
+
+  TensorFlow 2.21 no longer installs the tensorboard package, which Keras's TensorBoard callback
+  (through tf.summary.scalar) needs for every scalar it writes. The events written here with core
+  TensorFlow alone are the ones that callback writes (tag `epoch_<name>`, the `scalars` plugin), so
+  `pip install tensorboard; tensorboard --logdir JOB/logs` shows them, curves and all.
+  """
+
+  def __init__(self, log_dir: str):
+    super().__init__()
+    self.log_dir = log_dir
+    self.writers = {}
+    self.metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
+
+  def _writer(self, split: str):
+    if split not in self.writers:
+      self.writers[split] = tf.summary.create_file_writer(os.path.join(self.log_dir, split))
+    return self.writers[split]
+
+  def on_epoch_end(self, epoch, logs=None):
+    for key, value in (logs or {}).items():
+      split, name = ('validation', key[4:]) if key.startswith('val_') else ('train', key)
+      with self._writer(split).as_default():
+        tf.summary.write(f'epoch_{name}', tf.constant(float(value), tf.float32), step=epoch,
+                         metadata=self.metadata)
+
+  def on_train_end(self, logs=None):
+    for writer in self.writers.values():
+      writer.close()
+    self.writers = {}
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+  """EarlyStopping on eval loss that remembers, across --resume, the best loss and the wait."""
+
+  def __init__(self, patience: int, prior_rows: list[dict]):
+    super().__init__(monitor='val_loss', patience=patience, verbose=1)
+    self.prior_losses = [r['val_loss'] for r in prior_rows if 'val_loss' in r]
+
+  def on_train_begin(self, logs=None):
+    super().on_train_begin(logs)
+    if self.prior_losses:
+      best = int(np.argmin(self.prior_losses))
+      self.best = self.prior_losses[best]
+      self.wait = len(self.prior_losses) - 1 - best
+
+
+def predict_split(model: keras.Model, dataset: tf.data.Dataset) -> dict[str, np.ndarray]:
+  """Runs the model over an (unshuffled) split; returns true labels and probabilities in order."""
+  parts = {k: [] for k in ('weather_true', 'ground_true', 'weather_probs', 'ground_probs')}
+  for images, targets, _ in dataset:
+    outputs = model(images, training=False)
+    parts['weather_true'].append(targets[schema.OUTPUT_WEATHER].numpy())
+    parts['ground_true'].append(targets[schema.OUTPUT_GROUND].numpy())
+    parts['weather_probs'].append(np.asarray(outputs[schema.OUTPUT_WEATHER]))
+    parts['ground_probs'].append(np.asarray(outputs[schema.OUTPUT_GROUND]))
+  return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def prior_baseline(train_frequencies: dict[str, float], y_true: np.ndarray) -> dict:
+  """F2 of predicting, for every image, each label whose train frequency is above 0.2."""
+  labels = [l for l in schema.ALL_LABELS if train_frequencies[l] > BASELINE_MIN_FREQUENCY]
+  prediction = np.array([l in labels for l in schema.ALL_LABELS], dtype=bool)
+  return {
+      'rule': f'predict every label whose train frequency is above {BASELINE_MIN_FREQUENCY}',
+      'labels': labels,
+      'mean_f2': metrics_lib.mean_f2(y_true, np.broadcast_to(prediction, y_true.shape)),
+  }
+
+
+def evaluate(predictions: dict[str, np.ndarray], train_frequencies: dict[str, float]) -> dict:
+  """Kaggle's F2, per-label scores and confusion at the tuned ground thresholds, and the baseline.
+
+  The thresholds are tuned on the same eval split they are scored on (the tutorial has no third
+  split), so `mean_f2` is optimistic; `mean_f2_default_thresholds` (0.2 for every label) is not.
+  """
+  y_true = np.concatenate([predictions['weather_true'], predictions['ground_true']], axis=1)
+  weather_probs, ground_probs = predictions['weather_probs'], predictions['ground_probs']
+  default = [schema.DEFAULT_GROUND_THRESHOLD] * schema.NUM_GROUND
+  tuned = metrics_lib.best_ground_thresholds(y_true, weather_probs, ground_probs)
+  decided = metrics_lib.decide(weather_probs, ground_probs, tuned)
+  return {
+      'examples': int(len(y_true)),
+      'mean_f2': metrics_lib.mean_f2(y_true, decided),
+      'mean_f2_default_thresholds': metrics_lib.mean_f2(
+          y_true, metrics_lib.decide(weather_probs, ground_probs, default)),
+      'ground_thresholds': dict(zip(schema.GROUND_LABELS, tuned)),
+      'per_label': metrics_lib.per_label_scores(y_true, decided),
+      'weather_confusion': {'labels': list(schema.WEATHER_LABELS),
+                            'rows_true_columns_predicted': metrics_lib.weather_confusion(
+                                predictions['weather_true'], weather_probs)},
+      'baseline': prior_baseline(train_frequencies, y_true),
+  }
+
+
+def _best_epoch(rows: list[dict]) -> int | None:
+  losses = [(r['val_loss'], r['epoch']) for r in rows if 'val_loss' in r]
+  return min(losses)[1] if losses else None
+
+
+def train(args: argparse.Namespace) -> dict:
+  """Runs the whole job (see the module docstring); returns what JOB/metrics.json holds."""
+  if args.seed is not None:
+    keras.utils.set_random_seed(args.seed)
+  data = input_lib.load_prepared(args.data_dir, args.image_size)
+  summaries = input_lib.verify_shards(data)
+  model, initial_epoch = restore_or_build(args, data.image_size)
+  tf.io.gfile.makedirs(checkpoint_dir(args.job_dir))
+  job_manifest = os.path.join(args.job_dir, schema.MANIFEST_FILE)
+  if tf.io.gfile.exists(job_manifest):   # this job is unfinished again until the end
+    tf.io.gfile.remove(job_manifest)
+
+  history = [r for r in read_history(args.job_dir) if r['epoch'] <= initial_epoch]
+  callbacks = [
+      EpochHistory(args.job_dir, history, data.counts['train']),
+      keras.callbacks.ModelCheckpoint(os.path.join(checkpoint_dir(args.job_dir), CHECKPOINT_PATTERN)),
+      EpochSummaries(os.path.join(args.job_dir, 'logs')),
+  ]
+  if args.patience > 0:
+    callbacks.append(ResumableEarlyStopping(args.patience, history))
+  train_data = input_lib.make_dataset(data, 'train', args.batch_size, training=True,
+                                      augment=args.augment, shuffle_buffer=args.shuffle_buffer)
+  eval_data = input_lib.make_dataset(data, 'eval', args.batch_size, training=False)
+  if initial_epoch < args.epochs:
+    try:
+      model.fit(train_data, validation_data=eval_data, epochs=args.epochs,
+                initial_epoch=initial_epoch, callbacks=callbacks, verbose=args.verbose,
+                shuffle=False)
+    except tf.errors.DataLossError:
+      # A shard changed after the check above; name it rather than print a byte offset.
+      corrupt = input_lib.find_corrupt_shard(data)
+      if corrupt:
+        raise corrupt from None
+      raise
+  else:
+    logging.warning('%d epochs already done (--epochs %d): evaluating and exporting only',
+                    initial_epoch, args.epochs)
+
+  rows = callbacks[0].rows
+  best = _best_epoch(rows)
+  checkpoints = list_checkpoints(args.job_dir)
+  if best is not None and best in checkpoints and best != max(checkpoints):
+    # Early stopping ends past the best epoch; evaluate and export the best one.
+    model.load_weights(checkpoints[best])
+  evaluation = evaluate(predict_split(model, eval_data),
+                        summaries['train'].label_frequencies())
+  thresholds = [evaluation['ground_thresholds'][label] for label in schema.GROUND_LABELS]
+  speeds = [r['train_images_per_second'] for r in rows[1:]] or [
+      r['train_images_per_second'] for r in rows]
+  result = {
+      'data_dir': args.data_dir,
+      'image_size': data.image_size,
+      'architecture': args.architecture,
+      'epochs_run': len(rows),
+      'best_epoch': best,
+      'checkpoint': checkpoints.get(best) if best else None,
+      'train': {'examples': summaries['train'].examples,
+                'without_weather': summaries['train'].without_weather,
+                'label_frequencies': summaries['train'].label_frequencies(),
+                # The first epoch also traces the graph; later ones show the steady rate.
+                'images_per_second': float(np.median(speeds)) if speeds else None},
+      'eval': evaluation,
+      'ground_thresholds': thresholds,
+      'history': rows,
+  }
+  metrics_path = os.path.join(args.job_dir, 'metrics.json')
+  # Written before the export too, so `python -m model.export --info_json` can redo a failed one.
+  _write_json(metrics_path, result)
+  exported = export_lib.export_model(model, args.export_base, export_lib.info_from_metrics(result))
+  result['export'] = exported
+  _write_json(metrics_path, result)
+  manifest_lib.write_manifest(args.job_dir, {
+      'stage': 'train',
+      'inputs': {'data_dir': args.data_dir,
+                 'data_manifest_sha256': manifest_lib.sha256_of_file(
+                     manifest_lib.manifest_path(args.data_dir))},
+      'options': {k: v for k, v in vars(args).items()},
+      'counts': {'examples': dict(data.counts), 'epochs_run': len(rows)},
+      'outputs': {'metrics': metrics_path, 'checkpoint': result['checkpoint'],
+                  'export': exported},
+      'eval_mean_f2': evaluation['mean_f2'],
+  })
+  return result
+
+
+def main(argv=None):
+  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+  args = parse_args(argv)
+  result = train(args)
+  evaluation = result['eval']
+  print(f'train: eval F2 {evaluation["mean_f2"]:.4f} with tuned thresholds, '
+        f'{evaluation["mean_f2_default_thresholds"]:.4f} at 0.2, prior-only baseline '
+        f'{evaluation["baseline"]["mean_f2"]:.4f}; best epoch {result["best_epoch"]}; '
+        f'exported {result["export"]}')
+
+
+if __name__ == '__main__':
+  main()
