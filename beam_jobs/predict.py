@@ -39,12 +39,42 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 THUMBNAILS = 36
 
 
+class ThresholdsByVersion:
+  """The ground thresholds of each model version, read from the export's planet.json.
+
+  The in-process backend runs one version; through TF Serving a new version can appear mid-job,
+  and its rows must be decided with its own thresholds. Without a readable export (gRPC without
+  --model_dir) every version gets `default`.
+  """
+
+  def __init__(self, default: tuple[float, ...], versions_dir: str | None = None,
+               known: dict[str, tuple[float, ...]] | None = None):
+    self._default = tuple(default)
+    self._versions_dir = versions_dir
+    self._known = dict(known or {})
+
+  def __call__(self, version: str) -> tuple[float, ...]:
+    if version not in self._known:
+      self._known[version] = self._read(version)
+    return self._known[version]
+
+  def _read(self, version: str) -> tuple[float, ...]:
+    if not self._versions_dir:
+      return self._default
+    from model.saved_model_info import ExportError, inspect_export  # pylint: disable=import-outside-toplevel
+    try:
+      return inspect_export(FileSystems.join(self._versions_dir, version), verify=False).ground_thresholds
+    except (ExportError, OSError) as e:
+      logging.warning('no thresholds for version %s (%s); using %s', version, e, self._default)
+      return self._default
+
+
 class JobConfig(NamedTuple):
   """Everything the graph needs, validated before the pipeline starts."""
   patterns: tuple[str, ...]
   output_dir: str
   image_size: int
-  ground_thresholds: tuple[float, ...]
+  thresholds: ThresholdsByVersion
   model_name: str
   backend: str                 # 'in_process' or 'grpc'
   labels_csv: str | None
@@ -77,11 +107,13 @@ def pick_path(name: str, paths: Iterable[str]) -> tuple[str, list[str]]:
   return ordered[0], ordered[1:]
 
 
-def result_row(name: str, path: str, inference: dict, thresholds, model_name: str) -> dict:
-  """One prediction row: probabilities by label name and the tags after the thresholds."""
+def result_row(name: str, path: str, inference: dict, thresholds: ThresholdsByVersion,
+               model_name: str) -> dict:
+  """One prediction row: probabilities by label name and the tags after its version's thresholds."""
+  version = str(inference['model_version'])
   weather = np.asarray(inference[schema.OUTPUT_WEATHER], dtype=float)
   ground = np.asarray(inference[schema.OUTPUT_GROUND], dtype=float)
-  decisions = metrics.decide(weather[None], ground[None], thresholds)[0]
+  decisions = metrics.decide(weather[None], ground[None], thresholds(version))[0]
   return {
       'image_name': name,
       'path': path,
@@ -89,7 +121,7 @@ def result_row(name: str, path: str, inference: dict, thresholds, model_name: st
       'ground': {label: float(p) for label, p in zip(schema.GROUND_LABELS, ground)},
       'tags': metrics.tags_of(decisions),
       'model_name': model_name,
-      'model_version': str(inference['model_version']),
+      'model_version': version,
   }
 
 
@@ -332,7 +364,7 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler) -> None:
                       | 'RunInference' >> RunInference(KeyedModelHandler(model_handler))
                       .with_exception_handling())
   rows = inferred | 'ToResultRow' >> beam.ParDo(
-      ToResultRow(config.ground_thresholds, config.model_name)).with_outputs('refused', main='rows')
+      ToResultRow(config.thresholds, config.model_name)).with_outputs('refused', main='rows')
 
   refused = ((unique.duplicate, decoded.refused, rows.refused,
               failed.failed_inferences | 'FailedBatches' >> beam.FlatMap(failed_batch_to_dead_letters))
@@ -373,7 +405,7 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler) -> None:
   _ = _write_one_file(
       summary | 'RenderReport' >> beam.Map(
           lambda s, sample: report.render_report(
-              s, make_thumbnails(sample, config.ground_thresholds, config.model_name)),
+              s, make_thumbnails(sample, config.thresholds, config.model_name)),
           sample=beam.pvalue.AsSingleton(sampled)),
       FileSystems.join(out, 'report.html'), 'WriteReport')
 
@@ -386,9 +418,10 @@ def parse_args(argv):
   parser.add_argument('--input', action='append', required=True,
                       help='a folder (every .jpg/.jpeg/.png below it), a glob or a file; repeatable')
   parser.add_argument('--output_dir', required=True)
-  backend = parser.add_mutually_exclusive_group(required=True)
-  backend.add_argument('--model_dir', help='EXPORT/PlanetModel (highest version) or one version folder')
-  backend.add_argument('--serving_address', help='HOST:PORT of TensorFlow Serving (gRPC)')
+  parser.add_argument('--model_dir',
+                      help='EXPORT/PlanetModel (highest version) or one version folder; with '
+                           '--serving_address, only where the thresholds are read')
+  parser.add_argument('--serving_address', help='HOST:PORT of TensorFlow Serving (gRPC)')
   parser.add_argument('--model_name', default=schema.MODEL_NAME)
   parser.add_argument('--model_version', type=int, help='gRPC: a fixed version (default: latest)')
   parser.add_argument('--tls', action='store_true', help='gRPC over TLS')
@@ -402,6 +435,12 @@ def parse_args(argv):
   parser.add_argument('--max_pixels', type=int, default=DEFAULT_MAX_PIXELS)
   parser.add_argument('--overwrite', action='store_true', help='clear OUTPUT_DIR of an earlier run')
   args, pipeline_args = parser.parse_known_args(argv)
+  if not args.model_dir and not args.serving_address:
+    parser.error('give --model_dir (in-process) or --serving_address (TF Serving over gRPC)')
+  if (args.tls or args.root_cert or args.allow_insecure or args.model_version
+      or args.max_request_bytes) and not args.serving_address:
+    parser.error('--tls, --root_cert, --allow_insecure, --model_version and --max_request_bytes '
+                 'go with --serving_address')
   if not 0 <= args.max_bad_fraction <= 1:
     parser.error('--max_bad_fraction must be between 0 and 1')
   if args.batch_size < 1:
@@ -428,18 +467,44 @@ def check_inputs(patterns: Iterable[str]) -> None:
       raise FileNotFoundError(f'--input {pattern} matches no .jpg/.jpeg/.png file; check the path')
 
 
-def make_backend(args) -> tuple[Any, int, tuple[float, ...], str, dict]:
-  """The model handler, image size, thresholds, backend name and model facts for the manifest."""
-  if args.model_dir:
+def make_backend(args) -> tuple[Any, int, ThresholdsByVersion, str, dict]:
+  """The model handler, image size, thresholds, backend name and model facts for the manifest.
+
+  Everything that can be wrong with the model is found here, before the pipeline starts.
+  """
+  from model.saved_model_info import inspect_export  # pylint: disable=import-outside-toplevel
+  export = inspect_export(args.model_dir) if args.model_dir else None
+  if not args.serving_address:
     from beam_jobs.inference_handler import SavedModelHandler  # pylint: disable=import-outside-toplevel
-    from model.saved_model_info import inspect_export  # pylint: disable=import-outside-toplevel
-    export = inspect_export(args.model_dir)
+    thresholds = ThresholdsByVersion(export.ground_thresholds,
+                                     known={export.version: export.ground_thresholds})
     return (SavedModelHandler(export, max_batch_size=args.batch_size), export.image_size,
-            export.ground_thresholds, 'in_process',
+            thresholds, 'in_process',
             {'model_dir': args.model_dir, 'version_dir': export.version_dir,
              'version': export.version})
+
   from beam_jobs import serving_handler  # pylint: disable=import-outside-toplevel
-  return serving_handler.make_backend(args)
+  transport = {'use_tls': args.tls, 'allow_insecure': args.allow_insecure,
+               'root_certificates': (serving_handler.read_root_certificates(args.root_cert)
+                                     if args.root_cert else None)}
+  image_size, version = serving_handler.check_serving_model(
+      args.serving_address, args.model_name, args.model_version,
+      image_size=export.image_size if export else None, **transport)
+  limits = {'max_request_bytes': args.max_request_bytes} if args.max_request_bytes else {}
+  handler = serving_handler.ServingGrpcHandler(
+      args.serving_address, model_name=args.model_name, model_version=args.model_version,
+      image_size=image_size, max_batch_size=args.batch_size, **limits, **transport)
+  if export:
+    versions_dir = os.path.dirname(export.version_dir.rstrip('/'))
+    thresholds = ThresholdsByVersion(export.ground_thresholds, versions_dir)
+  else:
+    logging.warning('no --model_dir: ground labels are decided at the default threshold %s; '
+                    'give the export folder TF Serving serves to use its tuned thresholds',
+                    schema.DEFAULT_GROUND_THRESHOLD)
+    thresholds = ThresholdsByVersion((schema.DEFAULT_GROUND_THRESHOLD,) * schema.NUM_GROUND)
+  return (handler, image_size, thresholds, 'grpc',
+          {'serving_address': args.serving_address, 'version_at_start': str(version),
+           'model_dir': args.model_dir})
 
 
 def run(argv=None) -> dict:
@@ -486,7 +551,8 @@ def run(argv=None) -> dict:
                  'labels_csv_sha256': (manifest.sha256_of_file(args.labels_csv)
                                        if args.labels_csv else None)},
       'model': {**model_facts, 'name': args.model_name, 'image_size': image_size,
-                'ground_thresholds': list(thresholds), 'versions_seen': summary['model_versions']},
+                'ground_thresholds': {v: list(thresholds(v)) for v in summary['model_versions']},
+                'versions_seen': summary['model_versions']},
       'options': {k: v for k, v in vars(args).items() if k not in ('input', 'output_dir')},
       'counts': {**counts, 'dead_letter_reasons': summary['dead_letter_reasons']},
       'outputs': [os.path.basename(p) for p in outputs],

@@ -1,6 +1,9 @@
 """Shared fixtures: real Planet chips from ../shared/planet (skipped where absent), sample data."""
+import glob
+import json
 import os
 import pathlib
+import shutil
 
 import pytest
 
@@ -8,6 +11,12 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PLANET_DIR = REPO.parent / 'shared' / 'planet'
+PREDICT_IMAGE_SIZE = 64
+
+
+def read_jsonl(pattern):
+  return [json.loads(line) for path in sorted(glob.glob(str(pattern)))
+          for line in open(path) if line.strip()]
 
 
 @pytest.fixture(scope='session')
@@ -30,3 +39,54 @@ def small_sample(tmp_path_factory) -> pathlib.Path:
   out = tmp_path_factory.mktemp('small_sample')
   make_sample(str(out), count=60, seed=7)
   return out
+
+
+@pytest.fixture(scope='session')
+def export_base(tmp_path_factory):
+  """A real (untrained) export: predictions are what they are; the job must pass them on exactly."""
+  from model.export import export_model
+  from model.network import build_model
+  base = tmp_path_factory.mktemp('export')
+  export_model(build_model(PREDICT_IMAGE_SIZE), str(base))
+  return base
+
+
+@pytest.fixture(scope='session')
+def mixed_folder(tmp_path_factory, planet_dir):
+  """Good sample chips, the 6 real CMYK chips, one input of every refusal, a duplicate name."""
+  from beam_jobs import make_sample
+  from tests import hostile_inputs
+  root = tmp_path_factory.mktemp('mixed')
+  sample = root / 'sample'
+  make_sample.make_sample(str(sample), count=24, seed=11, prefix='chip')
+  images = root / 'images'
+  shutil.copytree(sample / 'train-jpg', images)
+  (images / 'real').mkdir()
+  for chip in (planet_dir / 'train-jpg').glob('*.jpg'):
+    shutil.copy(chip, images / 'real' / chip.name)
+  (images / 'empty.jpg').write_bytes(b'')
+  (images / 'notes.jpg').write_bytes(b'these are not pixels')
+  good = (images / 'chip_1.jpg').read_bytes()
+  (images / 'cut.jpg').write_bytes(good[:len(good) // 2])
+  (images / 'bomb.png').write_bytes(hostile_inputs.png_declaring(50_000, 50_000))
+  (images / 'dup').mkdir()
+  shutil.copy(images / 'chip_2.jpg', images / 'dup' / 'chip_2.JPG')
+  (images / 'readme.txt').write_text('not matched: not an image extension')
+  labels_csv = root / 'labels.csv'
+  real_rows = [line for line in (planet_dir / 'train_v2.csv').read_text().splitlines()[1:]
+               if line.split(',')[0] in {p.stem for p in (images / 'real').iterdir()}]
+  labels_csv.write_text((sample / 'train_v2.csv').read_text() + '\n'.join(real_rows) + '\n')
+  return images, labels_csv
+
+
+@pytest.fixture(scope='session')
+def predict_job(tmp_path_factory, export_base, mixed_folder):
+  """The in-process prediction job over `mixed_folder`: (output folder, summary)."""
+  from beam_jobs import predict
+  images, labels_csv = mixed_folder
+  out = tmp_path_factory.mktemp('predict_out')
+  summary = predict.run(['--input', str(images), '--output_dir', str(out),
+                         '--model_dir', str(export_base / 'PlanetModel'),
+                         '--labels_csv', str(labels_csv), '--max_bad_fraction', '0.3',
+                         '--overwrite'])
+  return out, summary

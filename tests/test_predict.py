@@ -1,5 +1,4 @@
 """The prediction job, in-process backend: conservation, exact predictions, F2, refusals, Dataflow."""
-import glob
 import json
 import shutil
 
@@ -8,67 +7,11 @@ import pytest
 
 from beam_jobs import predict
 from beam_jobs.image_decoder import decode_image
-from beam_jobs.make_sample import make_sample
 from model import metrics, schema
-from tests.hostile_inputs import png_declaring
+from tests.conftest import PREDICT_IMAGE_SIZE as IMAGE_SIZE, read_jsonl as _read_jsonl
 
-IMAGE_SIZE = 64
-
-
-@pytest.fixture(scope='module')
-def export_base(tmp_path_factory):
-  """A real (untrained) export: predictions are what they are; the job must pass them on exactly."""
-  from model.export import export_model
-  from model.network import build_model
-  base = tmp_path_factory.mktemp('export')
-  export_model(build_model(IMAGE_SIZE), str(base))
-  return base
-
-
-@pytest.fixture(scope='module')
-def mixed_folder(tmp_path_factory, planet_dir):
-  """Good sample chips, the 6 real CMYK chips, one input of every refusal, a duplicate name."""
-  root = tmp_path_factory.mktemp('mixed')
-  sample = root / 'sample'
-  make_sample(str(sample), count=24, seed=11, prefix='chip')
-  images = root / 'images'
-  shutil.copytree(sample / 'train-jpg', images)
-  (images / 'real').mkdir()
-  for chip in (planet_dir / 'train-jpg').glob('*.jpg'):
-    shutil.copy(chip, images / 'real' / chip.name)
-  (images / 'empty.jpg').write_bytes(b'')
-  (images / 'notes.jpg').write_bytes(b'these are not pixels')
-  good = (images / 'chip_1.jpg').read_bytes()
-  (images / 'cut.jpg').write_bytes(good[:len(good) // 2])
-  (images / 'bomb.png').write_bytes(png_declaring(50_000, 50_000))
-  (images / 'dup').mkdir()
-  shutil.copy(images / 'chip_2.jpg', images / 'dup' / 'chip_2.JPG')
-  (images / 'readme.txt').write_text('not matched: not an image extension')
-  labels_csv = root / 'labels.csv'
-  real_rows = [line for line in (planet_dir / 'train_v2.csv').read_text().splitlines()[1:]
-               if line.split(',')[0] in {p.stem for p in (images / 'real').iterdir()}]
-  labels_csv.write_text((sample / 'train_v2.csv').read_text() + '\n'.join(real_rows) + '\n')
-  return images, labels_csv
-
-
-def _read_jsonl(pattern):
-  return [json.loads(line) for path in sorted(glob.glob(pattern))
-          for line in open(path) if line.strip()]
-
-
-@pytest.fixture(scope='module')
-def job(tmp_path_factory, export_base, mixed_folder):
-  images, labels_csv = mixed_folder
-  out = tmp_path_factory.mktemp('predict_out')
-  summary = predict.run(['--input', str(images), '--output_dir', str(out),
-                         '--model_dir', str(export_base / 'PlanetModel'),
-                         '--labels_csv', str(labels_csv), '--max_bad_fraction', '0.3',
-                         '--overwrite'])
-  return out, summary
-
-
-def test_every_image_is_a_prediction_or_a_dead_letter(job):
-  out, summary = job
+def test_every_image_is_a_prediction_or_a_dead_letter(predict_job):
+  out, summary = predict_job
   predictions = _read_jsonl(f'{out}/predictions-*.jsonl')
   dead = _read_jsonl(f'{out}/dead_letters-*.jsonl')
   # 24 chips + 1 duplicate + 6 real + 4 refused inputs; readme.txt is not an image.
@@ -86,9 +29,9 @@ def test_every_image_is_a_prediction_or_a_dead_letter(job):
   assert manifest['counts']['predictions'] == 30 and manifest['model']['version'] == '1'
 
 
-def test_predictions_equal_the_saved_model_on_the_decoders_pixels(job, export_base):
+def test_predictions_equal_the_saved_model_on_the_decoders_pixels(predict_job, export_base):
   import tensorflow as tf
-  out, _ = job
+  out, _ = predict_job
   predictions = {p['image_name']: p for p in _read_jsonl(f'{out}/predictions-*.jsonl')}
   paths = [predictions[n]['path'] for n in sorted(predictions)]
   pixels = np.stack([decode_image(open(p, 'rb').read(), IMAGE_SIZE) for p in paths])
@@ -104,8 +47,8 @@ def test_predictions_equal_the_saved_model_on_the_decoders_pixels(job, export_ba
     assert name in predictions and predictions[name]['model_version'] == '1'
 
 
-def test_summary_f2_equals_an_independent_computation(job, mixed_folder):
-  out, summary = job
+def test_summary_f2_equals_an_independent_computation(predict_job, mixed_folder):
+  out, summary = predict_job
   _, labels_csv = mixed_folder
   truth = {}
   for line in labels_csv.read_text().splitlines()[1:]:
@@ -121,8 +64,8 @@ def test_summary_f2_equals_an_independent_computation(job, mixed_folder):
   assert sum(map(sum, summary['evaluation']['weather_confusion'])) == 30
 
 
-def test_report_is_written(job):
-  out, _ = job
+def test_report_is_written(predict_job):
+  out, _ = predict_job
   html = (out / 'report.html').read_text()
   assert html.lstrip().lower().startswith('<!doctype html') and 'chip_' in html
 
@@ -190,9 +133,9 @@ def test_dataflow_dry_run_translates_the_job(tmp_path, export_base, mixed_folder
 
 
 @pytest.mark.slow
-def test_multi_processing_gives_the_same_outputs(tmp_path, job, export_base, mixed_folder):
+def test_multi_processing_gives_the_same_outputs(tmp_path, predict_job, export_base, mixed_folder):
   images, labels_csv = mixed_folder
-  out, summary = job
+  out, summary = predict_job
   multi = predict.run(['--input', str(images), '--output_dir', str(tmp_path / 'multi'),
                        '--model_dir', str(export_base / 'PlanetModel'),
                        '--labels_csv', str(labels_csv), '--max_bad_fraction', '0.3',
