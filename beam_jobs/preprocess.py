@@ -1,4 +1,4 @@
-"""Stage 1: labels CSV + JPEG folder -> train/eval TFRecord shards of tf.train.Examples, dead letters, manifest.
+"""Stage 1: labels CSV + JPEG folder -> train/eval TFRecord shards, dead letters and a manifest.
 
 Usage:
   python -m beam_jobs.preprocess --labels_csv CSV --images_dir DIR --output_dir OUT \
@@ -34,10 +34,11 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
+from apache_beam.runners.runner import PipelineState
 
 from beam_jobs import dead_letters, labels
 from beam_jobs.image_decoder import DEFAULT_MAX_PIXELS, decode_image
-from beam_jobs.labels import CsvFormat, LabelRow
+from beam_jobs.labels import LabelRow
 from beam_jobs.progress import LogProgress, counter, query_counters, show_progress_logs
 from model import manifest as manifest_lib
 from model import schema
@@ -525,7 +526,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   """The job's own flags; everything else is a Beam pipeline option."""
   parser = argparse.ArgumentParser(
       prog='python -m beam_jobs.preprocess', description=__doc__.split('\n')[0],
-      epilog='Any other flag is passed to Beam (e.g. --runner, --direct_num_workers).')
+      epilog='Any other flag is passed to Beam (e.g. --runner, --direct_num_workers).',
+      allow_abbrev=False)   # an abbreviation could swallow a Beam flag
   parser.add_argument('--labels_csv', required=True,
                       help='train_v2.csv (image_name,tags) or the tutorial\'s '
                            'image_name,weather_labels,ground_labels CSV')
@@ -672,6 +674,9 @@ def summary(manifest: dict, output_dir: str) -> str:
       f'{counts["dead_lettered_rows"]} dead-lettered rows, in {manifest["seconds"]} s '
       f'({total / max(manifest["seconds"], 1e-9):.1f} images/s)',
   ]
+  for split in SPLITS:
+    if not examples[split]:
+      lines.append(f'  warning: the {split} split is empty; training needs examples in both')
   for reason, n in counts['dead_letters'].items():
     lines.append(f'  dead letters {reason}: {n}')
   if counts['rows_without_weather']:
@@ -718,6 +723,8 @@ def run(argv: list[str] | None = None) -> RunOutcome:
   build_pipeline(pipeline, config)
   result = pipeline.run()
   result.wait_until_finish()
+  if not dry_run and result.state != PipelineState.DONE:
+    raise RuntimeError(f'the pipeline ended in state {result.state}; nothing was published')
   if dry_run:
     print('preprocess: dry run, the job was translated and not submitted; nothing was written')
     return RunOutcome(result, None)

@@ -1,7 +1,6 @@
-"""Stage 1, beam_jobs.preprocess: conservation, round trip, splits, workers, Dataflow translation."""
+"""Stage 1, beam_jobs.preprocess: conservation, round trip, splits, workers, Dataflow dry run."""
 import io
 import json
-import os
 import pathlib
 import socket
 import struct
