@@ -1,8 +1,11 @@
 """The prediction job through TF Serving's gRPC API: parity with in-process, faults, dry run."""
+import json
+import shutil
+
 import numpy as np
 import pytest
 
-from beam_jobs import predict
+from beam_jobs import compare_predictions, predict
 from model.serve import Faults, LocalServingServer
 from tests.conftest import read_jsonl
 
@@ -47,6 +50,17 @@ def test_grpc_backend_equals_in_process(tmp_path, server, export_base, mixed_fol
         out / 'dead_letters-*.jsonl'))
   assert dead(tmp_path / 'grpc') == dead(in_process_out)
   assert summary['evaluation']['f2'] == pytest.approx(in_process['evaluation']['f2'], abs=1e-9)
+  # The check run_local.sh prints agrees, and sees a difference when there is one.
+  assert compare_predictions.compare_outputs(str(tmp_path / 'grpc'), str(in_process_out))[0] == []
+  tampered = tmp_path / 'tampered'
+  shutil.copytree(tmp_path / 'grpc', tampered)
+  shard = next(tampered.glob('predictions-*.jsonl'))
+  lines = shard.read_text().splitlines()
+  row = json.loads(lines[0])
+  row['weather']['clear'] += 1e-3
+  shard.write_text('\n'.join([json.dumps(row)] + lines[2:]) + '\n')
+  differences, _ = compare_predictions.compare_outputs(str(tampered), str(in_process_out))
+  assert len(differences) == 2 and 'weather probabilities differ' in differences[-1]
 
 
 def test_grpc_job_survives_30_percent_unavailable(tmp_path, export_base, mixed_folder):
