@@ -38,23 +38,100 @@ ensure_chromium() {
   fi
 }
 
+stage() { echo; echo "== $*"; }
+
+# Stops the script with the failing stage's own message, not a cascade of follow-on errors.
+run_stage() {
+  local name=$1; shift
+  if ! "$@"; then
+    echo "run_local.sh: stage '$name' failed (its message is above); stopping." >&2
+    exit 1
+  fi
+}
+
+free_port() {
+  "$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 run_flow() {
+  local py="$VENV/bin/python"
   local work=${PLANET_WORK_DIR:-work}
-  local sample_count=${PLANET_SAMPLE_COUNT:-2000}
+  local sample_count=${PLANET_SAMPLE_COUNT:-3000}
+  local holdout_count=${PLANET_HOLDOUT_COUNT:-500}
+  local epochs=${PLANET_EPOCHS:-6}
+  local image_size=${PLANET_IMAGE_SIZE:-128}
+  local force=${PLANET_FORCE:-0}
   local images_dir=${PLANET_IMAGES_DIR:-}
   local labels_csv=${PLANET_LABELS_CSV:-}
+  local predict_dir=${PLANET_PREDICT_DIR:-}
+  local predict_labels=${PLANET_PREDICT_LABELS_CSV:-}
+  local workers
+  workers=$(nproc 2>/dev/null || echo 2)
+  local started=$SECONDS
+  mkdir -p "$work"
+
   if [ -z "$images_dir" ]; then
+    stage "sample data: $sample_count training chips + $holdout_count held-out chips in $work/"
+    if [ -f "$work/sample/train_v2.csv" ] && [ "$force" != 1 ]; then
+      echo "reusing $work/sample and $work/holdout (PLANET_FORCE=1 to remake)"
+    else
+      run_stage sample "$py" -m beam_jobs.make_sample --output_dir "$work/sample" --count "$sample_count" --seed 0
+      run_stage sample "$py" -m beam_jobs.make_sample --output_dir "$work/holdout" --count "$holdout_count" --seed 1 --prefix holdout
+    fi
     images_dir=$work/sample/train-jpg
     labels_csv=$work/sample/train_v2.csv
-    if [ -f "$labels_csv" ]; then
-      echo "== sample data: reusing $work/sample"
-    else
-      echo "== sample data: making $sample_count chips in $work/sample"
-      "$VENV/bin/python" -m beam_jobs.make_sample --output_dir "$work/sample" \
-        --count "$sample_count" --seed 0
-    fi
+    predict_dir=$work/holdout/train-jpg
+    predict_labels=$work/holdout/train_v2.csv
+  else
+    : "${labels_csv:?PLANET_LABELS_CSV must name the labels CSV of PLANET_IMAGES_DIR}"
+    predict_dir=${predict_dir:-$images_dir}
+    predict_labels=${predict_labels:-$labels_csv}
   fi
-  echo "== done: sample data in $images_dir, labels in $labels_csv"
+
+  stage "1/4 preprocess: $labels_csv + $images_dir -> $work/prep (DirectRunner, $workers processes)"
+  if [ -f "$work/prep/manifest.json" ] && [ "$force" != 1 ]; then
+    echo "reusing $work/prep (it has a manifest; PLANET_FORCE=1 to redo)"
+  else
+    run_stage preprocess "$py" -m beam_jobs.preprocess --labels_csv "$labels_csv" --images_dir "$images_dir" \
+      --output_dir "$work/prep" --image_size "$image_size" --overwrite \
+      --direct_running_mode=multi_processing --direct_num_workers="$workers"
+  fi
+
+  stage "2/4 train + export: $work/prep -> $work/job, $work/export/PlanetModel/<N>"
+  if ls -d "$work"/export/PlanetModel/[0-9]* >/dev/null 2>&1 && [ "$force" != 1 ]; then
+    echo "reusing the export in $work/export/PlanetModel (PLANET_FORCE=1 to retrain)"
+  else
+    run_stage train "$py" -m model.train --data_dir "$work/prep" --job_dir "$work/job" \
+      --export_base "$work/export" --epochs "$epochs" --verbose 2
+  fi
+
+  stage "3/4 predict in-process: $predict_dir -> $work/predict_local"
+  run_stage predict "$py" -m beam_jobs.predict --input "$predict_dir" --output_dir "$work/predict_local" \
+    --model_dir "$work/export/PlanetModel" --labels_csv "$predict_labels" --overwrite
+
+  local port
+  port=$(free_port)
+  stage "4/4 predict through gRPC: local TF Serving-compatible server on 127.0.0.1:$port -> $work/predict_grpc"
+  "$py" -m model.serve --model_base_path "$work/export/PlanetModel" --port "$port" > "$work/serve.log" 2>&1 &
+  local server_pid=$!
+  trap 'kill $server_pid 2>/dev/null || true' EXIT
+  # The prediction job itself waits for the server to answer GetModelMetadata.
+  run_stage predict-grpc "$py" -m beam_jobs.predict --input "$predict_dir" --output_dir "$work/predict_grpc" \
+    --serving_address "127.0.0.1:$port" --model_dir "$work/export/PlanetModel" \
+    --labels_csv "$predict_labels" --overwrite
+  kill "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  trap - EXIT
+  echo "server stopped (its log: $work/serve.log)"
+  run_stage compare "$py" -m beam_jobs.compare_predictions "$work/predict_local" "$work/predict_grpc"
+
+  local f2
+  f2=$("$py" -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["evaluation"]["f2"], 4))' "$work/predict_local/summary.json")
+  stage "done in $((SECONDS - started)) s"
+  echo "F2 on $predict_dir (Kaggle's metric, averaged over images): $f2"
+  echo "report:       $work/predict_local/report.html"
+  echo "submission:   $work/predict_local/submission.csv"
+  echo "dead letters: $work/prep/dead_letters/ and $work/predict_local/dead_letters-*.jsonl"
 }
 
 ensure_venv
