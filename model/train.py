@@ -169,11 +169,11 @@ class EpochHistory(keras.callbacks.Callback):
   Listed before the checkpoint callback, so an epoch's checkpoint never exists without its row.
   """
 
-  def __init__(self, job_dir: str, rows: list[dict], train_examples: int):
+  def __init__(self, job_dir: str, rows: list[dict], images_per_epoch: int):
     super().__init__()
     self.path = os.path.join(job_dir, 'history.json')
     self.rows = list(rows)
-    self.train_examples = train_examples
+    self.images_per_epoch = images_per_epoch
     self._started = self._train_seconds = 0.0
 
   def on_epoch_begin(self, epoch, logs=None):
@@ -188,7 +188,7 @@ class EpochHistory(keras.callbacks.Callback):
   def on_epoch_end(self, epoch, logs=None):
     seconds = self._train_seconds or (time.perf_counter() - self._started)
     row = {'epoch': epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
-           'train_seconds': seconds, 'train_images_per_second': self.train_examples / seconds}
+           'train_seconds': seconds, 'train_images_per_second': self.images_per_epoch / seconds}
     self.rows = [r for r in self.rows if r['epoch'] < epoch + 1] + [row]
     _write_json(self.path, self.rows)
 
@@ -300,16 +300,18 @@ def train(args: argparse.Namespace) -> dict:
   if args.seed is not None:
     keras.utils.set_random_seed(args.seed)
   data = input_lib.load_prepared(args.data_dir, args.image_size)
-  summaries = input_lib.verify_shards(data)
+  # Refuses a used JOB (or a checkpoint of another size) before the read of every shard.
   model, initial_epoch = restore_or_build(args, data.image_size)
+  summaries = input_lib.verify_shards(data)
   tf.io.gfile.makedirs(checkpoint_dir(args.job_dir))
   job_manifest = os.path.join(args.job_dir, schema.MANIFEST_FILE)
   if tf.io.gfile.exists(job_manifest):   # this job is unfinished again until the end
     tf.io.gfile.remove(job_manifest)
 
   history = [r for r in read_history(args.job_dir) if r['epoch'] <= initial_epoch]
+  steps = input_lib.steps_per_epoch(data, 'train', args.batch_size)
   callbacks = [
-      EpochHistory(args.job_dir, history, data.counts['train']),
+      EpochHistory(args.job_dir, history, steps * args.batch_size),
       keras.callbacks.ModelCheckpoint(os.path.join(checkpoint_dir(args.job_dir), CHECKPOINT_PATTERN)),
       EpochSummaries(os.path.join(args.job_dir, 'logs')),
   ]
@@ -322,6 +324,7 @@ def train(args: argparse.Namespace) -> dict:
     try:
       model.fit(train_data, validation_data=eval_data, epochs=args.epochs,
                 initial_epoch=initial_epoch, callbacks=callbacks, verbose=args.verbose,
+                steps_per_epoch=steps,
                 shuffle=False)
     except tf.errors.DataLossError:
       # A shard changed after the check above; name it rather than print a byte offset.
