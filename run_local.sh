@@ -101,6 +101,7 @@ run_flow() {
   if ls -d "$work"/export/PlanetModel/[0-9]* >/dev/null 2>&1 && [ "$force" != 1 ]; then
     echo "reusing the export in $work/export/PlanetModel (PLANET_FORCE=1 to retrain)"
   else
+    rm -rf "$work/job"   # a new training run; model.train refuses to mix with old checkpoints
     run_stage train "$py" -m model.train --data_dir "$work/prep" --job_dir "$work/job" \
       --export_base "$work/export" --epochs "$epochs" --verbose 2
   fi
