@@ -45,6 +45,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from beam_jobs import progress
 from model import schema
+from model.saved_model_info import signature_image_size
 from model.errors import InputRefused
 from model.errors import Reason
 
@@ -284,54 +285,10 @@ def backoff_delays(initial_secs: float, max_secs: float, rng: random.Random) -> 
 # ---------------------------------------------------------------------------------------------
 # Checking the served model before the pipeline starts.
 
-def _shape(info) -> list[int] | None:
-  if info.tensor_shape.unknown_rank:
-    return None
-  return [d.size for d in info.tensor_shape.dim]
-
-
 def served_image_size(signature_map: get_model_metadata_pb2.SignatureDefMap, signature: str,
                       where: str, image_size: int | None = None) -> int:
-  """The H (= W) a served signature takes, after checking it fits the project's contract.
-
-  Args:
-    signature_map: `metadata['signature_def']` of a GetModelMetadata answer, unpacked.
-    signature: the signature the job will call.
-    where: 'PlanetModel version 3 at host:8500', for the messages.
-    image_size: the resolution the caller expects, when it has one.
-
-  Raises:
-    ValueError: naming what was expected and what was found.
-  """
-  signatures = signature_map.signature_def
-  if signature not in signatures:
-    raise ValueError(f'{where} has no signature {signature!r}; it has '
-                     f'{sorted(k for k in signatures if not k.startswith("__"))}')
-  found = signatures[signature]
-  if set(found.inputs) != {schema.INPUT_IMAGES}:
-    raise ValueError(f'signature {signature!r} of {where} takes inputs {sorted(found.inputs)}; '
-                     f'expected one input {schema.INPUT_IMAGES!r}')
-  info = found.inputs[schema.INPUT_IMAGES]
-  if info.dtype != types_pb2.DT_UINT8:
-    raise ValueError(f'input {schema.INPUT_IMAGES!r} of {where} ({signature}) is '
-                     f'{types_pb2.DataType.Name(info.dtype)}; expected DT_UINT8')
-  shape = _shape(info)
-  if (shape is None or len(shape) != 4 or shape[3] != schema.CHANNELS or shape[1] <= 0 or
-      shape[1] != shape[2]):
-    raise ValueError(f'input {schema.INPUT_IMAGES!r} of {where} ({signature}) has shape {shape}; '
-                     'expected [-1, N, N, 3]')
-  for name, width in ((schema.OUTPUT_WEATHER, schema.NUM_WEATHER),
-                      (schema.OUTPUT_GROUND, schema.NUM_GROUND)):
-    output = found.outputs.get(name)
-    if output is None or output.dtype != types_pb2.DT_FLOAT or _shape(output) != [-1, width]:
-      described = (f'{types_pb2.DataType.Name(output.dtype)} {_shape(output)}' if output
-                   else f'missing (outputs: {sorted(found.outputs)})')
-      raise ValueError(f'output {name!r} of {where} ({signature}) is {described}; '
-                       f'expected DT_FLOAT [-1, {width}]')
-  if image_size is not None and shape[1] != image_size:
-    raise ValueError(f'{where} ({signature}) takes {shape[1]}x{shape[2]} images; expected '
-                     f'{image_size}x{image_size}')
-  return shape[1]
+  """The H (= W) of a served signature (GetModelMetadata's map), checked like an export on disk."""
+  return signature_image_size(signature_map.signature_def, signature, where, image_size)
 
 
 def _served_versions(channel: grpc.Channel, model_name: str, timeout_secs: float) -> str:

@@ -50,47 +50,102 @@ def resolve_version_dir(model_dir: str) -> str:
   return os.path.join(model_dir, str(versions[-1]))
 
 
-def verify_checksums(version_dir: str) -> None:
-  """Refuses a version whose files differ from the SHA256SUMS the export wrote."""
+def incomplete_reason(version_dir: str, require_checksums: bool = False) -> str | None:
+  """Why a version folder cannot be served, or None when it is complete.
+
+  A folder is complete when it has `saved_model.pb` and every file its `assets.extra/SHA256SUMS`
+  lists exists with that checksum: a version copied file by file (gsutil cp, rsync) shows up
+  numbered before its last byte lands. SavedModels from elsewhere have no SHA256SUMS; only
+  `require_checksums` refuses them.
+  """
+  if not tf.io.gfile.exists(os.path.join(version_dir, 'saved_model.pb')):
+    return 'no saved_model.pb'
   sums_path = os.path.join(version_dir, schema.EXPORT_CHECKSUMS_FILE)
   if not tf.io.gfile.exists(sums_path):
-    raise ExportError(f'{version_dir} has no {schema.EXPORT_CHECKSUMS_FILE}: not a complete '
-                      'export of this project; export it again')
+    return (f'no {schema.EXPORT_CHECKSUMS_FILE}: not a complete export of this project'
+            if require_checksums else None)
   with tf.io.gfile.GFile(sums_path) as f:
-    expected = dict(reversed(line.split('  ', 1)) for line in f.read().splitlines() if line)
-  for relative, digest in expected.items():
+    lines = [line for line in f.read().splitlines() if line.strip()]
+  for line in lines:
+    expected, _, relative = line.partition('  ')
     path = os.path.join(version_dir, relative)
     if not tf.io.gfile.exists(path):
-      raise ExportError(f'{path} is missing: the version folder is incomplete (a partial copy?)')
+      return f'{relative} is missing'
     with tf.io.gfile.GFile(path, 'rb') as f:
-      if hashlib.sha256(f.read()).hexdigest() != digest:
-        raise ExportError(f'{path} does not match its checksum in {schema.EXPORT_CHECKSUMS_FILE}: '
-                          'the export was modified or partly copied; copy it again')
+      if hashlib.sha256(f.read()).hexdigest() != expected:
+        return f'{relative} does not match its checksum in {schema.EXPORT_CHECKSUMS_FILE}'
+  return None
 
 
-def serving_image_size(version_dir: str, signature: str = schema.SERVING_SIGNATURE) -> int:
-  """The H (= W) of the signature's `images` input, checked to be uint8 [-1, H, H, 3]."""
-  proto = saved_model_pb2.SavedModel()
+def verify_checksums(version_dir: str) -> None:
+  """Refuses a version whose files differ from the SHA256SUMS the export wrote."""
+  problem = incomplete_reason(version_dir, require_checksums=True)
+  if problem:
+    raise ExportError(f'{version_dir} cannot be used: {problem}. The export was modified or '
+                      'partly copied: copy or export it again')
+
+
+def read_signature_defs(version_dir: str) -> dict:
+  """The SignatureDefs of a SavedModel's serving MetaGraph, as TF Serving reports them."""
   with tf.io.gfile.GFile(os.path.join(version_dir, 'saved_model.pb'), 'rb') as f:
-    proto.ParseFromString(f.read())
-  signatures = proto.meta_graphs[0].signature_def
-  if signature not in signatures:
-    raise ExportError(f'{version_dir} has no signature {signature!r}; found {sorted(signatures)}')
-  inputs = signatures[signature].inputs
-  if schema.INPUT_IMAGES not in inputs:
-    raise ExportError(f'signature {signature!r} of {version_dir} has inputs {sorted(inputs)}, '
-                      f'expected {schema.INPUT_IMAGES!r}')
-  tensor = inputs[schema.INPUT_IMAGES]
-  dims = [d.size for d in tensor.tensor_shape.dim]
-  if tensor.dtype != types_pb2.DT_UINT8 or len(dims) != 4 or dims[3] != 3 or dims[1] != dims[2] \
-      or dims[1] < 1:
-    raise ExportError(
-        f'input {schema.INPUT_IMAGES!r} of {signature!r} is {types_pb2.DataType.Name(tensor.dtype)} '
-        f'{dims}; expected DT_UINT8 [-1, H, H, 3]')
-  missing = set(schema.OUTPUT_NAMES) - set(signatures[signature].outputs)
-  if missing:
-    raise ExportError(f'signature {signature!r} of {version_dir} lacks outputs {sorted(missing)}')
-  return dims[1]
+    saved_model = saved_model_pb2.SavedModel.FromString(f.read())
+  for meta_graph in saved_model.meta_graphs:
+    if 'serve' in meta_graph.meta_info_def.tags:
+      return dict(meta_graph.signature_def)
+  raise ExportError(f'{version_dir} has no MetaGraph tagged "serve"')
+
+
+def _shape(info) -> list[int] | None:
+  if info.tensor_shape.unknown_rank:
+    return None
+  return [d.size for d in info.tensor_shape.dim]
+
+
+def signature_image_size(signature_defs, signature: str, where: str,
+                         image_size: int | None = None) -> int:
+  """The H (= W) a signature takes, after checking it fits the project's contract.
+
+  One check for an export on disk (`read_signature_defs`) and for a served model
+  (GetModelMetadata's SignatureDefMap): uint8 `images` [-1, N, N, 3] in, float32 `weather`
+  [-1, 4] and `ground` [-1, 13] out.
+
+  Args:
+    signature_defs: signature name -> SignatureDef.
+    signature: the signature the job will call.
+    where: 'PlanetModel version 3 at host:8500', for the messages.
+    image_size: the resolution the caller expects, when it has one.
+
+  Raises:
+    ExportError (a ValueError): naming what was expected and what was found.
+  """
+  if signature not in signature_defs:
+    raise ExportError(f'{where} has no signature {signature!r}; it has '
+                      f'{sorted(k for k in signature_defs if not k.startswith("__"))}')
+  found = signature_defs[signature]
+  if set(found.inputs) != {schema.INPUT_IMAGES}:
+    raise ExportError(f'signature {signature!r} of {where} takes inputs {sorted(found.inputs)}; '
+                      f'expected one input {schema.INPUT_IMAGES!r}')
+  info = found.inputs[schema.INPUT_IMAGES]
+  if info.dtype != types_pb2.DT_UINT8:
+    raise ExportError(f'input {schema.INPUT_IMAGES!r} of {where} ({signature}) is '
+                      f'{types_pb2.DataType.Name(info.dtype)}; expected DT_UINT8')
+  shape = _shape(info)
+  if (shape is None or len(shape) != 4 or shape[3] != schema.CHANNELS or shape[1] <= 0 or
+      shape[1] != shape[2]):
+    raise ExportError(f'input {schema.INPUT_IMAGES!r} of {where} ({signature}) has shape '
+                      f'{shape}; expected [-1, N, N, 3]')
+  for name, width in ((schema.OUTPUT_WEATHER, schema.NUM_WEATHER),
+                      (schema.OUTPUT_GROUND, schema.NUM_GROUND)):
+    output = found.outputs.get(name)
+    if output is None or output.dtype != types_pb2.DT_FLOAT or _shape(output) != [-1, width]:
+      described = (f'{types_pb2.DataType.Name(output.dtype)} {_shape(output)}' if output
+                   else f'missing (outputs: {sorted(found.outputs)})')
+      raise ExportError(f'output {name!r} of {where} ({signature}) is {described}; '
+                        f'expected DT_FLOAT [-1, {width}]')
+  if image_size is not None and shape[1] != image_size:
+    raise ExportError(f'{where} ({signature}) takes {shape[1]}x{shape[2]} images; expected '
+                      f'{image_size}x{image_size}')
+  return shape[1]
 
 
 def inspect_export(model_dir: str, verify: bool = True) -> ExportInfo:
@@ -98,7 +153,8 @@ def inspect_export(model_dir: str, verify: bool = True) -> ExportInfo:
   version_dir = resolve_version_dir(model_dir)
   if verify:
     verify_checksums(version_dir)
-  image_size = serving_image_size(version_dir)
+  image_size = signature_image_size(read_signature_defs(version_dir), schema.SERVING_SIGNATURE,
+                                    version_dir)
   with tf.io.gfile.GFile(os.path.join(version_dir, schema.EXPORT_INFO_FILE)) as f:
     info = json.load(f)
   if (info.get('weather_labels') != list(schema.WEATHER_LABELS)

@@ -25,11 +25,9 @@ In Python (tests):
 import argparse
 import concurrent.futures
 import dataclasses
-import hashlib
 import logging
 import os
 import random
-import re
 import socket
 import subprocess
 import tempfile
@@ -42,7 +40,6 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2
 from tensorflow.core.framework import types_pb2
-from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
@@ -50,6 +47,8 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from model import schema
+from model.export import list_versions
+from model.saved_model_info import incomplete_reason, read_signature_defs
 
 _log = logging.getLogger('planet.serve')
 
@@ -59,7 +58,6 @@ GRPC_DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_POLL_SECONDS = 1.0
 _PREDICT_METHOD = 'tensorflow/serving/predict'
 _METADATA_FIELD = 'signature_def'
-_VERSION_RE = re.compile(r'^\d+$')
 _State = get_model_status_pb2.ModelVersionStatus.State
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -76,39 +74,6 @@ class _Refusal(Exception):
 # ---------------------------------------------------------------------------------------------
 # Version folders (pure functions over a base path).
 
-def numbered_versions(base_path: str) -> list[int]:
-  """The integer-named folders under `base_path`, ascending; anything else (`.tmp-*`) is not a version."""
-  if not tf.io.gfile.isdir(base_path):
-    return []
-  return sorted(int(name.rstrip('/')) for name in tf.io.gfile.listdir(base_path)
-                if _VERSION_RE.match(name.rstrip('/')))
-
-
-def incomplete_reason(version_dir: str) -> str | None:
-  """Why a version folder cannot be served yet, or None when it is complete.
-
-  A folder is complete when it has `saved_model.pb` and, where the export wrote
-  `assets.extra/SHA256SUMS`, every listed file exists with that checksum: a version copied file by
-  file (gsutil cp, rsync) shows up numbered before its last byte lands.
-  """
-  if not tf.io.gfile.exists(os.path.join(version_dir, 'saved_model.pb')):
-    return 'no saved_model.pb'
-  sums_path = os.path.join(version_dir, schema.EXPORT_CHECKSUMS_FILE)
-  if not tf.io.gfile.exists(sums_path):
-    return None
-  with tf.io.gfile.GFile(sums_path) as f:
-    lines = [line for line in f.read().splitlines() if line.strip()]
-  for line in lines:
-    expected, _, relative = line.partition('  ')
-    path = os.path.join(version_dir, relative)
-    if not tf.io.gfile.exists(path):
-      return f'{relative} is missing'
-    with tf.io.gfile.GFile(path, 'rb') as f:
-      if hashlib.sha256(f.read()).hexdigest() != expected:
-        return f'{relative} does not match its checksum in {schema.EXPORT_CHECKSUMS_FILE}'
-  return None
-
-
 def _folder_fingerprint(version_dir: str) -> tuple:
   """Names, sizes and times of a folder's files: what changes while a copy is still landing."""
   entries = []
@@ -117,16 +82,6 @@ def _folder_fingerprint(version_dir: str) -> tuple:
       stat = tf.io.gfile.stat(os.path.join(root, name))
       entries.append((os.path.join(root, name), stat.length, stat.mtime_nsec))
   return tuple(sorted(entries))
-
-
-def read_signature_defs(version_dir: str) -> dict:
-  """The SignatureDefs of a SavedModel's serving MetaGraph, as TF Serving reports them."""
-  with tf.io.gfile.GFile(os.path.join(version_dir, 'saved_model.pb'), 'rb') as f:
-    saved_model = saved_model_pb2.SavedModel.FromString(f.read())
-  for meta_graph in saved_model.meta_graphs:
-    if 'serve' in meta_graph.meta_info_def.tags:
-      return dict(meta_graph.signature_def)
-  raise ValueError(f'{version_dir} has no MetaGraph tagged "serve"')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +156,7 @@ class ModelRepository:
   def poll(self) -> bool:
     """Looks at the base path once; loads a newer complete version. Returns whether one was loaded."""
     current = self._current
-    for version in reversed(numbered_versions(self.base_path)):
+    for version in reversed(list_versions(self.base_path)):
       if current is not None and version == current.version:
         return False
       path = os.path.join(self.base_path, str(version))

@@ -92,11 +92,11 @@ def rpc_error(call, request) -> grpc.RpcError:
 
 # --- Version folders (no server) ----------------------------------------------------------------
 
-def test_numbered_versions_skip_temporary_and_other_names(tmp_path):
+def test_list_versions_skip_temporary_and_other_names(tmp_path):
   for name in ['1', '2', '10', '.tmp-3-ab12cd34', 'abc', '4.bak', '-5']:
     (tmp_path / name).mkdir()
-  assert serve.numbered_versions(str(tmp_path)) == [1, 2, 10]
-  assert serve.numbered_versions(str(tmp_path / 'missing')) == []
+  assert serve.list_versions(str(tmp_path)) == [1, 2, 10]
+  assert serve.list_versions(str(tmp_path / 'missing')) == []
 
 
 def test_incomplete_reason_checks_saved_model_and_checksums(tmp_path, export_base):
