@@ -28,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_jobs import dead_letters, labels, report
+from beam_jobs import dead_letters, labels, report, runner_options
 from beam_jobs.image_decoder import DEFAULT_MAX_PIXELS, decode_image
 from beam_jobs.progress import LogProgress, counter, show_progress_logs
 from model import manifest, metrics, schema
@@ -429,6 +429,11 @@ def parse_args(argv):
   parser.add_argument('--allow_insecure', action='store_true',
                       help='gRPC without TLS to a host that is not loopback')
   parser.add_argument('--max_request_bytes', type=int, help='gRPC: the largest request sent')
+  parser.add_argument('--request_timeout_secs', type=float,
+                      help='gRPC: the deadline of every Predict call (default 30)')
+  parser.add_argument('--retry_budget_secs', type=float,
+                      help='gRPC: how long after its first transient failure a request is retried '
+                           'before its images are dead-lettered UNAVAILABLE (default 30)')
   parser.add_argument('--labels_csv', help='score the predictions against these labels')
   parser.add_argument('--max_bad_fraction', type=float, default=0.05)
   parser.add_argument('--batch_size', type=int, default=64)
@@ -437,26 +442,21 @@ def parse_args(argv):
   args, pipeline_args = parser.parse_known_args(argv)
   if not args.model_dir and not args.serving_address:
     parser.error('give --model_dir (in-process) or --serving_address (TF Serving over gRPC)')
-  if (args.tls or args.root_cert or args.allow_insecure or args.model_version
-      or args.max_request_bytes) and not args.serving_address:
-    parser.error('--tls, --root_cert, --allow_insecure, --model_version and --max_request_bytes '
-                 'go with --serving_address')
+  grpc_values = (args.root_cert, args.model_version, args.max_request_bytes,
+                 args.request_timeout_secs, args.retry_budget_secs)
+  if (args.tls or args.allow_insecure or any(v is not None for v in grpc_values)) and not (
+      args.serving_address):
+    parser.error('--tls, --root_cert, --allow_insecure, --model_version, --max_request_bytes, '
+                 '--request_timeout_secs and --retry_budget_secs go with --serving_address')
+  if args.request_timeout_secs is not None and args.request_timeout_secs <= 0:
+    parser.error('--request_timeout_secs must be positive')
+  if args.retry_budget_secs is not None and args.retry_budget_secs < 0:
+    parser.error('--retry_budget_secs must be 0 or more')
   if not 0 <= args.max_bad_fraction <= 1:
     parser.error('--max_bad_fraction must be between 0 and 1')
   if args.batch_size < 1:
     parser.error('--batch_size must be at least 1')
   return args, pipeline_args
-
-
-def is_dry_run(options: PipelineOptions) -> bool:
-  return bool(options.get_all_options().get('dry_run'))
-
-
-def dry_run_description(result) -> dict:
-  """What a Dataflow dry run translated: the job's name and the labels of its transforms."""
-  transforms = result.job.proto_pipeline.components.transforms.values()
-  return {'dry_run': True, 'job_name': result.job.options.get_all_options()['job_name'],
-          'transforms': sorted(t.unique_name for t in transforms)}
 
 
 def check_inputs(patterns: Iterable[str]) -> None:
@@ -490,7 +490,10 @@ def make_backend(args) -> tuple[Any, int, ThresholdsByVersion, str, dict]:
   image_size, version = serving_handler.check_serving_model(
       args.serving_address, args.model_name, args.model_version,
       image_size=export.image_size if export else None, **transport)
-  limits = {'max_request_bytes': args.max_request_bytes} if args.max_request_bytes else {}
+  limits = {key: value for key, value in (('max_request_bytes', args.max_request_bytes),
+                                          ('timeout_secs', args.request_timeout_secs),
+                                          ('retry_budget_secs', args.retry_budget_secs))
+            if value is not None}
   handler = serving_handler.ServingGrpcHandler(
       args.serving_address, model_name=args.model_name, model_version=args.model_version,
       image_size=image_size, max_batch_size=args.batch_size, **limits, **transport)
@@ -512,7 +515,7 @@ def run(argv=None) -> dict:
   started_at = time.time()
   args, pipeline_args = parse_args(argv)
   options = PipelineOptions(pipeline_args)
-  dry_run = is_dry_run(options)
+  dry_run = runner_options.is_dataflow_dry_run(options)
   patterns = tuple(input_pattern(i) for i in args.input)
   check_inputs(patterns)
   if args.labels_csv:
@@ -530,7 +533,7 @@ def run(argv=None) -> dict:
   result = pipeline.run()
   result.wait_until_finish()
   if dry_run:
-    return dry_run_description(result)
+    return runner_options.dry_run_description(result)
 
   with FileSystems.open(FileSystems.join(args.output_dir, 'summary.json')) as f:
     summary = json.loads(f.read())

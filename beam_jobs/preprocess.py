@@ -33,10 +33,10 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineState
 
-from beam_jobs import dead_letters, labels
+from beam_jobs import dead_letters, labels, runner_options
 from beam_jobs.image_decoder import DEFAULT_MAX_PIXELS, decode_image
 from beam_jobs.labels import LabelRow
 from beam_jobs.progress import LogProgress, counter, query_counters, show_progress_logs
@@ -696,12 +696,6 @@ class RunOutcome:
   counters: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def _is_dataflow_dry_run(options: PipelineOptions) -> bool:
-  # --dry_run only exists for DataflowRunner: elsewhere the job really runs and must publish.
-  runner = str(options.view_as(StandardOptions).runner or '').lower()
-  return 'dataflow' in runner and bool(options.view_as(TestOptions).dry_run)
-
-
 def run(argv: list[str] | None = None) -> RunOutcome:
   """Parses flags, validates, runs the job, checks it and publishes the manifest.
 
@@ -712,7 +706,7 @@ def run(argv: list[str] | None = None) -> RunOutcome:
   """
   args, beam_args = parse_args(argv)
   options = PipelineOptions(beam_args)
-  dry_run = _is_dataflow_dry_run(options)
+  dry_run = runner_options.is_dataflow_dry_run(options)
   config, facts = validate_config(args, check_paths=not dry_run)
   show_progress_logs()
   if not dry_run:
