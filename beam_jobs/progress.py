@@ -2,6 +2,7 @@
 import logging
 import threading
 import time
+import uuid
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -40,6 +41,8 @@ class LogProgress(beam.DoFn):
   def __init__(self, what: str, every_seconds: float = 10.0):
     self._what = what
     self._every = every_seconds
+    # One tally per pipeline built, so two jobs in one process (tests) never add up.
+    self._key = f'{what}#{uuid.uuid4().hex}'
 
   def setup(self):
     # Worker processes (multi_processing, Dataflow) start without our handler.
@@ -48,11 +51,12 @@ class LogProgress(beam.DoFn):
   def process(self, element):
     now = time.monotonic()
     cls = LogProgress
+    key = self._key
     with cls._lock:
-      done = cls._done[self._what] = cls._done.get(self._what, 0) + 1
-      started = cls._started.setdefault(self._what, now)
-      if now - cls._last_log.get(self._what, started) >= self._every:
-        cls._last_log[self._what] = now
+      done = cls._done[key] = cls._done.get(key, 0) + 1
+      started = cls._started.setdefault(key, now)
+      if now - cls._last_log.get(key, started) >= self._every:
+        cls._last_log[key] = now
         _log.info('%s: %d done, %.1f/s', self._what, done, done / max(now - started, 1e-9))
     yield element
 
