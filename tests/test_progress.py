@@ -6,14 +6,24 @@ import pytest
 from beam_jobs.progress import LogProgress, show_progress_logs
 
 
+class _Lines(logging.Handler):
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())
+
+
 @pytest.fixture
-def progress_lines(caplog):
-  """Lines of the progress logger, also after a job turned its propagation off."""
+def progress_lines():
+  """Lines of the progress logger, whether or not a job turned its propagation off."""
   show_progress_logs()
+  handler = _Lines()
   logger = logging.getLogger('planet.progress')
-  logger.addHandler(caplog.handler)
-  yield lambda: [r.getMessage() for r in caplog.records if r.name == 'planet.progress']
-  logger.removeHandler(caplog.handler)
+  logger.addHandler(handler)
+  yield lambda: handler.lines
+  logger.removeHandler(handler)
 
 
 def test_progress_lines_count_each_pipeline_separately(progress_lines):
