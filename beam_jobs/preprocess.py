@@ -713,7 +713,7 @@ def run(argv: list[str] | None = None) -> RunOutcome:
     prepare_output_dir(config.output_dir, args.overwrite)
 
   started = time.monotonic()
-  pipeline = beam.Pipeline(options=options)
+  pipeline = beam.Pipeline(runner=runner_options.local_runner(options), options=options)
   build_pipeline(pipeline, config)
   result = pipeline.run()
   result.wait_until_finish()
