@@ -3,6 +3,7 @@
 Usage:
   data = load_prepared('PREP_OUT', image_size=128)   # refuses a folder without a manifest
   verify_shards(data)                                 # names the file if a shard is corrupt
+  (`python -m model.verify_data PREP_OUT` runs the same checks on every shard and lists each bad one)
   train = make_dataset(data, 'train', batch_size=32, training=True)   # endless: fit with
   model.fit(train, steps_per_epoch=steps_per_epoch(data, 'train', 32), ...)
 
@@ -69,12 +70,15 @@ def _resolve(data_dir: str, path: str) -> str:
   return os.path.join(data_dir, path)
 
 
-def load_prepared(data_dir: str, image_size: int | None = None) -> PreparedData:
+def load_prepared(data_dir: str, image_size: int | None = None,
+                  require_shards: bool = True) -> PreparedData:
   """Reads and checks a preprocess output folder.
 
   Args:
     data_dir: the folder `beam_jobs.preprocess` wrote (local or gs://).
     image_size: the resolution the caller expects; None accepts the manifest's.
+    require_shards: refuse a listed shard that does not exist; False leaves that to the caller
+      (`model.verify_data` reports every missing shard beside the corrupt ones).
 
   Raises:
     ManifestMissing: the folder has no manifest.json (the stage did not finish).
@@ -103,7 +107,7 @@ def load_prepared(data_dir: str, image_size: int | None = None) -> PreparedData:
       raise ValueError(f'{where} lists no {split} shards; training needs both '
                        f'{" and ".join(SPLITS)} splits')
     paths = tuple(_resolve(data_dir, p) for p in listed)
-    missing = [p for p in paths if not tf.io.gfile.exists(p)]
+    missing = [p for p in paths if require_shards and not tf.io.gfile.exists(p)]
     if missing:
       raise FileNotFoundError(f'{where} lists {split} shards that do not exist: '
                               f'{", ".join(missing[:5])}' + (' ...' if len(missing) > 5 else ''))
@@ -252,8 +256,12 @@ def _check_gzip_complete(path: str, chunk_bytes: int = 1 << 20) -> None:
                        'preprocess job again (a half-copied shard is the usual cause)')
 
 
-def _summarise_shard(path: str, data: PreparedData) -> SplitSummary:
-  """Reads one shard to its end through the training parser, or raises CorruptShard naming it."""
+def check_shard(path: str, data: PreparedData) -> SplitSummary:
+  """Reads one shard to its end through the training parser, or raises CorruptShard naming it.
+
+  Every record's length and data CRCs are checked by the TFRecord reader, every record is parsed
+  at the manifest's image size, and a gzip shard must end with its trailer.
+  """
   records = tf.data.TFRecordDataset(path, compression_type=data.compression_type)
   parsed = records.batch(1024).map(lambda s: parse_batch(s, data.image_size))
   zero = (tf.constant(0, tf.int64), tf.zeros([schema.NUM_WEATHER]), tf.zeros([schema.NUM_GROUND]),
@@ -280,6 +288,25 @@ def _summarise_shard(path: str, data: PreparedData) -> SplitSummary:
                       tuple(ground.numpy().tolist()), int(without))
 
 
+def combine_summaries(parts) -> SplitSummary:
+  """One split's summary from its shards' summaries."""
+  parts = list(parts)
+  return SplitSummary(
+      sum(p.examples for p in parts),
+      tuple(map(sum, zip(*(p.weather_counts for p in parts)))),
+      tuple(map(sum, zip(*(p.ground_counts for p in parts)))),
+      sum(p.without_weather for p in parts))
+
+
+def check_split_count(data: PreparedData, split: str, examples: int) -> None:
+  """Raises ValueError when a split's shards hold another number of examples than the manifest."""
+  if examples != data.counts[split]:
+    raise ValueError(
+        f'the {split} shards of {data.data_dir} hold {examples} examples but its '
+        f'manifest records {data.counts[split]}: the folder was changed after the preprocess '
+        'job wrote it; run that job again')
+
+
 def verify_shards(data: PreparedData, splits=SPLITS, max_workers: int = 4) -> dict[str, SplitSummary]:
   """Reads every shard once, before training, so a bad one fails fast and by name.
 
@@ -299,17 +326,8 @@ def verify_shards(data: PreparedData, splits=SPLITS, max_workers: int = 4) -> di
   with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
     for split in splits:
       # map() re-raises the first failure in shard order, so the message names that shard.
-      parts = list(pool.map(lambda p: _summarise_shard(p, data), data.shards[split]))
-      summary = SplitSummary(
-          sum(p.examples for p in parts),
-          tuple(map(sum, zip(*(p.weather_counts for p in parts)))),
-          tuple(map(sum, zip(*(p.ground_counts for p in parts)))),
-          sum(p.without_weather for p in parts))
-      if summary.examples != data.counts[split]:
-        raise ValueError(
-            f'the {split} shards of {data.data_dir} hold {summary.examples} examples but its '
-            f'manifest records {data.counts[split]}: the folder was changed after the preprocess '
-            'job wrote it; run that job again')
+      summary = combine_summaries(pool.map(lambda p: check_shard(p, data), data.shards[split]))
+      check_split_count(data, split, summary.examples)
       summaries[split] = summary
   return summaries
 
