@@ -67,7 +67,8 @@ def claim_output_dir(output_dir: str, overwrite: bool) -> None:
   """
   if not FileSystems.exists(output_dir):
     return
-  leftovers = FileSystems.match([FileSystems.join(output_dir, '*')])[0].metadata_list
+  # '**', not '*': a killed job leaves its partial files in Beam's beam-temp-* sub-folders.
+  leftovers = FileSystems.match([FileSystems.join(output_dir, '**')])[0].metadata_list
   if not leftovers:
     return
   if not overwrite:
