@@ -528,7 +528,7 @@ def run(argv=None) -> dict:
   print(f'{STAGE}: {", ".join(patterns)} -> {args.output_dir} ({backend}, '
         f'{image_size}px, model {model_facts})', flush=True)
   show_progress_logs()
-  pipeline = beam.Pipeline(options=options)
+  pipeline = beam.Pipeline(runner=runner_options.local_runner(options), options=options)
   build_pipeline(pipeline, config, handler)
   result = pipeline.run()
   result.wait_until_finish()
