@@ -106,7 +106,7 @@ def chips(tmp_path_factory) -> pathlib.Path:
 
 def preprocess_args(chips: pathlib.Path, out: pathlib.Path) -> list[str]:
   # 128 px (the default) and gzip: the shards take long enough to write that a kill polled every
-  # 5 ms lands while they are being written, well before the manifest (~1.7 s apart here).
+  # 5 ms lands while they are being written, well before the manifest (1.5-1.8 s apart here).
   return ['--labels_csv', str(chips / 'train_v2.csv'), '--images_dir', str(chips / 'train-jpg'),
           '--output_dir', str(out), '--num_shards', '2', '--compression', 'gzip']
 
