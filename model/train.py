@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from typing import Callable
 
@@ -386,7 +387,13 @@ def train(args: argparse.Namespace) -> dict:
 def main(argv=None):
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
   args = parse_args(argv)
-  result = train(args)
+  try:
+    result = train(args)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    # Refused input or configuration (ManifestMissing, CorruptShard, ...): the message says what
+    # to do; a traceback would only hide it.
+    print(f'train: error: {e}', file=sys.stderr)
+    sys.exit(1)
   evaluation = result['eval']
   print(f'train: eval F2 {evaluation["mean_f2"]:.4f} with tuned thresholds, '
         f'{evaluation["mean_f2_default_thresholds"]:.4f} at 0.2, prior-only baseline '

@@ -110,12 +110,17 @@ def test_the_architecture_is_one_swappable_function(prepared_data, tmp_path):
     _args(prepared_data, tmp_path / 'job', tmp_path / 'export', '--architecture', 'model.network:nothing')
 
 
-def test_data_without_a_manifest_is_refused(prepared_data, tmp_path):
+def test_data_without_a_manifest_is_refused(prepared_data, tmp_path, capsys):
   data_dir = copy_prepared(prepared_data, tmp_path / 'prep')
   (data_dir / schema.MANIFEST_FILE).unlink()
+  args = ['--data_dir', str(data_dir), '--job_dir', str(tmp_path / 'job'),
+          '--export_base', str(tmp_path / 'export')]
   with pytest.raises(ManifestMissing, match='has no manifest.json: the stage that writes it did not finish'):
-    train.main(['--data_dir', str(data_dir), '--job_dir', str(tmp_path / 'job'),
-                '--export_base', str(tmp_path / 'export')])
+    train.train(train.parse_args(args))
+  with pytest.raises(SystemExit) as exit_info:  # the command: a message, not a traceback
+    train.main(args)
+  assert exit_info.value.code == 1
+  assert 'train: error:' in capsys.readouterr().err
   assert not (tmp_path / 'job').exists() and not (tmp_path / 'export').exists()
 
 
