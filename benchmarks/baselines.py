@@ -1,4 +1,4 @@
-r"""The original tutorial's input pipeline, and its input rate beside model.input's tf.data pipeline.
+r"""The original tutorial's ways, kept as its users wrote them: its input Sequence and its serving client.
 
 Usage: python -m benchmarks.baselines --data_dir PREP_OUT --images_dir DIR --labels_csv CSV \
            [--real_chips_dir ../shared/planet/train-jpg] [--epochs 3] [--batch_size 32]
@@ -8,6 +8,11 @@ tf.keras", sdcubber/keras-training-serving) `tf.keras.utils.Sequence`: every bat
 with Pillow (`load_img(path, target_size=...)`), converts it to float32 / 255, and slices the
 label lists; the tutorial fits with `workers=1`. Both pipelines are timed over the same chips:
 images per second delivered to a consumer that does nothing, so the figure is the input rate alone.
+
+`predict_one_float_image_per_request` reproduces the tutorial's TF Serving client: each image is
+loaded with `load_img`, scaled to float32 / 255 and sent alone, as a `[1, H, W, 3]` float32
+`input_image` tensor (`tf.make_tensor_proto`) in its own `PredictRequest`, waiting for each answer.
+`python -m benchmarks` times it against the project's gRPC prediction job.
 """
 import argparse
 import ast
@@ -93,6 +98,27 @@ def tf_data_rate(dataset, steps: int, epochs: int) -> float:
   for _ in range(steps * epochs):
     images += int(next(iterator)[0].shape[0])
   return images / (time.perf_counter() - start)
+
+
+def predict_one_float_image_per_request(address: str, image_paths: list[str], size: int,
+                                        model_name: str = schema.MODEL_NAME) -> list[dict]:
+  """The tutorial's client: one float32 image per PredictRequest to `predict_float`, in turn."""
+  import grpc  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # pylint: disable=import-outside-toplevel
+  stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(address))
+  answers = []
+  for path in image_paths:
+    image = load_image(path, size)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = schema.FLOAT_SIGNATURE
+    request.inputs[schema.INPUT_FLOAT].CopyFrom(
+        tf.make_tensor_proto(image, shape=[1] + list(image.shape), dtype=tf.float32))
+    response = stub.Predict(request, 10.0)
+    answers.append({name: tf.make_ndarray(response.outputs[name])[0]
+                    for name in (schema.OUTPUT_WEATHER, schema.OUTPUT_GROUND)})
+  return answers
 
 
 def main(argv=None):

@@ -1,91 +1,209 @@
-"""Prediction throughput: the Beam job (in-process backend) beside the model's own limit.
+"""Prediction: the Beam job (in-process and via gRPC) beside the model's limit and the tutorial's way.
 
-Usage: python -m benchmarks.measure_predict [--count 2000] [--work /tmp/bench_predict]
+Usage: python -m benchmarks.measure_predict [--quick] [--work /tmp/planet_bench]
+       (the same figures as the prediction part of `python -m benchmarks`)
 
-Figures, all from one run on the same chips and the same (untrained: speed does not depend on the
-weights) export at 128 px:
-  plain_model_loop: the SavedModel on pre-decoded uint8 batches of 64 in a plain loop: the limit
-                    for this model on this machine.
-  decode_only:      the one decoder over the same files, one process.
-  job:              python -m beam_jobs.predict, DirectRunner in-process; its steady rate is
-                    (N - n) / (T(N) - T(n)) with a small run of n images, so the runner's fixed
-                    start-up cost is separated from the per-image cost.
+Figures, all on the same chips and the same export (untrained: speed does not depend on the
+weights) at 128 px:
+  decode_only:      the one decoder over the first `loop_images` chips, bytes already in memory.
+  plain_model_loop: `serving_default` of the loaded SavedModel on pre-decoded uint8 batches of 64
+                    in a plain loop: the model's limit on this machine.
+  serial_limit:     1 / (1/decode + 1/model): one process that decodes, then predicts, with no
+                    overhead at all (derived, not measured).
+  job_in_process:   python -m beam_jobs.predict --model_dir, DirectRunner in-process, as a
+                    command at two sizes (overall and steady rates, peak RSS of its processes).
+  job_grpc:         the same with --serving_address, against `python -m model.serve` (the
+                    project's TF Serving-compatible server, LocalServingServer) in its own process,
+                    started once before the runs, as a serving deployment would be.
+  float_client:     the tutorial's client (benchmarks/baselines.py): one float32 image per
+                    PredictRequest to `predict_float` of the same server, in turn.
+  server_limit:     the same server fed pre-decoded uint8 requests as the gRPC job sends them
+                    (32 images each, 4 in flight): what the server itself can take.
 """
-import argparse
-import json
+import concurrent.futures
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
 
+from benchmarks import commands, workspace
+from benchmarks.plan import Plan, loop_figures, ratio, two_size_figures
 
-def _timed(fn):
-  start = time.perf_counter()
-  value = fn()
-  return time.perf_counter() - start, value
+JOBS = ('job_in_process', 'job_grpc')
+MODEL_BATCH = 64
+# ServingGrpcHandler's defaults.
+IMAGES_PER_REQUEST = 32
+REQUESTS_IN_FLIGHT = 4
 
 
-def plain_model_loop(version_dir: str, pixels: np.ndarray, batch: int = 64) -> float:
+class ServerProcess:
+  """`python -m model.serve` in its own process, ready once its model is AVAILABLE."""
+
+  def __init__(self, model_base_path: str):
+    self.model_base_path = model_base_path
+    with socket.socket() as probe:
+      probe.bind(('127.0.0.1', 0))
+      self.port = probe.getsockname()[1]
+    self.address = f'127.0.0.1:{self.port}'
+    self.process = None
+
+  def __enter__(self) -> 'ServerProcess':
+    # pylint: disable=import-outside-toplevel
+    import grpc
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+    self.process = subprocess.Popen(
+        commands.python_module('model.serve', '--model_base_path', self.model_base_path,
+                               '--port', str(self.port)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'})
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = 'PlanetModel'
+    with grpc.insecure_channel(self.address) as channel:
+      stub = model_service_pb2_grpc.ModelServiceStub(channel)
+      deadline = time.monotonic() + 120
+      while time.monotonic() < deadline:
+        if self.process.poll() is not None:
+          raise RuntimeError(f'model.serve exited with {self.process.returncode}')
+        try:
+          if any(s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+                 for s in stub.GetModelStatus(request, timeout=2).model_version_status):
+            return self
+        except grpc.RpcError:
+          pass
+        time.sleep(0.3)
+    self.__exit__()
+    raise TimeoutError('model.serve did not serve the model within 120 s')
+
+  def rss_mb(self) -> float:
+    return commands.tree_rss_bytes(self.process.pid) / 2**20
+
+  def __exit__(self, *exc_info) -> None:
+    if self.process is not None and self.process.poll() is None:
+      self.process.terminate()
+      try:
+        self.process.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        self.process.kill()
+        self.process.wait()
+
+
+def _job_command(job: str, images_dir: str, out: str, export_base: str, address: str) -> list[str]:
+  model_dir = os.path.join(export_base, 'PlanetModel')
+  backend = ('--serving_address', address) if job == 'job_grpc' else ()
+  return commands.python_module('beam_jobs.predict', '--input', images_dir, '--output_dir', out,
+                                '--model_dir', model_dir, '--overwrite', *backend)
+
+
+def feed_server(address: str, pixels: np.ndarray) -> None:
+  """Pre-decoded uint8 images to the server in the gRPC job's requests, as fast as it answers."""
+  # pylint: disable=import-outside-toplevel
+  import grpc
+  from tensorflow_serving.apis import prediction_service_pb2_grpc
+  from beam_jobs.serving_handler import build_predict_request
+
+  def send(stub, start: int):
+    return stub.Predict(build_predict_request(list(pixels[start:start + IMAGES_PER_REQUEST])), 30.0)
+
+  with grpc.insecure_channel(address) as channel:
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    with concurrent.futures.ThreadPoolExecutor(REQUESTS_IN_FLIGHT) as pool:
+      list(pool.map(lambda start: send(stub, start), range(0, len(pixels), IMAGES_PER_REQUEST)))
+
+
+def _timed(function) -> float:
+  started = time.perf_counter()
+  function()
+  return time.perf_counter() - started
+
+
+def measure(plan: Plan, work: str, log=print) -> dict:
+  # pylint: disable=import-outside-toplevel
   import tensorflow as tf
+  from benchmarks.baselines import predict_one_float_image_per_request
+  from beam_jobs.image_decoder import decode_image
+
+  sets = {'small': workspace.chips(work, plan.small, draw_at_least=plan.big),
+          'big': workspace.chips(work, plan.big)}
+  version_dir = workspace.export(work)
+  export_base = os.path.dirname(os.path.dirname(version_dir))
+  paths = workspace.image_paths(sets['big'])[:plan.loop_images]
+  blobs = []
+  for path in paths:
+    with open(path, 'rb') as f:
+      blobs.append(f.read())
+  pixels = np.stack([decode_image(b, workspace.IMAGE_SIZE) for b in blobs])
   signature = tf.saved_model.load(version_dir).signatures['serving_default']
-  signature(images=tf.constant(pixels[:batch]))  # trace once, like a warm server
-  seconds, _ = _timed(lambda: [signature(images=tf.constant(pixels[i:i + batch]))
-                               for i in range(0, len(pixels), batch)])
-  return len(pixels) / seconds
+  signature(images=tf.constant(pixels[:MODEL_BATCH]))  # traced once, as a warm server is
 
+  def model_loop():
+    for i in range(0, len(pixels), MODEL_BATCH):
+      signature(images=tf.constant(pixels[i:i + MODEL_BATCH]))
 
-def run_job(images_dir: str, export_base: str, out: str, extra=()) -> float:
-  from beam_jobs import predict
-  seconds, _ = _timed(lambda: predict.run(
-      ['--input', images_dir, '--output_dir', out, '--model_dir', f'{export_base}/PlanetModel',
-       '--overwrite', *extra]))
-  return seconds
+  seconds = {k: [] for k in ('decode_only', 'plain_model_loop', 'float_client', 'server_limit')}
+  runs = {j: {'small': [], 'big': []} for j in JOBS}
+  server_rss = []
+  with ServerProcess(os.path.join(export_base, 'PlanetModel')) as server:
+    predict_one_float_image_per_request(server.address, paths[:5], workspace.IMAGE_SIZE)  # warm
+    feed_server(server.address, pixels[:IMAGES_PER_REQUEST * REQUESTS_IN_FLIGHT])
+    for repeat in range(plan.repeats):
+      seconds['decode_only'].append(_timed(
+          lambda: [decode_image(b, workspace.IMAGE_SIZE) for b in blobs]))
+      seconds['plain_model_loop'].append(_timed(model_loop))
+      seconds['float_client'].append(_timed(lambda: predict_one_float_image_per_request(
+          server.address, paths, workspace.IMAGE_SIZE)))
+      seconds['server_limit'].append(_timed(lambda: feed_server(server.address, pixels)))
+      log(f'  predict loops run {repeat + 1}: ' + ', '.join(
+          f'{name} {len(paths) / values[-1]:.0f}' for name, values in seconds.items())
+          + ' images/s')
+      for job in JOBS:
+        for size, chips in sets.items():
+          out = os.path.join(work, 'runs', f'predict_{job}_{size}')
+          shutil.rmtree(out, ignore_errors=True)
+          run = commands.run_command(
+              _job_command(job, os.path.join(chips, 'train-jpg'), out, export_base, server.address),
+              in_process=plan.commands_in_process)
+          runs[job][size].append(run)
+          shutil.rmtree(out, ignore_errors=True)
+          log(f'  predict {job:15s} {size:5s} run {repeat + 1}: {run.seconds:6.1f} s, '
+              f'peak RSS {run.peak_rss_mb:6.0f} MB')
+      server_rss.append(server.rss_mb())
+
+  figures = {name: loop_figures(len(paths), values) for name, values in seconds.items()}
+  decode = figures['decode_only']['images_per_s']
+  model = figures['plain_model_loop']['images_per_s']
+  figures['serial_limit'] = {'images_per_s': 1 / (1 / decode + 1 / model)}
+  figures['model_batch'] = MODEL_BATCH
+  figures['server_rss_mb'] = max(server_rss)
+  for job in JOBS:
+    figures[job] = two_size_figures(plan, runs[job]['small'], runs[job]['big'])
+    figures[job]['peak_rss_growth'] = ratio(figures[job]['peak_rss_mb_big'],
+                                            figures[job]['peak_rss_mb_small'])
+  loop = figures['plain_model_loop']['images_per_s']
+  client = figures['float_client']['images_per_s']
+  server = figures['server_limit']['images_per_s']
+  in_process, grpc = figures['job_in_process'], figures['job_grpc']
+  figures['ratios'] = {
+      'job_in_process_steady_vs_plain_loop': ratio(in_process['images_per_s_steady'], loop),
+      'job_in_process_overall_vs_plain_loop': ratio(in_process['images_per_s_overall_big'], loop),
+      'job_in_process_steady_vs_serial_limit': ratio(in_process['images_per_s_steady'],
+                                                     figures['serial_limit']['images_per_s']),
+      'job_grpc_steady_vs_plain_loop': ratio(grpc['images_per_s_steady'], loop),
+      'job_grpc_steady_vs_server_limit': ratio(grpc['images_per_s_steady'], server),
+      'server_limit_vs_float_client': ratio(server, client),
+      'job_grpc_steady_vs_float_client': ratio(grpc['images_per_s_steady'], client),
+      'job_grpc_overall_vs_float_client': ratio(grpc['images_per_s_overall_big'], client),
+  }
+  return figures
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--count', type=int, default=2000)
-  parser.add_argument('--small', type=int, default=100)
-  parser.add_argument('--work', default='/tmp/bench_predict')
-  args = parser.parse_args(argv)
-  from beam_jobs.image_decoder import decode_image
-  from beam_jobs.make_sample import make_sample
-  from model.export import export_model
-  from model.network import build_model
-
-  big = os.path.join(args.work, f'chips_{args.count}')
-  small = os.path.join(args.work, f'chips_{args.small}')
-  for folder, n in ((big, args.count), (small, args.small)):
-    if not os.path.exists(os.path.join(folder, 'train_v2.csv')):
-      make_sample(folder, n, seed=1)
-  export_base = os.path.join(args.work, 'export')
-  shutil.rmtree(export_base, ignore_errors=True)
-  version_dir = export_model(build_model(128), export_base)
-
-  files = sorted(os.listdir(os.path.join(big, 'train-jpg')))
-  blobs = [open(os.path.join(big, 'train-jpg', f), 'rb').read() for f in files]
-  decode_seconds, pixels = _timed(lambda: np.stack([decode_image(b, 128) for b in blobs]))
-  results = {
-      'count': args.count,
-      'decode_only_images_per_s': len(blobs) / decode_seconds,
-      'plain_model_loop_images_per_s': plain_model_loop(version_dir, pixels),
-  }
-  for mode, extra in (('in_process', ()),
-                      ('multi_processing_2', ('--direct_running_mode=multi_processing',
-                                              '--direct_num_workers=2'))):
-    t_small = run_job(os.path.join(small, 'train-jpg'), export_base, f'{args.work}/out_s', extra)
-    t_big = run_job(os.path.join(big, 'train-jpg'), export_base, f'{args.work}/out_b', extra)
-    results[f'job_{mode}_wall_s'] = t_big
-    results[f'job_{mode}_images_per_s_overall'] = args.count / t_big
-    results[f'job_{mode}_images_per_s_steady'] = (args.count - args.small) / (t_big - t_small)
-  results['ratio_job_steady_to_plain_loop'] = (
-      max(results['job_in_process_images_per_s_steady'],
-          results['job_multi_processing_2_images_per_s_steady'])
-      / results['plain_model_loop_images_per_s'])
-  print(json.dumps(results, indent=2))
-  return results
+  from benchmarks import run  # pylint: disable=import-outside-toplevel
+  run.main(['--only', 'predict', *(argv or [])])
 
 
 if __name__ == '__main__':
-  main()
+  main(sys.argv[1:])

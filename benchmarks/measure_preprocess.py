@@ -1,111 +1,96 @@
-"""Preprocess throughput and output size: the Beam job on N workers beside the one-process loop.
+"""Preprocess: the Beam job (in-process and 2 worker processes) beside the tutorial-era loop.
 
-Usage: python -m benchmarks.measure_preprocess [--count 5000] [--small 500] [--workers 2]
-                                               [--work /tmp/bench_preprocess]
+Usage: python -m benchmarks.measure_preprocess [--quick] [--work /tmp/planet_bench]
+       (the same figures as the preprocess part of `python -m benchmarks`)
 
-Figures, all on the same generated chips (make_sample, seed 0) at 128 px:
-  baseline: benchmarks/preprocess_baseline.py, one process: full-size Pillow decode, resize,
-            float32, float_list Examples through one tf.io.TFRecordWriter.
-  job:      python -m beam_jobs.preprocess with --direct_running_mode=multi_processing
-            --direct_num_workers=W, timed from the outside (process start to exit). Its steady
-            rate is (N - n) / (T(N) - T(n)) with a small run of n chips, which separates the
-            runner's fixed start-up (worker processes, imports) from the per-image cost.
-  job_in_process: the same with the default in-process DirectRunner (one process, for
-            comparison: on a small machine the worker processes' data plane costs more than
-            the second core gives).
-  bytes:    the job's TFRecord shards against the baseline's file.
-Writes WORK/preprocess_benchmark.json and prints a table.
+Every contender is run as its user runs it, a whole command in its own process, at two sizes:
+  baseline_loop:   python -m benchmarks.preprocess_baseline (one process: full-size Pillow decode,
+                   resize, float32, float_list Examples through one tf.io.TFRecordWriter).
+  job_in_process:  python -m beam_jobs.preprocess, DirectRunner in-process.
+  job_2_workers:   the same with --direct_running_mode=multi_processing --direct_num_workers=2.
+Bytes per image: the job's TFRecord shards and the baseline's file, from the big run.
+The big in-process output is kept (WORK/runs/prep_big) for the training-input figures.
 """
-import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 
-from benchmarks.preprocess_baseline import convert
+from benchmarks import commands, workspace
+from benchmarks.plan import Plan, ratio, two_size_figures
 
-
-def _sample(work: str, count: int) -> str:
-  """WORK/sample_<count>/ with chips and CSV, made once and reused."""
-  root = os.path.join(work, f'sample_{count}')
-  if not os.path.exists(os.path.join(root, 'train_v2.csv')):
-    from beam_jobs.make_sample import make_sample
-    shutil.rmtree(root, ignore_errors=True)
-    make_sample(root, count, seed=0)
-  return root
+MULTI_PROCESSING_2 = ('--direct_running_mode=multi_processing', '--direct_num_workers=2')
+CONTENDERS = ('baseline_loop', 'job_in_process', 'job_2_workers')
 
 
-def _run_job(sample: str, out: str, workers: int) -> float:
-  """Seconds for the whole command; workers=0 runs in-process."""
-  command = [sys.executable, '-m', 'beam_jobs.preprocess',
-             '--labels_csv', os.path.join(sample, 'train_v2.csv'),
-             '--images_dir', os.path.join(sample, 'train-jpg'), '--output_dir', out, '--overwrite']
-  if workers:
-    command += ['--direct_running_mode=multi_processing', f'--direct_num_workers={workers}']
-  started = time.perf_counter()
-  subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  return time.perf_counter() - started
+def prepared_dir(work: str) -> str:
+  """The big in-process job's output, read by the training section."""
+  return os.path.join(work, 'runs', 'prep_big')
 
 
-def _shard_bytes(out: str) -> int:
+def command(contender: str, chips: str, out: str) -> list[str]:
+  csv, images = os.path.join(chips, 'train_v2.csv'), os.path.join(chips, 'train-jpg')
+  if contender == 'baseline_loop':
+    return commands.python_module('benchmarks.preprocess_baseline', '--labels_csv', csv,
+                                  '--images_dir', images, '--output', out)
+  extra = MULTI_PROCESSING_2 if contender == 'job_2_workers' else ()
+  return commands.python_module('beam_jobs.preprocess', '--labels_csv', csv, '--images_dir',
+                                images, '--output_dir', out, '--overwrite', *extra)
+
+
+def _output_bytes(contender: str, out: str) -> int:
+  if contender == 'baseline_loop':
+    return os.path.getsize(out)
   with open(os.path.join(out, 'manifest.json'), encoding='utf-8') as f:
     manifest = json.load(f)
   return sum(os.path.getsize(os.path.join(out, p))
              for paths in manifest['shards'].values() for p in paths)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--count', type=int, default=5000)
-  parser.add_argument('--small', type=int, default=500, help='chips in the start-up run')
-  parser.add_argument('--workers', type=int, default=2)
-  parser.add_argument('--work', default='/tmp/bench_preprocess')
-  args = parser.parse_args(argv)
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+def _clear(path: str) -> None:
+  if os.path.isdir(path):
+    shutil.rmtree(path)
+  elif os.path.exists(path):
+    os.remove(path)
 
-  big, small = _sample(args.work, args.count), _sample(args.work, args.small)
-  baseline = convert(os.path.join(big, 'train_v2.csv'), os.path.join(big, 'train-jpg'),
-                     os.path.join(args.work, 'baseline.tfrecord'))
-  t_small = _run_job(small, os.path.join(args.work, 'out_small'), args.workers)
-  t_big = _run_job(big, os.path.join(args.work, 'out_big'), args.workers)
-  job_bytes = _shard_bytes(os.path.join(args.work, 'out_big'))
-  steady = (args.count - args.small) / (t_big - t_small)
-  t_small_1 = _run_job(small, os.path.join(args.work, 'out_small_1'), 0)
-  t_big_1 = _run_job(big, os.path.join(args.work, 'out_big_1'), 0)
-  steady_1 = (args.count - args.small) / (t_big_1 - t_small_1)
-  result = {
-      'count': args.count, 'workers': args.workers, 'cpus': os.cpu_count(),
-      'load_average_1min': os.getloadavg()[0],
-      'baseline_images_per_second': round(baseline['images_per_second'], 1),
-      'baseline_bytes_per_image': baseline['bytes'] // args.count,
-      'job_seconds': round(t_big, 1), 'job_small_seconds': round(t_small, 1),
-      'job_images_per_second_end_to_end': round(args.count / t_big, 1),
-      'job_images_per_second_steady': round(steady, 1),
-      'job_bytes_per_image': job_bytes // args.count,
-      'speedup_steady': round(steady / baseline['images_per_second'], 2),
-      'speedup_end_to_end': round(args.count / t_big / baseline['images_per_second'], 2),
-      'bytes_ratio': round(job_bytes / baseline['bytes'], 3),
-      'job_in_process_seconds': round(t_big_1, 1),
-      'job_in_process_images_per_second_steady': round(steady_1, 1),
-      'job_in_process_images_per_second_end_to_end': round(args.count / t_big_1, 1),
-  }
-  with open(os.path.join(args.work, 'preprocess_benchmark.json'), 'w', encoding='utf-8') as f:
-    json.dump(result, f, indent=2)
-  print(f'{args.count} chips, {args.workers} workers, {result["cpus"]} CPUs, '
-        f'load {result["load_average_1min"]:.1f}')
-  print(f'  baseline loop: {result["baseline_images_per_second"]:>7.1f} images/s, '
-        f'{result["baseline_bytes_per_image"]} bytes/image')
-  print(f'  job (steady):  {result["job_images_per_second_steady"]:>7.1f} images/s '
-        f'({result["speedup_steady"]}x), {result["job_bytes_per_image"]} bytes/image '
-        f'({result["bytes_ratio"]}x)')
-  print(f'  job (end to end, incl. {result["job_small_seconds"]} s for {args.small} chips of '
-        f'start-up): {result["job_images_per_second_end_to_end"]:.1f} images/s '
-        f'({result["speedup_end_to_end"]}x), {result["job_seconds"]} s')
-  print(f'  job in-process, 1 worker: {steady_1:.1f} images/s steady, '
-        f'{result["job_in_process_images_per_second_end_to_end"]} end to end, {t_big_1:.1f} s')
+
+def measure(plan: Plan, work: str, log=print) -> dict:
+  sets = {'small': workspace.chips(work, plan.small, draw_at_least=plan.big),
+          'big': workspace.chips(work, plan.big)}
+  runs = {c: {'small': [], 'big': []} for c in CONTENDERS}
+  output_bytes = {}
+  for repeat in range(plan.repeats):
+    # Contenders interleaved, so a change in the machine's load touches all of them alike.
+    for contender in CONTENDERS:
+      for size, chips in sets.items():
+        out = (prepared_dir(work) if (contender, size) == ('job_in_process', 'big') else
+               os.path.join(work, 'runs', f'prep_{contender}_{size}'))
+        _clear(out)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        run = commands.run_command(command(contender, chips, out),
+                                   in_process=plan.commands_in_process)
+        runs[contender][size].append(run)
+        log(f'  preprocess {contender:15s} {size:5s} run {repeat + 1}: {run.seconds:6.1f} s, '
+            f'peak RSS {run.peak_rss_mb:6.0f} MB')
+        if size == 'big':
+          output_bytes[contender] = _output_bytes(contender, out)
+        if out != prepared_dir(work):
+          _clear(out)   # the baseline writes ~200 KB a chip
+  figures = {c: {**two_size_figures(plan, runs[c]['small'], runs[c]['big']),
+                 'bytes_per_image': output_bytes[c] / plan.big} for c in CONTENDERS}
+  base = figures['baseline_loop']
+  figures['ratios'] = {
+      f'{c}_{kind}_vs_baseline': ratio(figures[c][key], base[key])
+      for c in ('job_in_process', 'job_2_workers')
+      for kind, key in (('steady', 'images_per_s_steady'), ('overall', 'images_per_s_overall_big'),
+                        ('bytes', 'bytes_per_image'))}
+  return figures
+
+
+def main(argv=None):
+  from benchmarks import run  # pylint: disable=import-outside-toplevel
+  run.main(['--only', 'preprocess', *(argv or [])])
 
 
 if __name__ == '__main__':
-  main()
+  import sys
+  main(sys.argv[1:])

@@ -1,0 +1,4 @@
+"""python -m benchmarks [--quick | --tiny]: every stage measured side by side (see benchmarks/run.py)."""
+from benchmarks.run import main
+
+main()

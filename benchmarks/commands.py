@@ -1,0 +1,114 @@
+"""Runs a command as a user would, timing it whole and sampling the memory of its process tree.
+
+`ru_maxrss` alone would miss the sum over a job's worker processes (it is the largest single
+process), so the tree's total RSS is also sampled from /proc every 0.2 s while the command runs.
+
+`in_process=True` (the `--tiny` plan, for the harness's own test) calls the module's `main(argv)`
+in this process instead: the same command line without an interpreter's start-up, so its times
+and memory mean nothing beyond "the command ran".
+"""
+import contextlib
+import dataclasses
+import importlib
+import io
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+
+
+@dataclasses.dataclass
+class CommandRun:
+  seconds: float           # wall clock from start to exit, start-up included
+  peak_rss_mb: float       # largest sampled total RSS of the command and its descendants
+  max_process_rss_mb: float  # ru_maxrss from wait4: the largest single process
+  output_tail: str
+
+
+def _children(pid: int) -> list[int]:
+  found = []
+  try:
+    with open(f'/proc/{pid}/task/{pid}/children', encoding='ascii') as f:
+      found = [int(p) for p in f.read().split()]
+  except OSError:
+    return []
+  for child in list(found):
+    found += _children(child)
+  return found
+
+
+def _rss_bytes(pid: int) -> int:
+  try:
+    with open(f'/proc/{pid}/statm', encoding='ascii') as f:
+      return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+  except (OSError, IndexError, ValueError):
+    return 0
+
+
+def tree_rss_bytes(pid: int) -> int:
+  return sum(_rss_bytes(p) for p in [pid, *_children(pid)])
+
+
+def python_module(module: str, *args: str) -> list[str]:
+  return [sys.executable, '-m', module, *args]
+
+
+def _run_in_this_process(command: list[str]) -> CommandRun:
+  if command[:2] != [sys.executable, '-m']:
+    raise ValueError(f'only `python -m module ...` runs in process, not {command}')
+  output = io.StringIO()
+  started = time.perf_counter()
+  try:
+    with contextlib.redirect_stdout(output):
+      importlib.import_module(command[2]).main(command[3:])
+  except SystemExit as e:
+    if e.code not in (None, 0):
+      raise subprocess.CalledProcessError(1, command, output=f'{output.getvalue()}{e}') from None
+  seconds = time.perf_counter() - started
+  rss = tree_rss_bytes(os.getpid()) / 2**20
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return CommandRun(seconds, rss, peak, output.getvalue()[-4000:])
+
+
+def run_command(command: list[str], timeout_s: float = 3600, env: dict | None = None,
+                in_process: bool = False) -> CommandRun:
+  """Runs `command` to its end; raises CalledProcessError (with its output's tail) if it fails."""
+  if in_process:
+    return _run_in_this_process(command)
+  environment = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', **(env or {})}
+  log_path = f'/tmp/planet_bench_cmd_{os.getpid()}_{threading.get_ident()}.log'
+  with open(log_path, 'w+b') as log:
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    peak = 0
+    stop = threading.Event()
+
+    def sample():
+      nonlocal peak
+      while not stop.wait(0.2):
+        peak = max(peak, tree_rss_bytes(process.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    killer = threading.Timer(timeout_s, process.kill)
+    killer.start()
+    try:
+      _, status, usage = os.wait4(process.pid, 0)
+    except BaseException:
+      process.kill()
+      process.wait()
+      raise
+    finally:
+      killer.cancel()
+      stop.set()
+      sampler.join()
+    seconds = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    log.seek(0)
+    tail = log.read()[-4000:].decode('utf-8', 'replace')
+  os.remove(log_path)
+  if process.returncode != 0:
+    raise subprocess.CalledProcessError(process.returncode, command, output=tail)
+  return CommandRun(seconds, peak / 2**20, usage.ru_maxrss / 1024, tail)

@@ -1,0 +1,453 @@
+"""results.json -> RESULTS.md: the tables, and each aim of the other issues checked in plain words.
+
+The words are written from the figures of the same run, so a re-run on another machine explains
+its own numbers.
+"""
+
+AIMS = (
+    # id, what, target ratio, lower is better
+    ('preprocess_speed', 'preprocess job >= 2x the one-process loop (images/s)', 2.0, False),
+    ('preprocess_bytes', 'TFRecords <= 0.3x the loop\'s bytes per image', 0.3, True),
+    ('input_rate', 'tf.data input >= 10x the tutorial\'s Sequence (images/s, no model)', 10.0, False),
+    ('training_steps', 'training with the real pipeline >= 0.9x the model fed from memory', 0.9,
+     False),
+    ('predict_speed', 'predict job >= 0.8x the model in a plain loop (images/s)', 0.8, False),
+    ('grpc_speed', 'gRPC predict job >= 3x the one-float32-image-per-request client', 3.0, False),
+    ('predict_memory', 'predict job\'s peak memory does not grow with the number of images', 1.15,
+     True),
+)
+
+
+def _n(value, digits=0) -> str:
+  if value is None:
+    return 'n/a'
+  if digits == 0:
+    return f'{value:,.0f}'
+  return f'{value:,.{digits}f}'
+
+
+def _x(value) -> str:
+  if value is None:
+    return 'n/a'
+  return f'{value:.2f}x' if value < 10 else f'{value:.1f}x'
+
+
+def _verdict(measured, target, lower_is_better) -> dict:
+  if measured is None:
+    return {'measured': None, 'met': None}
+  met = measured <= target if lower_is_better else measured >= target
+  return {'measured': measured, 'met': bool(met)}
+
+
+def check_aims(r: dict) -> list[dict]:
+  """Each aim whose section ran: the measured ratio, met or not, and why in plain words."""
+  aims = []
+  for aim_id, what, target, lower in AIMS:
+    why = _WHY[aim_id](r)
+    if why is None:
+      continue
+    measured, text = why
+    aims.append({'id': aim_id, 'aim': what, 'target': target, **_verdict(measured, target, lower),
+                 'why': text})
+  return aims
+
+
+# ----------------------------------------------------------------------------- plain words per aim
+
+
+def _why_preprocess_speed(r):
+  p = r.get('preprocess')
+  if not p:
+    return None
+  best = max(('job_in_process', 'job_2_workers'),
+             key=lambda c: p[c]['images_per_s_steady'] or 0)
+  label = {'job_in_process': 'the in-process job', 'job_2_workers': 'the 2-worker job'}
+  ratios = p['ratios']
+  steady = ratios[f'{best}_steady_vs_baseline']
+  overall = ratios[f'{best}_overall_vs_baseline']
+  other = 'job_2_workers' if best == 'job_in_process' else 'job_in_process'
+  text = (f'Per image (steady rate), {label[best]} runs at {_n(p[best]["images_per_s_steady"])} '
+          f'images/s against the loop\'s {_n(p["baseline_loop"]["images_per_s_steady"])}: '
+          f'{_x(steady)}. Counting the whole command at {r["plan"]["big"]:,} chips, start-up '
+          f'included ({_n(p[best]["startup_s"], 1)} s for the job), it is {_x(overall)}. ')
+  text += (f'{label[other].capitalize()} reaches {_x(ratios[f"{other}_steady_vs_baseline"])} '
+           f'steady and {_x(ratios[f"{other}_overall_vs_baseline"])} overall. ')
+  decode = r.get('decode', {}).get('sample', {}).get('draft_speedup')
+  text += ('The job reads each file once, decodes it at half size inside the JPEG decoder '
+           f'(`draft()`{", " + _x(decode) + " the full-size decode, section 4" if decode else ""})'
+           ' and writes raw uint8 instead of float32. ')
+  if p['job_2_workers']['images_per_s_steady'] and p['job_in_process']['images_per_s_steady'] and (
+      p['job_2_workers']['images_per_s_steady'] < p['job_in_process']['images_per_s_steady']):
+    text += ('Two worker processes are slower than one here: on 2 shared cores the '
+             'multi-processing runner moves every Example between processes over gRPC, which '
+             'costs more than the second core gives.')
+  return steady, text
+
+
+def _why_preprocess_bytes(r):
+  p = r.get('preprocess')
+  if not p:
+    return None
+  ratio = p['ratios']['job_in_process_bytes_vs_baseline']
+  return ratio, (f'{_n(p["job_in_process"]["bytes_per_image"])} bytes per image against '
+                 f'{_n(p["baseline_loop"]["bytes_per_image"])}: the pixels are stored as uint8 '
+                 '(1 byte per channel) where the loop stores float32 (4 bytes), with the labels, '
+                 'name and sha256 beside them.')
+
+
+def _why_input_rate(r):
+  t = r.get('training')
+  if not t:
+    return None
+  ratio = t['ratios']['tf_data_vs_sequence']
+  text = (f'With flips and rotations, tf.data delivers {_n(t["tf_data_augmented"]["images_per_s"])} '
+          f'images/s, the Sequence {_n(t["sequence_pillow_per_batch"]["images_per_s"])}: '
+          f'{_x(ratio)}. The Sequence decodes every JPEG with Pillow for every batch of every '
+          'epoch, on one core; tf.data parses pixels that were decoded once, by the preprocess '
+          'job, on both cores. Without augmentation tf.data reaches '
+          f'{_n(t["tf_data_no_augment"]["images_per_s"])} images/s '
+          f'({_x(t["ratios"]["tf_data_no_augment_vs_sequence"])}): the random flips/rotations are '
+          'the largest part of the input cost.')
+  if ratio < 10:
+    text += (' The aim is missed because of the augmentation, and of the machine: the Sequence '
+             'runs on one core and tf.data on two, so when other work holds a core (load '
+             f'average {r["load_average"]["median"]:.1f} during this run) the Sequence loses '
+             'nothing and tf.data loses up to half its rate.')
+  return ratio, text
+
+
+def _why_training_steps(r):
+  t = r.get('training')
+  if not t:
+    return None
+  ratio = t['ratios']['real_pipeline_vs_in_memory']
+  real = t['train_step_real_pipeline']['images_per_s']
+  memory = t['train_step_in_memory']['images_per_s']
+  share = memory / t['tf_data_augmented']['images_per_s']
+  text = (f'{_n(real)} images/s ({_n(t["train_step_real_pipeline"]["steps_per_s"], 2)} steps/s) '
+          f'fed by the pipeline against {_n(memory)} images/s from arrays in memory: '
+          f'{_x(ratio)}. ')
+  if ratio >= 0.9:
+    text += (f'The pipeline alone delivers {_x(1 / share)} what the model consumes, so it '
+             f'needs about {share:.0%} of the CPU the model does, and prefetching overlaps it '
+             'with the steps.')
+  else:
+    text += (f'The pipeline alone delivers {_x(1 / share)} what the model consumes (about '
+             f'{share:.0%} of the model\'s CPU time) but the steps lost {1 - ratio:.0%}: on 2 '
+             'cores and no accelerator the pipeline\'s threads run on the cores the model '
+             'uses.')
+    if 1 - ratio > 2 * share:
+      text += (' The loss is larger than the pipeline\'s own cost; the rest is the pipeline\'s '
+               'threads waking and contending with other work on the shared machine.')
+  return ratio, text
+
+
+def _why_predict_speed(r):
+  p = r.get('predict')
+  if not p:
+    return None
+  ratios = p['ratios']
+  ratio = ratios['job_in_process_steady_vs_plain_loop']
+  decode, model = p['decode_only']['images_per_s'], p['plain_model_loop']['images_per_s']
+  serial = p['serial_limit']['images_per_s']
+  text = (f'The in-process job predicts {_n(p["job_in_process"]["images_per_s_steady"])} '
+          f'images/s per image (steady), {_x(ratio)} the model alone on pre-decoded batches '
+          f'({_n(model)} images/s); {_x(ratios["job_in_process_overall_vs_plain_loop"])} counting '
+          f'its start-up at {r["plan"]["big"]:,} chips. ')
+  text += (f'The job must also decode every JPEG ({_n(decode)} images/s alone), and in one '
+           f'process decode and model take turns: even with no overhead, decode-then-predict '
+           f'cannot beat {_n(serial)} images/s ({_x(serial / model)} the plain loop). The job '
+           f'reaches {_x(ratios["job_in_process_steady_vs_serial_limit"])} of that limit. ')
+  if p['job_grpc']['images_per_s_steady']:
+    text += (f'Through gRPC the job reaches {_x(ratios["job_grpc_steady_vs_plain_loop"])} the '
+             'plain loop (see the gRPC aim for why).')
+  return ratio, text
+
+
+def _why_grpc_speed(r):
+  p = r.get('predict')
+  if not p:
+    return None
+  ratios = p['ratios']
+  ratio = ratios['job_grpc_steady_vs_float_client']
+  server = p['server_limit']['images_per_s']
+  text = (f'The gRPC job predicts {_n(p["job_grpc"]["images_per_s_steady"])} images/s per image '
+          f'(steady; {_n(p["job_grpc"]["images_per_s_overall_big"])} counting start-up, '
+          f'{_x(ratios["job_grpc_overall_vs_float_client"])}); the tutorial\'s client '
+          f'{_n(p["float_client"]["images_per_s"])}: {_x(ratio)}. ')
+  text += (f'The server itself takes {_n(server)} images/s of the job\'s kind of request '
+           f'(pre-decoded uint8, 32 images each, 4 in flight): '
+           f'{_x(ratios["server_limit_vs_float_client"])} the client, so uint8 batches do what '
+           'they should on the wire and in the server. The tutorial\'s client sends each image '
+           'alone as float32 (4x the bytes) and waits for each answer, so the server runs the '
+           'model on batches of one. ')
+  if ratio is None or ratio < 3:
+    text += (f'The job reaches only {_x(ratios["job_grpc_steady_vs_server_limit"])} of what the '
+             'server takes: on the in-process DirectRunner one thread decodes a batch (up to 64 '
+             'images), sends it as two requests and waits for both answers before it decodes the '
+             f'next, so decoding ({_n(p["decode_only"]["images_per_s"])} images/s alone) and the '
+             'server\'s work take turns instead of overlapping, with at most two requests in '
+             'flight. Overlapping them (decoding the next batch while one is in flight) is '
+             'what the job lacks to meet the aim.')
+  return ratio, text
+
+
+def _why_predict_memory(r):
+  p = r.get('predict')
+  if not p:
+    return None
+  growth = max(p[j]['peak_rss_growth'] for j in ('job_in_process', 'job_grpc'))
+  text = '; '.join(
+      f'{name}: {_n(p[j]["peak_rss_mb_small"])} MB at {r["plan"]["small"]:,} chips, '
+      f'{_n(p[j]["peak_rss_mb_big"])} MB at {r["plan"]["big"]:,} ({_x(p[j]["peak_rss_growth"])})'
+      for j, name in (('job_in_process', 'in-process'), ('job_grpc', 'gRPC')))
+  text += (' (peak total RSS of the job\'s processes, the largest of the runs; the gRPC server '
+           f'is a separate process, {_n(p["server_rss_mb"])} MB). ')
+  if growth <= 1.15:
+    text += ('Five times the images cost at most 15% more memory: the peak is set by the '
+             'runtime, the loaded model and the batches in flight, not by the number of images.')
+  else:
+    text += ('Memory grows with the input: some step holds more images than a bundle. '
+             'Counted as not met (aim: at most 15% growth for 5x the images).')
+  return growth, text
+
+
+_WHY = {
+    'preprocess_speed': _why_preprocess_speed,
+    'preprocess_bytes': _why_preprocess_bytes,
+    'input_rate': _why_input_rate,
+    'training_steps': _why_training_steps,
+    'predict_speed': _why_predict_speed,
+    'grpc_speed': _why_grpc_speed,
+    'predict_memory': _why_predict_memory,
+}
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(' --- ' for _ in header) + '|']
+  lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
+  return lines
+
+
+def headline(r: dict) -> list[str]:
+  """One line per aim: the project's figure, the one it is measured against, the ratio."""
+  rows = []
+  p, t, q = r.get('preprocess'), r.get('training'), r.get('predict')
+  met = {a['id']: ('met' if a['met'] else 'not met' if a['met'] is False else 'n/a')
+         for a in r.get('aims', [])}
+  if p:
+    rows.append(['preprocess, images/s (steady)',
+                 f'{_n(p["job_in_process"]["images_per_s_steady"])} (job, in-process)',
+                 f'{_n(p["baseline_loop"]["images_per_s_steady"])} (one-process loop)',
+                 _x(p['ratios']['job_in_process_steady_vs_baseline']), '>= 2x',
+                 met.get('preprocess_speed', '')])
+    rows.append(['preprocess, bytes per image', _n(p['job_in_process']['bytes_per_image']),
+                 _n(p['baseline_loop']['bytes_per_image']),
+                 _x(p['ratios']['job_in_process_bytes_vs_baseline']), '<= 0.3x',
+                 met.get('preprocess_bytes', '')])
+  if t:
+    rows.append(['training input, images/s (no model)',
+                 f'{_n(t["tf_data_augmented"]["images_per_s"])} (tf.data, augmented)',
+                 f'{_n(t["sequence_pillow_per_batch"]["images_per_s"])} (tutorial Sequence)',
+                 _x(t['ratios']['tf_data_vs_sequence']), '>= 10x', met.get('input_rate', '')])
+    rows.append(['training, images/s',
+                 f'{_n(t["train_step_real_pipeline"]["images_per_s"])} (real pipeline)',
+                 f'{_n(t["train_step_in_memory"]["images_per_s"])} (arrays in memory)',
+                 _x(t['ratios']['real_pipeline_vs_in_memory']), '>= 0.9x',
+                 met.get('training_steps', '')])
+  if q:
+    rows.append(['prediction, images/s (steady)',
+                 f'{_n(q["job_in_process"]["images_per_s_steady"])} (job, in-process)',
+                 f'{_n(q["plain_model_loop"]["images_per_s"])} (model in a plain loop)',
+                 _x(q['ratios']['job_in_process_steady_vs_plain_loop']), '>= 0.8x',
+                 met.get('predict_speed', '')])
+    rows.append(['prediction via gRPC, images/s (steady)',
+                 f'{_n(q["job_grpc"]["images_per_s_steady"])} (job, gRPC)',
+                 f'{_n(q["float_client"]["images_per_s"])} (one float32 image per request)',
+                 _x(q['ratios']['job_grpc_steady_vs_float_client']), '>= 3x',
+                 met.get('grpc_speed', '')])
+    rows.append([f'prediction peak RSS, MB ({r["plan"]["small"]:,} -> {r["plan"]["big"]:,} chips)',
+                 f'{_n(q["job_in_process"]["peak_rss_mb_small"])} -> '
+                 f'{_n(q["job_in_process"]["peak_rss_mb_big"])} (in-process)',
+                 f'{_n(q["job_grpc"]["peak_rss_mb_small"])} -> '
+                 f'{_n(q["job_grpc"]["peak_rss_mb_big"])} (gRPC)',
+                 _x(max(q[j]['peak_rss_growth'] for j in ('job_in_process', 'job_grpc'))),
+                 '<= 1.15x', met.get('predict_memory', '')])
+  return _table(['figure', 'project', 'measured against', 'ratio', 'aim', ''], rows)
+
+
+def _command_row(name: str, approach: str, f: dict, extra: list[str]) -> list[str]:
+  return [name, approach, _n(f['images_per_s_overall_small']), _n(f['images_per_s_overall_big']),
+          _n(f['images_per_s_steady']), _n(f['startup_s'], 1), *extra,
+          f'{_n(f["peak_rss_mb_small"])} / {_n(f["peak_rss_mb_big"])}']
+
+
+def _preprocess_section(r: dict) -> list[str]:
+  p, plan = r['preprocess'], r['plan']
+  rows = []
+  for key, name, approach in (
+      ('baseline_loop', 'baseline loop', '`benchmarks/preprocess_baseline.py`: the tutorial-era '
+       'one-process loop (full-size Pillow decode, resize, float32, float_list Examples, one '
+       'TFRecordWriter)'),
+      ('job_in_process', 'job, in-process', '`python -m beam_jobs.preprocess` (DirectRunner)'),
+      ('job_2_workers', 'job, 2 workers', 'the same, `--direct_running_mode=multi_processing '
+       '--direct_num_workers=2`')):
+    f = p[key]
+    if key == 'baseline_loop':
+      extra = [_n(f['bytes_per_image']), '1x', '1x']
+    else:
+      extra = [f'{_n(f["bytes_per_image"])} ({_x(p["ratios"][f"{key}_bytes_vs_baseline"])})',
+               _x(p['ratios'][f'{key}_steady_vs_baseline']),
+               _x(p['ratios'][f'{key}_overall_vs_baseline'])]
+    rows.append(_command_row(name, approach, f, extra))
+  return ['## 1. Preprocess (labels CSV + JPEGs -> TFRecords, 128 px)', '',
+          *_table(['contender', 'approach', f'overall, {plan["small"]:,} chips',
+                   f'overall, {plan["big"]:,} chips', 'steady', 'start-up s', 'bytes per image',
+                   'vs loop, steady', f'vs loop, overall at {plan["big"]:,}',
+                   'peak RSS MB (small / big)'], rows), '']
+
+
+def _training_section(r: dict) -> list[str]:
+  t = r['training']
+  sequence = t['sequence_pillow_per_batch']['images_per_s']
+  rows = [
+      ['tutorial Sequence', '`benchmarks/baselines.py` `KagglePlanetSequence`: Pillow `load_img` '
+       'per image per batch, one worker', _n(sequence), '1x'],
+      ['tf.data, augmented', '`model.input.make_dataset` (interleave, shuffle, batch, parse, '
+       'flips/rotations, prefetch)', _n(t['tf_data_augmented']['images_per_s']),
+       _x(t['ratios']['tf_data_vs_sequence'])],
+      ['tf.data, no augmentation', 'the same with `augment=False`',
+       _n(t['tf_data_no_augment']['images_per_s']),
+       _x(t['ratios']['tf_data_no_augment_vs_sequence'])],
+  ]
+  memory = t['train_step_in_memory']['images_per_s']
+  steps = [
+      ['arrays in memory (the limit)', '`fit(x, y, batch_size=32)` on numpy arrays',
+       _n(memory), _n(t['train_step_in_memory']['steps_per_s'], 2), '1x'],
+      ['real pipeline', '`fit` on the augmented tf.data stream, as `model.train` does',
+       _n(t['train_step_real_pipeline']['images_per_s']),
+       _n(t['train_step_real_pipeline']['steps_per_s'], 2),
+       _x(t['ratios']['real_pipeline_vs_in_memory'])],
+  ]
+  return ['## 2. Training input and training steps (128 px, batch 32)', '',
+          'Input alone (no model), images/s:', '',
+          *_table(['pipeline', 'approach', 'images/s', 'vs Sequence'], rows), '',
+          f'Training steps of the project\'s network (`model.train`\'s compile; '
+          f'{r["plan"]["train_steps"]} steps timed after {r["plan"]["train_warmup_steps"]} '
+          'warm-up steps):', '',
+          *_table(['fed from', 'approach', 'images/s', 'steps/s', 'vs in memory'], steps), '']
+
+
+def _predict_section(r: dict) -> list[str]:
+  q, plan = r['predict'], r['plan']
+  loop = q['plain_model_loop']['images_per_s']
+  client = q['float_client']['images_per_s']
+  loops = [
+      ['model in a plain loop (the limit)', f'`serving_default` on pre-decoded uint8 batches of '
+       f'{q["model_batch"]}', _n(loop), '1x', _x(loop / client)],
+      ['decode alone', '`decode_image` on bytes in memory', _n(q['decode_only']['images_per_s']),
+       _x(q['decode_only']['images_per_s'] / loop), ''],
+      ['decode then model, no overhead', 'derived: 1 / (1/decode + 1/model)',
+       _n(q['serial_limit']['images_per_s']), _x(q['serial_limit']['images_per_s'] / loop), ''],
+      ['tutorial client', '`benchmarks/baselines.py`: `load_img`, float32 [1,128,128,3] per '
+       '`PredictRequest` to `predict_float`, one at a time', _n(client), _x(client / loop), '1x'],
+      ['the server\'s limit', 'the same server fed pre-decoded uint8, 32 images per request, '
+       '4 in flight (the gRPC job\'s requests)', _n(q['server_limit']['images_per_s']),
+       _x(q['server_limit']['images_per_s'] / loop), _x(q['server_limit']['images_per_s'] / client)],
+  ]
+  jobs = []
+  for key, name, approach in (
+      ('job_in_process', 'job, in-process', '`python -m beam_jobs.predict --model_dir`'),
+      ('job_grpc', 'job, gRPC', '`--serving_address` to `python -m model.serve` (own process)')):
+    f = q[key]
+    jobs.append(_command_row(name, approach, f, [
+        _x(f['images_per_s_steady'] / loop) if f['images_per_s_steady'] else 'n/a',
+        _x(f['images_per_s_steady'] / client) if f['images_per_s_steady'] else 'n/a']))
+  return ['## 3. Prediction (JPEG folder -> predictions, 128 px)', '',
+          f'In-process loops over the first {q["decode_only"]["images"]:,} chips, images/s:', '',
+          *_table(['contender', 'approach', 'images/s', 'vs plain loop', 'vs tutorial client'],
+                  loops), '',
+          'The job, as a command:', '',
+          *_table(['contender', 'approach', f'overall, {plan["small"]:,} chips',
+                   f'overall, {plan["big"]:,} chips', 'steady', 'start-up s',
+                   'steady vs plain loop', 'steady vs tutorial client',
+                   'peak RSS MB (small / big)'], jobs), '']
+
+
+def _decode_section(r: dict) -> list[str]:
+  d = r['decode']
+  rows = []
+  for name, label in (('sample', 'generated chips (10% CMYK)'),
+                      ('real', 'the real Planet chips (CMYK), cycled')):
+    if name in d:
+      rows.append([label, f'{d[name]["with_draft"]["images"]:,}',
+                   _n(d[name]['with_draft']['images_per_s']),
+                   _n(d[name]['without_draft']['images_per_s']), _x(d[name]['draft_speedup'])])
+  return ['## 4. JPEG decode, 256 px chips -> 128 px RGB', '',
+          *_table(['chips', 'decodes', 'with draft() (`decode_image`), images/s',
+                   'without draft(), images/s', 'draft speed-up'], rows), '',
+          'Without draft(): `Image.open` + `convert(\'RGB\')` + `resize` with the same '
+          '`RESIZE_FILTER`, the whole JPEG decoded at full size first.', '']
+
+
+def render(r: dict) -> str:
+  plan, m, load = r['plan'], r['machine'], r['load_average']
+  lines = [
+      '# Benchmarks', '',
+      f'`{r["command"].strip()}`, started {r["started_at"]}: **{r["duration_s"] / 60:.1f} minutes** '
+      f'(plan `{plan["name"]}`: every command at {plan["small"]:,} and {plan["big"]:,} chips, '
+      f'each figure the median of {plan["repeats"]} run(s), contenders interleaved; the same '
+      f'generated chips, `make_sample` seed 0, 256 px JPEGs, 10% CMYK, for every stage).', '',
+      f'Machine: {m.get("cpus")} CPUs ({m.get("cpu_model", "unknown")}), '
+      f'{m.get("memory_gib", "?")} GiB memory, no accelerator used; Python {m["python"]}, '
+      f'TensorFlow {m["tensorflow"]}, Keras {m["keras"]}, Apache Beam {m["apache_beam"]}, '
+      f'Pillow {m["pillow"]}, NumPy {m["numpy"]}. Load average (1 min) during the run: '
+      f'{load["min"]:.1f}-{load["max"]:.1f}, median {load["median"]:.1f} (2.0 = both cores busy; '
+      'the machine is shared with other work, which slows every figure alike; ratios are taken '
+      'within this run).', '',
+      'Rates are images per second. For a command: **overall** = chips / wall clock of the whole '
+      'command, runner start-up included; **steady** = (big - small) / (T(big) - T(small)), the '
+      'per-image rate once running; **start-up** = the fixed seconds that steady rate leaves '
+      'unexplained. Peak RSS: the largest total resident memory of the command\'s processes.', '',
+      '## The aims', '',
+      *headline(r), '']
+  for aim in r.get('aims', []):
+    verdict = {True: 'Met', False: 'Not met', None: 'Not measured'}[aim['met']]
+    lines += [f'- **{aim["aim"]}: {verdict}.** {aim["why"]}', '']
+  if 'preprocess' in r:
+    lines += _preprocess_section(r)
+  if 'training' in r:
+    lines += _training_section(r)
+  if 'predict' in r:
+    lines += _predict_section(r)
+  if 'decode' in r:
+    lines += _decode_section(r)
+  seconds = ', '.join(f'{k} {v:.0f} s' for k, v in r['section_seconds'].items())
+  lines += [f'Time per section: {seconds}.', '']
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  """Re-renders RESULTS.md from a results.json (no measuring): python -m benchmarks.report FILE."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument('results_json')
+  args = parser.parse_args(argv)
+  with open(args.results_json, encoding='utf-8') as f:
+    results = json.load(f)
+  results['aims'] = check_aims(results)
+  with open(args.results_json, 'w', encoding='utf-8') as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+    f.write('\n')
+  with open(os.path.join(os.path.dirname(args.results_json), 'RESULTS.md'), 'w',
+            encoding='utf-8') as f:
+    f.write(render(results))
+
+
+if __name__ == '__main__':
+  main()
