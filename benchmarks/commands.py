@@ -28,12 +28,18 @@ class CommandRun:
 
 
 def _children(pid: int) -> list[int]:
+  """Every descendant of `pid`: each thread keeps its own list (Beam starts workers from threads)."""
   found = []
   try:
-    with open(f'/proc/{pid}/task/{pid}/children', encoding='ascii') as f:
-      found = [int(p) for p in f.read().split()]
+    threads = os.listdir(f'/proc/{pid}/task')
   except OSError:
     return []
+  for thread in threads:
+    try:
+      with open(f'/proc/{pid}/task/{thread}/children', encoding='ascii') as f:
+        found += [int(p) for p in f.read().split()]
+    except OSError:
+      continue
   for child in list(found):
     found += _children(child)
   return found

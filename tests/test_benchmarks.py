@@ -43,6 +43,16 @@ def test_run_command_sees_the_memory_of_the_whole_process_tree():
   assert 150 <= run.max_process_rss_mb < 290  # the largest single process
 
 
+def test_run_command_sees_processes_started_from_other_threads():
+  # Beam's multi-processing runner starts its workers from a thread, not the main one.
+  hold = 'b = bytearray(150 * 2**20); import time; time.sleep(1.5)'
+  run = commands.run_command([sys.executable, '-c',
+                              'import subprocess, sys, threading; t = threading.Thread(target='
+                              f'lambda: subprocess.run([sys.executable, "-c", {hold!r}])); '
+                              't.start(); t.join()'])
+  assert run.peak_rss_mb >= 150
+
+
 def test_run_command_reports_a_failing_command_with_its_output():
   with pytest.raises(subprocess.CalledProcessError) as raised:
     commands.run_command([sys.executable, '-c', 'print("what went wrong"); raise SystemExit(3)'])
