@@ -132,8 +132,8 @@ def test_preprocess_killed_mid_job_publishes_nothing_and_a_rerun_equals_a_clean_
   # Nothing downstream takes the half-written folder, and each says why.
   with pytest.raises(ManifestMissing, match='has no manifest.json: the stage that writes it did '
                                             r'not finish .*Run it again \(with --overwrite\)'):
-    train.main(['--data_dir', str(out), '--job_dir', str(tmp_path / 'job'),
-                '--export_base', str(tmp_path / 'export')])
+    train.train(train.parse_args(['--data_dir', str(out), '--job_dir', str(tmp_path / 'job'),
+                                  '--export_base', str(tmp_path / 'export')]))
   assert not (tmp_path / 'job').exists() and not (tmp_path / 'export').exists()
   assert verify_data.main([str(out)]) == 1
 
