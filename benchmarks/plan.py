@@ -48,6 +48,13 @@ def rate(images: int, seconds: float) -> float:
   return images / seconds if seconds > 0 else float('inf')
 
 
+def steady_per_run(plan_dict: dict, seconds_small: list[float], seconds_big: list[float]) -> list:
+  """The steady rate of each repeat alone (small and big runs paired in order): its spread shows
+  how far the median steady rate can be trusted. None where the big run was not slower."""
+  return [(plan_dict['big'] - plan_dict['small']) / (big - small) if big > small else None
+          for small, big in zip(seconds_small, seconds_big)]
+
+
 def two_size_figures(plan: Plan, small_runs: list, big_runs: list) -> dict:
   """Figures of a command timed `repeats` times at each size (CommandRun lists)."""
   t_small = median(r.seconds for r in small_runs)
@@ -59,6 +66,8 @@ def two_size_figures(plan: Plan, small_runs: list, big_runs: list) -> dict:
       'images_per_s_overall_small': rate(plan.small, t_small),
       'images_per_s_overall_big': rate(plan.big, t_big),
       'images_per_s_steady': steady,
+      'images_per_s_steady_runs': steady_per_run(plan.describe(), [r.seconds for r in small_runs],
+                                                 [r.seconds for r in big_runs]),
       'startup_s': (t_small - plan.small / steady) if steady else None,
       'peak_rss_mb_small': max(r.peak_rss_mb for r in small_runs),
       'peak_rss_mb_big': max(r.peak_rss_mb for r in big_runs),

@@ -3,6 +3,7 @@
 The words are written from the figures of the same run, so a re-run on another machine explains
 its own numbers.
 """
+from benchmarks.plan import steady_per_run
 
 AIMS = (
     # id, what, target ratio, lower is better
@@ -55,32 +56,53 @@ def check_aims(r: dict) -> list[dict]:
 # ----------------------------------------------------------------------------- plain words per aim
 
 
+def _spread(f: dict) -> tuple[float, float] | None:
+  """The lowest and highest steady rate of single repeats, when there were several."""
+  runs = [v for v in f.get('images_per_s_steady_runs') or [] if v is not None]
+  return (min(runs), max(runs)) if len(runs) > 1 else None
+
+
+def _median(values) -> float:
+  ordered = sorted(values)
+  middle = len(ordered) // 2
+  return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _unsteady(f: dict) -> bool:
+  """A steady rate whose single repeats differ by more than 2x says little about per-image cost."""
+  spread = _spread(f)
+  return bool(spread and spread[1] > 2 * spread[0])
+
+
 def _why_preprocess_speed(r):
   p = r.get('preprocess')
   if not p:
     return None
-  best = max(('job_in_process', 'job_2_workers'),
-             key=lambda c: p[c]['images_per_s_steady'] or 0)
-  label = {'job_in_process': 'the in-process job', 'job_2_workers': 'the 2-worker job'}
   ratios = p['ratios']
-  steady = ratios[f'{best}_steady_vs_baseline']
-  overall = ratios[f'{best}_overall_vs_baseline']
-  other = 'job_2_workers' if best == 'job_in_process' else 'job_in_process'
-  text = (f'Per image (steady rate), {label[best]} runs at {_n(p[best]["images_per_s_steady"])} '
-          f'images/s against the loop\'s {_n(p["baseline_loop"]["images_per_s_steady"])}: '
-          f'{_x(steady)}. Counting the whole command at {r["plan"]["big"]:,} chips, start-up '
-          f'included ({_n(p[best]["startup_s"], 1)} s for the job), it is {_x(overall)}. ')
-  text += (f'{label[other].capitalize()} reaches {_x(ratios[f"{other}_steady_vs_baseline"])} '
-           f'steady and {_x(ratios[f"{other}_overall_vs_baseline"])} overall. ')
+  job, workers, loop = p['job_in_process'], p['job_2_workers'], p['baseline_loop']
+  steady = ratios['job_in_process_steady_vs_baseline']
+  text = (f'Per image (steady rate), the in-process job runs at {_n(job["images_per_s_steady"])} '
+          f'images/s against the loop\'s {_n(loop["images_per_s_steady"])}: {_x(steady)}. '
+          f'Counting the whole command at {r["plan"]["big"]:,} chips, start-up included '
+          f'({_n(job["startup_s"], 1)} s for the job, {_n(loop["startup_s"], 1)} s for the '
+          f'loop), it is {_x(ratios["job_in_process_overall_vs_baseline"])}. ')
   decode = r.get('decode', {}).get('sample', {}).get('draft_speedup')
   text += ('The job reads each file once, decodes it at half size inside the JPEG decoder '
            f'(`draft()`{", " + _x(decode) + " the full-size decode, section 4" if decode else ""})'
            ' and writes raw uint8 instead of float32. ')
-  if p['job_2_workers']['images_per_s_steady'] and p['job_in_process']['images_per_s_steady'] and (
-      p['job_2_workers']['images_per_s_steady'] < p['job_in_process']['images_per_s_steady']):
-    text += ('Two worker processes are slower than one here: on 2 shared cores the '
-             'multi-processing runner moves every Example between processes over gRPC, which '
-             'costs more than the second core gives.')
+  if _unsteady(workers):
+    low, high = _spread(workers)
+    text += (f'With 2 worker processes the job is {_x(ratios["job_2_workers_overall_vs_baseline"])}'
+             f' the loop overall at {r["plan"]["big"]:,} chips; its wall clock is mostly a fixed '
+             f'cost ({_n(_median(workers["seconds_small"]), 1)} s for {r["plan"]["small"]:,} '
+             f'chips, {_n(_median(workers["seconds_big"]), 1)} s for {r["plan"]["big"]:,}) that '
+             'varies more from run to run than it grows with the chips (single runs give '
+             f'"steady" rates from {_n(low)} to {_n(high)} images/s), so no per-image rate can be '
+             'read from it; only its overall rate means much.')
+  else:
+    text += (f'With 2 worker processes it is {_x(ratios["job_2_workers_steady_vs_baseline"])} '
+             f'steady and {_x(ratios["job_2_workers_overall_vs_baseline"])} overall '
+             f'({_n(workers["startup_s"], 1)} s of start-up).')
   return steady, text
 
 
@@ -109,10 +131,11 @@ def _why_input_rate(r):
           f'({_x(t["ratios"]["tf_data_no_augment_vs_sequence"])}): the random flips/rotations are '
           'the largest part of the input cost.')
   if ratio < 10:
-    text += (' The aim is missed because of the augmentation, and of the machine: the Sequence '
-             'runs on one core and tf.data on two, so when other work holds a core (load '
-             f'average {r["load_average"]["median"]:.1f} during this run) the Sequence loses '
-             'nothing and tf.data loses up to half its rate.')
+    text += (' The aim is missed, and the augmentation is why: it halves the rate. The two also '
+             'use the machine differently: the Sequence runs on one core and tf.data on two, so '
+             'any other work on the 2 cores (load average median '
+             f'{r["load_average"]["median"]:.1f} during this run, the benchmark itself included) '
+             'takes from tf.data\'s rate and not from the Sequence\'s.')
   return ratio, text
 
 
@@ -207,8 +230,10 @@ def _why_predict_memory(r):
     text += ('Five times the images cost at most 15% more memory: the peak is set by the '
              'runtime, the loaded model and the batches in flight, not by the number of images.')
   else:
-    text += ('Memory grows with the input: some step holds more images than a bundle. '
-             'Counted as not met (aim: at most 15% growth for 5x the images).')
+    text += ('Memory grew by more than 15% for 5x the images, so the aim is not met at these '
+             'sizes. A peak that grows between small runs can still be the job warming up to a '
+             'plateau (the loaded model, TensorFlow\'s allocator and thread pools): the full '
+             'run\'s sizes (2,000 and 10,000 chips) tell the two apart.')
   return growth, text
 
 
@@ -276,12 +301,25 @@ def headline(r: dict) -> list[str]:
                  f'{_n(q["job_grpc"]["peak_rss_mb_big"])} (gRPC)',
                  _x(max(q[j]['peak_rss_growth'] for j in ('job_in_process', 'job_grpc'))),
                  '<= 1.15x', met.get('predict_memory', '')])
-  return _table(['figure', 'project', 'measured against', 'ratio', 'aim', ''], rows)
+  return _table(['figure', 'project', 'measured against', 'ratio', 'aim', 'verdict'], rows)
+
+
+def _steady_cell(f: dict) -> str:
+  spread = _spread(f)
+  if not spread:
+    return _n(f['images_per_s_steady'])
+  if _unsteady(f):
+    return f'none (single runs {_n(spread[0])}-{_n(spread[1])})'
+  return f'{_n(f["images_per_s_steady"])} ({_n(spread[0])}-{_n(spread[1])})'
+
+
+def _steady_ratio(f: dict, value) -> str:
+  return 'n/a' if _unsteady(f) else _x(value)
 
 
 def _command_row(name: str, approach: str, f: dict, extra: list[str]) -> list[str]:
   return [name, approach, _n(f['images_per_s_overall_small']), _n(f['images_per_s_overall_big']),
-          _n(f['images_per_s_steady']), _n(f['startup_s'], 1), *extra,
+          _steady_cell(f), 'n/a' if _unsteady(f) else _n(f['startup_s'], 1), *extra,
           f'{_n(f["peak_rss_mb_small"])} / {_n(f["peak_rss_mb_big"])}']
 
 
@@ -300,7 +338,7 @@ def _preprocess_section(r: dict) -> list[str]:
       extra = [_n(f['bytes_per_image']), '1x', '1x']
     else:
       extra = [f'{_n(f["bytes_per_image"])} ({_x(p["ratios"][f"{key}_bytes_vs_baseline"])})',
-               _x(p['ratios'][f'{key}_steady_vs_baseline']),
+               _steady_ratio(f, p['ratios'][f'{key}_steady_vs_baseline']),
                _x(p['ratios'][f'{key}_overall_vs_baseline'])]
     rows.append(_command_row(name, approach, f, extra))
   return ['## 1. Preprocess (labels CSV + JPEGs -> TFRecords, 128 px)', '',
@@ -363,9 +401,10 @@ def _predict_section(r: dict) -> list[str]:
       ('job_in_process', 'job, in-process', '`python -m beam_jobs.predict --model_dir`'),
       ('job_grpc', 'job, gRPC', '`--serving_address` to `python -m model.serve` (own process)')):
     f = q[key]
+    steady = f['images_per_s_steady']
     jobs.append(_command_row(name, approach, f, [
-        _x(f['images_per_s_steady'] / loop) if f['images_per_s_steady'] else 'n/a',
-        _x(f['images_per_s_steady'] / client) if f['images_per_s_steady'] else 'n/a']))
+        _steady_ratio(f, steady / loop) if steady else 'n/a',
+        _steady_ratio(f, steady / client) if steady else 'n/a']))
   return ['## 3. Prediction (JPEG folder -> predictions, 128 px)', '',
           f'In-process loops over the first {q["decode_only"]["images"]:,} chips, images/s:', '',
           *_table(['contender', 'approach', 'images/s', 'vs plain loop', 'vs tutorial client'],
@@ -410,8 +449,8 @@ def render(r: dict) -> str:
       'within this run).', '',
       'Rates are images per second. For a command: **overall** = chips / wall clock of the whole '
       'command, runner start-up included; **steady** = (big - small) / (T(big) - T(small)), the '
-      'per-image rate once running; **start-up** = the fixed seconds that steady rate leaves '
-      'unexplained. Peak RSS: the largest total resident memory of the command\'s processes.', '',
+      'per-image rate once running (in brackets: the range over single runs); **start-up** = the '
+      'fixed seconds that steady rate leaves unexplained. Peak RSS: the largest total resident memory of the command\'s processes.', '',
       '## The aims', '',
       *headline(r), '']
   for aim in r.get('aims', []):
@@ -425,7 +464,29 @@ def render(r: dict) -> str:
     lines += _predict_section(r)
   if 'decode' in r:
     lines += _decode_section(r)
-  seconds = ', '.join(f'{k} {v:.0f} s' for k, v in r['section_seconds'].items())
+  lines += [
+      '## How it was measured', '',
+      f'- The same chips everywhere: `make_sample` seed 0; the {plan["small"]:,}-chip set is the '
+      f'first {plan["small"]:,} of the {plan["big"]:,}. One export of the project\'s network '
+      '(`build_model(128)`, untrained: speed does not depend on the weights).',
+      '- Commands (both jobs and the preprocess loop) run as their users run them, as a process '
+      'of their own, timed from start to exit; their memory is the total RSS of the process and '
+      'its descendants, sampled from /proc every 0.2 s.',
+      f'- The loops (decode, model, the tutorial\'s client, the server\'s limit) run inside the '
+      f'benchmark process over the first {plan["loop_images"]:,} chips, with no start-up to pay: '
+      'compare them with the commands\' steady rates.',
+      '- gRPC: the job and the tutorial\'s client talk to the same server, the project\'s '
+      '`python -m model.serve` (TF Serving\'s API in Python, no server-side batching) in a '
+      'process of its own, started once; `tensorflow_model_server` is not installed here.',
+      '- Training steps: two copies of the network with the same seed and compile, one per feed; '
+      'a callback times each step, and the warm-up steps (tracing, the shuffle buffer) are left '
+      'out.',
+      '- In each repeat every contender runs once, in turn, so a change in the machine\'s load '
+      'reaches all of them. RESULTS.md is rendered from results.json: `python -m '
+      'benchmarks.report benchmarks/results.json` renders it again without measuring.', '']
+  order = ['data_and_export', *r.get('sections_run', [])]
+  seconds = ', '.join(f'{k.replace("_", " ")} {r["section_seconds"][k]:.0f} s' for k in order
+                      if k in r['section_seconds'])
   lines += [f'Time per section: {seconds}.', '']
   return '\n'.join(lines)
 
@@ -440,6 +501,11 @@ def main(argv=None):
   args = parser.parse_args(argv)
   with open(args.results_json, encoding='utf-8') as f:
     results = json.load(f)
+  for section in ('preprocess', 'predict'):
+    for figures in results.get(section, {}).values():
+      if isinstance(figures, dict) and 'seconds_small' in figures:
+        figures['images_per_s_steady_runs'] = steady_per_run(
+            results['plan'], figures['seconds_small'], figures['seconds_big'])
   results['aims'] = check_aims(results)
   with open(args.results_json, 'w', encoding='utf-8') as f:
     json.dump(results, f, indent=2, sort_keys=True)
