@@ -1,7 +1,8 @@
 """Runs a command as a user would, timing it whole and sampling the memory of its process tree.
 
-`ru_maxrss` alone would miss the sum over a job's worker processes (it is the largest single
-process), so the tree's total RSS is also sampled from /proc every 0.2 s while the command runs.
+`ru_maxrss` would miss the sum over a job's worker processes (it is the largest single process),
+and a child forked from a big parent inherits the parent's high-water mark, so both the tree's
+total RSS and its largest single process are sampled from /proc every 0.2 s while it runs.
 
 `in_process=True` (the `--tiny` plan, for the harness's own test) calls the module's `main(argv)`
 in this process instead: the same command line without an interpreter's start-up, so its times
@@ -23,7 +24,7 @@ import time
 class CommandRun:
   seconds: float           # wall clock from start to exit, start-up included
   peak_rss_mb: float       # largest sampled total RSS of the command and its descendants
-  max_process_rss_mb: float  # ru_maxrss from wait4: the largest single process
+  max_process_rss_mb: float  # largest sampled RSS of a single process of the tree
   output_tail: str
 
 
@@ -57,6 +58,12 @@ def tree_rss_bytes(pid: int) -> int:
   return sum(_rss_bytes(p) for p in [pid, *_children(pid)])
 
 
+def tree_rss_sample(pid: int) -> tuple[int, int]:
+  """(total RSS, largest single RSS) of `pid` and its descendants, in bytes."""
+  sizes = [_rss_bytes(p) for p in [pid, *_children(pid)]]
+  return sum(sizes), max(sizes)
+
+
 def python_module(module: str, *args: str) -> list[str]:
   return [sys.executable, '-m', module, *args]
 
@@ -88,20 +95,21 @@ def run_command(command: list[str], timeout_s: float = 3600, env: dict | None = 
   with open(log_path, 'w+b') as log:
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
-    peak = 0
+    peak = largest = 0
     stop = threading.Event()
 
     def sample():
-      nonlocal peak
+      nonlocal peak, largest
       while not stop.wait(0.2):
-        peak = max(peak, tree_rss_bytes(process.pid))
+        total, single = tree_rss_sample(process.pid)
+        peak, largest = max(peak, total), max(largest, single)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     killer = threading.Timer(timeout_s, process.kill)
     killer.start()
     try:
-      _, status, usage = os.wait4(process.pid, 0)
+      _, status, _ = os.wait4(process.pid, 0)
     except BaseException:
       process.kill()
       process.wait()
@@ -117,4 +125,4 @@ def run_command(command: list[str], timeout_s: float = 3600, env: dict | None = 
   os.remove(log_path)
   if process.returncode != 0:
     raise subprocess.CalledProcessError(process.returncode, command, output=tail)
-  return CommandRun(seconds, peak / 2**20, usage.ru_maxrss / 1024, tail)
+  return CommandRun(seconds, peak / 2**20, largest / 2**20, tail)
