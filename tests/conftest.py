@@ -12,6 +12,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PLANET_DIR = REPO.parent / 'shared' / 'planet'
 PREDICT_IMAGE_SIZE = 64
+# A Dataflow job built offline: Beam translates the graph and builds the worker package from
+# ./setup.py (run from the repository root) without contacting the service. Bucket names must be
+# valid, or Beam tries to create a default bucket over the network.
+DATAFLOW_DRY_RUN_ARGS = [
+    '--runner=DataflowRunner', '--dry_run=True', '--no_auth', '--project=my-project',
+    '--region=us-central1', '--temp_location=gs://my-bucket/tmp',
+    '--staging_location=gs://my-bucket/staging', '--setup_file=./setup.py']
 
 
 def read_jsonl(pattern):

@@ -8,6 +8,7 @@ import pytest
 from beam_jobs import predict
 from beam_jobs.image_decoder import decode_image
 from model import metrics, schema
+from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO
 from tests.conftest import PREDICT_IMAGE_SIZE as IMAGE_SIZE, read_jsonl as _read_jsonl
 
 def test_every_image_is_a_prediction_or_a_dead_letter(predict_job):
@@ -118,14 +119,13 @@ def test_too_many_bad_images_fail_the_job_without_a_manifest(tmp_path, capsys, e
 
 
 @pytest.mark.slow
-def test_dataflow_dry_run_translates_the_job(tmp_path, export_base, mixed_folder):
+def test_dataflow_dry_run_translates_the_job(monkeypatch, export_base, mixed_folder):
+  monkeypatch.chdir(REPO)   # --setup_file=./setup.py, as a user runs it
   images, labels_csv = mixed_folder
   summary = predict.run([
       '--input', str(images), '--output_dir', 'gs://my-bucket/out',
       '--model_dir', str(export_base / 'PlanetModel'), '--labels_csv', str(labels_csv),
-      '--runner=DataflowRunner', '--dry_run=True', '--no_auth', '--project=my-project',
-      '--region=us-central1', '--temp_location=gs://my-bucket/tmp',
-      '--staging_location=gs://my-bucket/staging', '--setup_file=./setup.py'])
+      *DATAFLOW_DRY_RUN_ARGS])
   assert summary['dry_run']
   for step in ('MatchFiles', 'ReadAndDecode', 'RunInference', 'WritePredictions',
                'WriteDeadLetters', 'WriteSubmission', 'WriteSummary', 'WriteReport', 'AttachTruth'):

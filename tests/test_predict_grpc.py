@@ -7,7 +7,7 @@ import pytest
 
 from beam_jobs import compare_predictions, predict
 from model.serve import Faults, LocalServingServer
-from tests.conftest import read_jsonl
+from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO, read_jsonl
 
 
 @pytest.fixture(scope='module')
@@ -88,12 +88,11 @@ def test_wrong_model_name_or_size_fails_before_the_pipeline(tmp_path, capsys, se
 
 
 @pytest.mark.slow
-def test_dataflow_dry_run_translates_the_grpc_job(server, export_base, mixed_folder):
+def test_dataflow_dry_run_translates_the_grpc_job(monkeypatch, server, export_base, mixed_folder):
+  monkeypatch.chdir(REPO)   # --setup_file=./setup.py, as a user runs it
   images, _ = mixed_folder
   translated = predict.run([
       '--input', str(images), '--output_dir', 'gs://my-bucket/out',
       '--serving_address', server.address, '--model_dir', str(export_base / 'PlanetModel'),
-      '--runner=DataflowRunner', '--dry_run=True', '--no_auth', '--project=my-project',
-      '--region=us-central1', '--temp_location=gs://my-bucket/tmp',
-      '--staging_location=gs://my-bucket/staging', '--setup_file=./setup.py'])
+      *DATAFLOW_DRY_RUN_ARGS])
   assert translated['dry_run'] and 'RunInference' in translated['transforms']

@@ -3,8 +3,6 @@ import io
 import json
 import pathlib
 import socket
-import struct
-import zlib
 
 import apache_beam as beam
 import numpy as np
@@ -20,8 +18,9 @@ from beam_jobs.labels import CsvFormat, LabelRow, parse_label_line
 from beam_jobs.make_sample import make_sample
 from beam_jobs.preprocess import ConfigError, EncodedExample, LabelledImage
 from model import schema
+from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO
+from tests.hostile_inputs import png_declaring
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 GOOD = 12   # generated chips train_0 .. train_11
 
 # Every kind of bad input, one each: (CSV line or None, file name or None, file bytes or None,
@@ -45,18 +44,6 @@ _BAD_INPUTS = [
 ]
 
 
-def _png_declaring(width: int, height: int) -> bytes:
-  """A tiny PNG whose header declares width x height: a decompression bomb.
-
-  The same as tests/test_image_decoder.py's (test modules do not import each other here).
-  """
-  def chunk(kind, body):
-    return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
-  header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
-  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) +
-          chunk(b'IDAT', zlib.compress(b'\x00' * 1024)) + chunk(b'IEND', b''))
-
-
 def _jpeg(seed: int) -> bytes:
   pixels = np.random.default_rng(seed).integers(0, 255, (256, 256, 3), dtype=np.uint8)
   buffer = io.BytesIO()
@@ -77,7 +64,7 @@ def bad_mix(tmp_path_factory):
     if line is not None:
       lines.append(line.format(train_3_tags=' '.join(tags['train_3'])))
     if file_name is not None:
-      payload = {'jpeg': _jpeg(i), 'half': _jpeg(i)[:3000], 'bomb': _png_declaring(50_000, 50_000)}
+      payload = {'jpeg': _jpeg(i), 'half': _jpeg(i)[:3000], 'bomb': png_declaring(50_000, 50_000)}
       (images / file_name).write_bytes(payload.get(data, data))
     expected += [(name.format(line=len(lines)), reason) for name, reason in letters]
   # The conflicting duplicate also refuses train_4's original row.
@@ -426,10 +413,7 @@ def test_dataflow_dry_run_translates_the_job_without_touching_the_network(
   monkeypatch.setattr(socket.socket, 'connect', no_network)
   monkeypatch.setattr(socket, 'create_connection', no_network)
   monkeypatch.chdir(REPO)   # --setup_file=./setup.py, as a user runs it
-  outcome = preprocess.run(_args(root, 'gs://my-bucket/out') + [
-      '--runner=DataflowRunner', '--dry_run=True', '--no_auth', '--project=my-project',
-      '--region=us-central1', '--temp_location=gs://my-bucket/tmp',
-      '--staging_location=gs://my-bucket/staging', '--setup_file=./setup.py'])
+  outcome = preprocess.run(_args(root, 'gs://my-bucket/out') + DATAFLOW_DRY_RUN_ARGS)
   assert outcome.manifest is None
   job = outcome.pipeline_result.job
   transforms = job.proto_pipeline.components.transforms.values()
