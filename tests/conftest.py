@@ -48,14 +48,23 @@ def small_sample(tmp_path_factory) -> pathlib.Path:
   return out
 
 
-@pytest.fixture(scope='session')
-def export_base(tmp_path_factory):
-  """A real (untrained) export: predictions are what they are; the job must pass them on exactly."""
+def make_export_base(tmp_path_factory, image_size: int) -> pathlib.Path:
+  """EXPORT/ with PlanetModel/1: a real SavedModel of an untrained model at `image_size`."""
   from model.export import export_model
   from model.network import build_model
   base = tmp_path_factory.mktemp('export')
-  export_model(build_model(PREDICT_IMAGE_SIZE), str(base))
+  export_model(build_model(image_size), str(base))
   return base
+
+
+@pytest.fixture(scope='session')
+def export_base(tmp_path_factory):
+  """A real (untrained) export: predictions are what they are; the job must pass them on exactly.
+
+  Shared by the whole session, so no test may add versions to it (serving tests that do make
+  their own with `make_export_base`).
+  """
+  return make_export_base(tmp_path_factory, PREDICT_IMAGE_SIZE)
 
 
 @pytest.fixture(scope='session')

@@ -23,6 +23,7 @@ from model import schema
 from model import serve
 from model.export import export_model
 from model.network import build_model
+from tests.conftest import make_export_base
 
 IMAGE_SIZE = 32
 REAL_SERVER = shutil.which('tensorflow_model_server')
@@ -43,10 +44,8 @@ def start_backend(kind: str, base_path: str):
 
 @pytest.fixture(scope='module')
 def export_base(tmp_path_factory):
-  """EXPORT/ with PlanetModel/1: an untrained 32x32 model (a real SavedModel, made once)."""
-  base = tmp_path_factory.mktemp('export')
-  export_model(build_model(IMAGE_SIZE), str(base))
-  return base
+  """This module's own export (its tests add versions), at IMAGE_SIZE."""
+  return make_export_base(tmp_path_factory, IMAGE_SIZE)
 
 
 @pytest.fixture(scope='module', params=BACKENDS)

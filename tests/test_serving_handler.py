@@ -39,6 +39,7 @@ from model.errors import InputRefused
 from model.errors import Reason
 from model.export import export_model
 from model.network import build_model
+from tests.conftest import make_export_base
 
 IMAGE_SIZE = 32
 BACKENDS = [
@@ -57,9 +58,8 @@ def images(count: int, size: int = IMAGE_SIZE, seed: int = 0) -> list[np.ndarray
 
 @pytest.fixture(scope='module')
 def export_base(tmp_path_factory):
-  base = tmp_path_factory.mktemp('export')
-  export_model(build_model(IMAGE_SIZE), str(base))
-  return base
+  """This module's own export (its tests add versions), at IMAGE_SIZE."""
+  return make_export_base(tmp_path_factory, IMAGE_SIZE)
 
 
 @pytest.fixture(scope='module')
