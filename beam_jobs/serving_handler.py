@@ -31,6 +31,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import grpc
 import numpy as np
+import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult
@@ -205,41 +206,6 @@ def build_predict_request(images: Sequence[np.ndarray], model_name: str = schema
   return request
 
 
-_VALUE_FIELDS = {
-    types_pb2.DT_FLOAT: ('float_val', np.float32),
-    types_pb2.DT_DOUBLE: ('double_val', np.float64),
-    types_pb2.DT_HALF: ('half_val', np.float16),
-    types_pb2.DT_INT32: ('int_val', np.int32),
-    types_pb2.DT_UINT8: ('int_val', np.uint8),
-    types_pb2.DT_INT64: ('int64_val', np.int64),
-}
-
-
-def tensor_to_ndarray(proto: tensor_pb2.TensorProto) -> np.ndarray:
-  """A numeric TensorProto as an array: tensor_content or the typed value field, as TF reads them.
-
-  A value field shorter than the shape repeats its last value (TF's rule for a constant fill).
-  """
-  if proto.dtype not in _VALUE_FIELDS:
-    raise ValueError(f'unexpected output dtype {types_pb2.DataType.Name(proto.dtype)}')
-  field, dtype = _VALUE_FIELDS[proto.dtype]
-  shape = [d.size for d in proto.tensor_shape.dim]
-  count = int(np.prod(shape)) if shape else 1
-  if proto.tensor_content:
-    return np.frombuffer(proto.tensor_content, dtype=dtype).reshape(shape).copy()
-  values = getattr(proto, field)
-  if dtype == np.float16:
-    flat = np.array(values, dtype=np.uint16).view(np.float16)
-  else:
-    flat = np.array(values, dtype=dtype)
-  if flat.size < count:
-    if flat.size == 0:
-      flat = np.zeros(count, dtype)
-    else:
-      flat = np.concatenate([flat, np.full(count - flat.size, flat[-1], dtype)])
-  return flat[:count].reshape(shape)
-
-
 def split_response(response: predict_pb2.PredictResponse,
                    count: int) -> tuple[int, list[dict[str, np.ndarray]]]:
   """(version, one {'weather', 'ground'} dict per image) from a Predict answer for `count` images."""
@@ -248,7 +214,8 @@ def split_response(response: predict_pb2.PredictResponse,
   for name, width in widths.items():
     if name not in response.outputs:
       raise ValueError(f'the answer has no output {name!r} (it has {sorted(response.outputs)})')
-    array = tensor_to_ndarray(response.outputs[name]).astype(np.float32, copy=False)
+    # TF's own reader: tensor_content or the typed *_val fields, a short field filled.
+    array = tf.make_ndarray(response.outputs[name]).astype(np.float32, copy=False)
     if array.shape != (count, width):
       raise ValueError(f'output {name!r} has shape {list(array.shape)}, expected [{count}, {width}]')
     outputs[name] = array

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import serialization
@@ -187,19 +188,37 @@ def test_request_tensor_is_raw_bytes_that_tensorflow_reads_back():
   assert list(request.output_filter) == list(schema.OUTPUT_NAMES)
 
 
-@pytest.mark.parametrize('array', [
-    np.arange(12, dtype=np.float32).reshape(3, 4) / 7, np.arange(6, dtype=np.uint8).reshape(2, 3),
-    np.arange(6, dtype=np.int64), np.float16([[0.5, -2.0]])])
-def test_tensor_to_ndarray_reads_what_tensorflow_writes(array):
-  content = tf.make_tensor_proto(array)                      # tensor_content
-  np.testing.assert_array_equal(sh.tensor_to_ndarray(content), array)
-  field = serve.tensor_as_proto_field(array)                 # float_val, as TF Serving answers
-  np.testing.assert_array_equal(sh.tensor_to_ndarray(field), tf.make_ndarray(field))
+def _answer(weather: np.ndarray, ground: np.ndarray, encode) -> predict_pb2.PredictResponse:
+  response = predict_pb2.PredictResponse()
+  response.model_spec.version.value = 3
+  response.outputs[schema.OUTPUT_WEATHER].CopyFrom(encode(weather))
+  response.outputs[schema.OUTPUT_GROUND].CopyFrom(encode(ground))
+  return response
 
 
-def test_tensor_to_ndarray_fills_with_the_last_value():
-  proto = tf.make_tensor_proto(1.5, shape=[2, 3], dtype=tf.float32)
-  np.testing.assert_array_equal(sh.tensor_to_ndarray(proto), np.full((2, 3), 1.5, np.float32))
+@pytest.mark.parametrize('encode', [tf.make_tensor_proto,            # tensor_content
+                                    serve.tensor_as_proto_field])    # float_val, as TF Serving answers
+def test_split_response_reads_both_encodings(encode):
+  weather = np.arange(8, dtype=np.float32).reshape(2, 4) / 7
+  ground = np.arange(26, dtype=np.float32).reshape(2, 13) / 29
+  version, rows = sh.split_response(_answer(weather, ground, encode), 2)
+  assert version == 3 and len(rows) == 2
+  for i, row in enumerate(rows):
+    np.testing.assert_array_equal(row[schema.OUTPUT_WEATHER], weather[i])
+    np.testing.assert_array_equal(row[schema.OUTPUT_GROUND], ground[i])
+
+
+def test_split_response_fills_a_short_value_field_with_its_last_value():
+  def constant(array):
+    return tf.make_tensor_proto(1.5, shape=array.shape, dtype=tf.float32)
+  _, rows = sh.split_response(_answer(np.zeros((2, 4)), np.zeros((2, 13)), constant), 2)
+  np.testing.assert_array_equal(rows[1][schema.OUTPUT_GROUND], np.full(13, 1.5, np.float32))
+
+
+def test_split_response_refuses_a_wrong_shape():
+  with pytest.raises(ValueError, match='expected \\[3, 4\\]'):
+    sh.split_response(_answer(np.zeros((2, 4), np.float32), np.zeros((2, 13), np.float32),
+                              tf.make_tensor_proto), 3)
 
 
 def test_transient_codes_and_backoff():
