@@ -4,13 +4,17 @@ Kaggle (`train_v2.csv`):          image_name,tags                     train_1,ag
 Tutorial (`KagglePlanetMCML.csv`): image_name,weather_labels,ground_labels
                                    train_1,"[1, 0, 0, 0]","[1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1]"
 
-The format is detected from the header. Each row either becomes a `LabelRow` or raises
-`InputRefused` with a reason code; a bad row never stops the others.
+The format is detected from the header. The file is read as CSV (RFC 4180): a quoted field may
+hold commas, doubled quotes and line breaks (CR, LF or CRLF), so one record may span several
+physical lines. Each record either becomes a `LabelRow` or raises `InputRefused` with a reason
+code; a bad record never stops the others.
 """
+import collections
 import csv
 import dataclasses
 import enum
-from typing import Iterable, Iterator
+import re
+from typing import BinaryIO, Iterable, Iterator, NamedTuple
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -18,8 +22,18 @@ from model import schema
 from model.errors import InputRefused, Reason
 
 # A real row is under 200 characters; a longer one is garbage or an attack on the parser.
+# Read from a file, a record is bounded in bytes (what parse_label_line measures for bytes).
 MAX_LINE_CHARS = 10_000
 MAX_NAME_CHARS = 255
+# A real header is under 50 bytes; the bound only keeps a headerless binary file out of memory.
+MAX_HEADER_BYTES = 64 * 1024
+# How much is read at a time: memory for reading stays under a few times this plus the bounds.
+_READ_CHUNK_BYTES = 64 * 1024
+# Quoted from a bad input into a message, at most: enough to recognise it, never a flood.
+_EXCERPT_CHARS = 100
+_LINE_BREAK = re.compile(rb'\r\n|\r|\n')
+_EXPECTED_HEADERS = ('"image_name,tags" (Kaggle train_v2.csv) or "image_name,weather_labels,'
+                     'ground_labels" (the tutorial\'s KagglePlanetMCML.csv)')
 
 _WEATHER_INDEX = {label: i for i, label in enumerate(schema.WEATHER_LABELS)}
 _GROUND_INDEX = {label: i for i, label in enumerate(schema.GROUND_LABELS)}
@@ -54,6 +68,17 @@ class LabelRow:
             [l for l, v in zip(schema.GROUND_LABELS, self.ground) if v])
 
 
+def _excerpt(text: str | bytes) -> str:
+  """`text` quoted for a message on one line, cut to about _EXCERPT_CHARS characters."""
+  if isinstance(text, bytes):
+    text = text[:4 * _EXCERPT_CHARS].decode('utf-8', errors='replace')
+  quoted = repr(text[:_EXCERPT_CHARS])
+  # repr escapes control characters, which can make the quote several times longer than its text.
+  if len(quoted) > _EXCERPT_CHARS or len(text) > _EXCERPT_CHARS:
+    return quoted[:_EXCERPT_CHARS] + '...'
+  return quoted
+
+
 def detect_format(header: str | bytes) -> CsvFormat:
   """Says which label format a header line belongs to.
 
@@ -66,11 +91,8 @@ def detect_format(header: str | bytes) -> CsvFormat:
   try:
     return _HEADERS[columns]
   except KeyError:
-    raise ValueError(
-        f'unrecognised labels CSV header {",".join(columns)!r}: expected '
-        '"image_name,tags" (Kaggle train_v2.csv) or '
-        '"image_name,weather_labels,ground_labels" (the tutorial\'s KagglePlanetMCML.csv)'
-    ) from None
+    raise ValueError(f'unrecognised labels CSV header {_excerpt(",".join(columns))}: expected '
+                     + _EXPECTED_HEADERS) from None
 
 
 def validate_image_name(name: str) -> str:
@@ -123,23 +145,37 @@ def _parse_vector(field: str, length: int, what: str) -> tuple[float, ...]:
 
 
 def parse_label_line(line: str | bytes, fmt: CsvFormat) -> LabelRow:
-  """Parses one data line of a labels CSV (no header) into a `LabelRow`.
+  """Parses one data record of a labels CSV (no header) into a `LabelRow`.
+
+  The record is one line, or several where a quoted field holds line breaks (as
+  `read_label_lines` yields it); a line break outside quotes makes it malformed.
 
   Raises:
     InputRefused: MALFORMED_ROW, BAD_IMAGE_NAME, UNKNOWN_TAG, EMPTY_TAGS or MULTIPLE_WEATHER.
   """
   if len(line) > MAX_LINE_CHARS:
+    # read_label_lines cuts an over-long record just past the limit, so its length says nothing.
     raise InputRefused(
-        Reason.MALFORMED_ROW, f'the line is {len(line)} characters long (limit {MAX_LINE_CHARS})')
+        Reason.MALFORMED_ROW, f'the row is over {MAX_LINE_CHARS} characters long; a real row is '
+        'under 200: check that this is the labels CSV')
   if isinstance(line, bytes):
     try:
       line = line.decode('utf-8')
     except UnicodeDecodeError as e:
       raise InputRefused(Reason.MALFORMED_ROW, f'the line is not UTF-8 ({e}); save the CSV as UTF-8')
+  record = line.rstrip('\r\n')
   try:
-    fields = next(csv.reader([line.rstrip('\r\n')], strict=True), [])
+    # One string for the whole record: the reader keeps line breaks inside quotes as text and
+    # refuses one outside quotes, which would be a second record.
+    fields = next(csv.reader([record], strict=True), [])
   except csv.Error as e:
-    raise InputRefused(Reason.MALFORMED_ROW, f'not a CSV line ({e})') from None
+    if record.count('"') % 2:
+      raise InputRefused(
+          Reason.MALFORMED_ROW, f'a quoted field is never closed ({e}); add the closing " or '
+          'remove the stray one') from None
+    raise InputRefused(
+        Reason.MALFORMED_ROW, f'not a CSV row ({e}); put fields that hold commas, quotes or line '
+        'breaks in double quotes, with each " inside doubled') from None
   expected = 2 if fmt is CsvFormat.KAGGLE else 3
   if len(fields) != expected:
     raise InputRefused(
@@ -161,33 +197,162 @@ def parse_label_line(line: str | bytes, fmt: CsvFormat) -> LabelRow:
   return LabelRow(name, weather, ground)
 
 
-def read_label_lines(path: str) -> tuple[CsvFormat, Iterator[tuple[int, bytes]]]:
-  """Opens a labels CSV (local or gs://) and returns its format and its data lines.
+class _Line(NamedTuple):
+  """One physical line of a file."""
+  number: int       # from 1
+  text: bytes       # without its line break; cut to limit + 1 bytes where `cut`
+  line_break: bytes  # b'\r\n', b'\r', b'\n', or b'' for a last line without one
+  cut: bool         # the line was longer than the limit; the rest of it was skipped unread
 
-  Lines come as `(line_number, raw_bytes)`, numbered from 1 for the header, blank lines skipped;
-  bytes rather than text so that one non-UTF-8 row is refused alone, not the whole file.
+
+class _LineReader:
+  """Physical lines from a binary file, each read with a bound on memory.
+
+  A line ends at CRLF, CR or LF (as Python's csv module has it). A line longer than the limit is
+  returned cut, and the rest of it is read in chunks and dropped, so one huge line never sits in
+  memory whole.
+  """
+
+  def __init__(self, handle: BinaryIO):
+    self._handle = handle
+    self._buffer = b''
+    self._position = 0
+    self._eof = False
+    self._number = 0
+
+  def next_line(self, limit: int) -> _Line | None:
+    """The next line, cut to limit + 1 bytes where longer than `limit`; None at the end."""
+    cut = None
+    while True:
+      found = _LINE_BREAK.search(self._buffer, self._position)
+      # A CR at the end of what was read may be the first half of a CRLF: read on to see.
+      if found and (found.end() < len(self._buffer) or found.group() != b'\r' or self._eof):
+        text = self._buffer[self._position:found.start()] if cut is None else cut
+        self._position = found.end()
+        return self._line(text[:limit + 1], found.group(), cut is not None or len(text) > limit)
+      if cut is None and len(self._buffer) - self._position > limit + 1:
+        cut = self._buffer[self._position:self._position + limit + 1]
+      if cut is not None:
+        # Drop what was read of the over-long line, but keep a final CR that may start a CRLF.
+        self._position = found.start() if found else len(self._buffer)
+      if self._eof:
+        if cut is None and self._position == len(self._buffer):
+          return None
+        text = self._buffer[self._position:] if cut is None else cut
+        self._position = len(self._buffer)
+        return self._line(text, b'', cut is not None)
+      chunk = self._handle.read(_READ_CHUNK_BYTES)
+      self._eof = not chunk
+      self._buffer = self._buffer[self._position:] + chunk
+      self._position = 0
+
+  def _line(self, text: bytes, line_break: bytes, cut: bool) -> _Line:
+    self._number += 1
+    return _Line(self._number, text, line_break, cut)
+
+
+def _records(reader: _LineReader) -> Iterator[tuple[int, bytes]]:
+  """CSV records as (number of the line they start on, bytes without the final line break).
+
+  A record goes on to the next line while its count of `"` is odd: a quoted field is open (a
+  doubled quote inside it counts two, so the parity holds). Blank lines between records are
+  skipped. Every physical line ends up in exactly one record or one skipped blank line.
+
+  A record over MAX_LINE_CHARS bytes on one line is yielded cut to MAX_LINE_CHARS + 1 bytes
+  (parse_label_line refuses it) and reading goes on at the next line. A quote left open until
+  the record would pass MAX_LINE_CHARS, or until the end of the file, is almost always a stray
+  quote: then the record's first line alone is yielded (parse_label_line refuses it as an
+  unclosed quote) and reading goes on at the line after it, re-reading the lines read ahead, so
+  a stray quote costs one row rather than the rows after it. Those lines are held in memory; they
+  are under MAX_LINE_CHARS bytes together.
+  """
+  read_ahead: collections.deque[_Line] = collections.deque()
+
+  def next_line() -> _Line | None:
+    return read_ahead.popleft() if read_ahead else reader.next_line(MAX_LINE_CHARS)
+
+  while (first := next_line()) is not None:
+    if first.cut:
+      yield first.number, first.text
+      continue
+    if not first.text.strip():
+      continue
+    lines, size, quotes = [first], len(first.text), first.text.count(b'"')
+    while quotes % 2:
+      line = next_line()
+      if line is not None and not line.cut:
+        grown = size + len(lines[-1].line_break) + len(line.text)
+        if grown <= MAX_LINE_CHARS:
+          size, quotes = grown, quotes + line.text.count(b'"')
+          lines.append(line)
+          continue
+      # The quote is not closed within the bound: the first line is the record alone, and the
+      # lines read ahead come back, in order, before any line not yet read.
+      read_ahead.extendleft(reversed(lines[1:] + ([line] if line is not None else [])))
+      lines = lines[:1]
+      break
+    yield first.number, b''.join(
+        line.text + (line.line_break if i < len(lines) - 1 else b'')
+        for i, line in enumerate(lines))
+
+
+def read_label_lines(path: str) -> tuple[CsvFormat, Iterator[tuple[int, bytes]]]:
+  """Opens a labels CSV (local or gs://) and returns its format and its data records.
+
+  Records come as `(line_number, raw_bytes)`: the number of the physical line the record starts
+  on, from 1 for the header; raw_bytes without the final line break, holding the line breaks of
+  a quoted field that spans lines. Blank lines are skipped. Bytes rather than text so that one
+  non-UTF-8 record is refused alone, not the whole file. Every read is bounded: see `_records`
+  for over-long records and unclosed quotes, which come out to be refused by `parse_label_line`.
+  The header is checked here, before the first record is asked for.
+
+  Raises:
+    ValueError: the header is not a labels header (one line, quoting at most ~100 characters).
+    FileNotFoundError / OSError: the file cannot be read.
+  """
+  handle = FileSystems.open(path)
+  try:
+    reader = _LineReader(handle)
+    header = reader.next_line(MAX_HEADER_BYTES)
+    if header is None:
+      raise ValueError('the labels CSV is empty: expected a header line, ' + _EXPECTED_HEADERS)
+    if header.cut:
+      raise ValueError(
+          f'the labels CSV header is over {MAX_HEADER_BYTES} bytes long (it starts '
+          f'{_excerpt(header.text)}): is this the labels CSV? Its first line must be '
+          '"image_name,tags" or "image_name,weather_labels,ground_labels"')
+    text = header.text[3:] if header.text.startswith(b'\xef\xbb\xbf') else header.text
+    fmt = detect_format(text)
+  except BaseException:
+    handle.close()
+    raise
+
+  def records() -> Iterator[tuple[int, bytes]]:
+    with handle:
+      yield from _records(reader)
+  return fmt, records()
+
+
+def has_data_rows(path: str) -> bool:
+  """Says whether a labels CSV holds at least one data record after its header.
+
+  A file with only a header (or a header and blank lines) would run a job that does nothing, so
+  callers refuse it before the job starts. Any non-blank record counts, good or not: a bad one is
+  refused by the job with a reason, like any other. Reads only up to the first record.
 
   Raises:
     ValueError: the header is not a labels header.
     FileNotFoundError / OSError: the file cannot be read.
   """
-  handle = FileSystems.open(path)
-  header = handle.readline()
-  if header.startswith(b'\xef\xbb\xbf'):
-    header = header[3:]
-  fmt = detect_format(header)
-
-  def lines() -> Iterator[tuple[int, bytes]]:
-    with handle:
-      for number, raw in enumerate(handle, start=2):
-        raw = raw.rstrip(b'\r\n')
-        if raw.strip():
-          yield number, raw
-  return fmt, lines()
+  _, records = read_label_lines(path)
+  try:
+    return next(records, None) is not None
+  finally:
+    records.close()
 
 
 def parse_label_file(path: str) -> tuple[dict[str, LabelRow], list[tuple[int, InputRefused]]]:
-  """Reads a whole labels file: the good rows by image name, and the refused lines.
+  """Reads a whole labels file: the good rows by image name, and the refused records.
 
   For inputs that fit in memory (scoring predictions against labels); the preprocess job does the
   same row by row inside the pipeline.

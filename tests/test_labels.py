@@ -1,4 +1,7 @@
-"""Label parsing: both formats, every refusal with its reason code, the real files agree."""
+"""Label parsing: both formats, every refusal with its reason code, CSV records that span lines,
+bounded reads, and the real files agree."""
+import tracemalloc
+
 import pytest
 
 from beam_jobs import labels
@@ -117,3 +120,112 @@ def test_real_label_files_give_identical_vectors(planet_dir):
   assert kaggle == tutorial
   without_weather = [name for name, row in kaggle.items() if not row.has_weather]
   assert without_weather == ['train_24448']
+
+
+def _write(tmp_path, data: bytes) -> str:
+  path = tmp_path / 'labels.csv'
+  path.write_bytes(data)
+  return str(path)
+
+
+def _peak_bytes(call):
+  """Runs `call`; returns what it returned or raised, and the peak of memory it allocated."""
+  tracemalloc.start()
+  try:
+    try:
+      result = call()
+    except Exception as e:  # pylint: disable=broad-except
+      result = e
+    return result, tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+
+
+# A chunk of 1 byte puts every CR at the end of what was read, where a CRLF must be read on.
+@pytest.mark.parametrize('chunk_bytes', [1, None], ids=['1-byte-reads', 'default-reads'])
+@pytest.mark.parametrize('eol', [b'\n', b'\r\n', b'\r'], ids=['LF', 'CRLF', 'CR'])
+def test_quoted_line_break_is_one_record(tmp_path, monkeypatch, eol, chunk_bytes):
+  if chunk_bytes:
+    monkeypatch.setattr(labels, '_READ_CHUNK_BYTES', chunk_bytes)
+  path = _write(tmp_path, eol.join([
+      b'image_name,tags', b'train_0,"agriculture', b'clear"', b'', b'train_1,"haze ""x"""',
+      b'train_2,"primary', b'', b'water"', b'train_3,cl\xffear', b'train_4,cloudy']))
+  _, records = labels.read_label_lines(path)
+  assert [n for n, _ in records] == [2, 5, 6, 9, 10]
+  rows, refused = labels.parse_label_file(path)
+  assert rows['train_0'].tags == ['clear', 'agriculture']
+  assert rows['train_2'].tags == ['primary', 'water'] and rows['train_4'].tags == ['cloudy']
+  assert [(n, e.reason) for n, e in refused] == [
+      (5, Reason.UNKNOWN_TAG), (9, Reason.MALFORMED_ROW)]
+
+
+def test_quoted_line_break_in_a_tutorial_record(tmp_path):
+  path = _write(tmp_path, b'image_name,weather_labels,ground_labels\r\n'
+                b'train_1,"[1, 0,\r\n 0, 0]","[1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1]"\r\n'
+                b'train_2,"[0, 1, 0, 0]","[0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]"\r\n')
+  _, records = labels.read_label_lines(path)
+  assert [n for n, _ in records] == [2, 4]
+  rows, refused = labels.parse_label_file(path)
+  assert refused == []
+  assert rows['train_1'] == parse_label_line('train_1,agriculture clear primary water', KAGGLE)
+
+
+def test_unclosed_quote_at_the_end_is_refused_alone(tmp_path):
+  path = _write(tmp_path, b'image_name,tags\ntrain_0,haze\ntrain_1,"clear\ntrain_2,cloudy\n')
+  rows, refused = labels.parse_label_file(path)
+  assert sorted(rows) == ['train_0', 'train_2']
+  assert [(n, e.reason) for n, e in refused] == [(3, Reason.MALFORMED_ROW)]
+  assert 'never closed' in refused[0][1].message
+
+
+def test_runaway_quote_costs_one_row_and_later_records_are_read(tmp_path):
+  # The rows after the stray quote run past MAX_LINE_CHARS before the next quoted record.
+  good = [b'train_%d,clear primary' % i for i in range(2, 2000)]
+  path = _write(tmp_path, b'\n'.join(
+      [b'image_name,tags', b'train_1,"clear'] + good + [b'train_9999,"haze', b'water"', b'']))
+  _, records = labels.read_label_lines(path)
+  assert [n for n, _ in records] == list(range(2, len(good) + 4))
+  rows, refused = labels.parse_label_file(path)
+  assert [(n, e.reason) for n, e in refused] == [(2, Reason.MALFORMED_ROW)]
+  assert len(rows) == len(good) + 1 and rows['train_9999'].tags == ['haze', 'water']
+
+
+def test_huge_header_without_a_line_break_is_refused_briefly(tmp_path):
+  path = _write(tmp_path, b'x' * 10_000_000)
+  error, peak = _peak_bytes(lambda: labels.read_label_lines(path))
+  assert isinstance(error, ValueError) and not isinstance(error, InputRefused)
+  assert len(str(error)) < 400 and '\n' not in str(error) and 'x' * 101 not in str(error)
+  assert peak < 4_000_000
+
+
+def test_huge_data_line_is_one_malformed_row(tmp_path):
+  path = _write(tmp_path, b'image_name,tags\r\ntrain_0,' + b'primary ' * 1_250_000 +
+                b'\r\ntrain_1,"haze\r\nwater"\r\ntrain_2,cloudy')
+  (rows, refused), peak = _peak_bytes(lambda: labels.parse_label_file(path))
+  assert [(n, e.reason) for n, e in refused] == [(2, Reason.MALFORMED_ROW)]
+  assert len(str(refused[0][1])) < 400
+  assert sorted(rows) == ['train_1', 'train_2']
+  assert peak < 4_000_000
+
+
+def test_unknown_header_message_quotes_little_of_it():
+  with pytest.raises(ValueError, match='image_name,tags') as info:
+    labels.detect_format('name,' * 10_000)
+  assert len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize('data,expected', [
+    (b'image_name,tags', False),
+    (b'image_name,tags\n', False),
+    (b'\xef\xbb\xbfimage_name,tags\r\n\r\n  \r\n\n', False),
+    (b'image_name,weather_labels,ground_labels\n\n', False),
+    (b'image_name,tags\n\ntrain_0,clear', True),
+    (b'image_name,tags\r\n\r\nnot a row\r\n', True),   # refused by the job, but it is a row
+], ids=['header', 'header-LF', 'BOM-blank-lines', 'tutorial-blank-line', 'one-row', 'bad-row'])
+def test_has_data_rows(tmp_path, data, expected):
+  assert labels.has_data_rows(_write(tmp_path, data)) is expected
+
+
+def test_has_data_rows_refuses_a_bad_header(tmp_path):
+  with pytest.raises(ValueError, match='image_name,tags'):
+    labels.has_data_rows(_write(tmp_path, b'name,labels\ntrain_0,clear\n'))
