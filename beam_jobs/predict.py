@@ -10,21 +10,19 @@ at the model's resolution) -> RunInference (in-process SavedModel or gRPC to TF 
 rows -> sinks. Every image is keyed by its name (the file stem) from the match to the last write,
 and ends either as a prediction or as a dead letter: matched = predictions + dead letters.
 """
-import argparse
 import collections
 import concurrent.futures
+import csv
 import hashlib
+import io
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any, Iterable, NamedTuple
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io import fileio
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -32,13 +30,24 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_jobs import dead_letters, labels, report, runner_options
 from beam_jobs.image_decoder import DEFAULT_MAX_PIXELS, decode_image
+from beam_jobs.image_files import (DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files,
+                                   read_image_file)
 from beam_jobs.progress import LogProgress, counter, show_progress_logs
-from model import manifest, metrics, schema
+from model import command_line, manifest, metrics, schema
 from model.errors import InputRefused, Reason
+from model.output_dir import (OutputLayout, check_outputs_apart, claim_output_dir,
+                              with_beam_temporaries)
 
 STAGE = 'predict'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 THUMBNAILS = 36
+SUBMISSION_FILE = 'submission.csv'
+# Everything this job writes under OUT: only these files are ever deleted by --overwrite.
+LAYOUT = OutputLayout(STAGE, with_beam_temporaries(
+    'predictions-?????-of-?????.jsonl', 'dead_letters-?????-of-?????.jsonl', SUBMISSION_FILE,
+    'summary.json', 'report.html'))
+# A cell starting with one of these is run as a formula by spreadsheets (OWASP's CSV injection).
+FORMULA_PREFIXES = ('=', '+', '-', '@', '\t', '\r')
 
 
 class ThresholdsByVersion:
@@ -73,7 +82,7 @@ class ThresholdsByVersion:
 
 class JobConfig(NamedTuple):
   """Everything the graph needs, validated before the pipeline starts."""
-  patterns: tuple[str, ...]
+  sources: tuple[ImageSource, ...]
   output_dir: str
   image_size: int
   thresholds: ThresholdsByVersion
@@ -82,20 +91,16 @@ class JobConfig(NamedTuple):
   labels_csv: str | None
   max_pixels: int
   started_at: float
+  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
 
 # ----------------------------------------------------------------------------- pure functions
 
 
-def input_pattern(given: str) -> str:
-  """A folder means every image below it, recursively; a glob or a file is used as it is."""
-  if any(c in given for c in '*?[') or given.lower().endswith(IMAGE_EXTENSIONS):
-    return given
-  return given.rstrip('/') + '/**'
-
-
-def is_image_path(path: str) -> bool:
-  return path.lower().endswith(IMAGE_EXTENSIONS)
+def image_source(given: str) -> ImageSource:
+  """A folder means every image below it, recursively (its name taken literally when it
+  exists, glob characters and all); a glob or a file is used as it is."""
+  return ImageSource.of(given, IMAGE_EXTENSIONS)
 
 
 def image_name(path: str) -> str:
@@ -104,8 +109,11 @@ def image_name(path: str) -> str:
 
 
 def pick_path(name: str, paths: Iterable[str]) -> tuple[str, list[str]]:
-  """One file per image name: the first path in sort order; the others are duplicates."""
-  ordered = sorted(paths)
+  """One file per image name: the first path in sort order; the others are duplicates.
+
+  A path listed twice (overlapping --input folders) is one file, never a duplicate of itself.
+  """
+  ordered = sorted(set(paths))
   return ordered[0], ordered[1:]
 
 
@@ -132,8 +140,24 @@ def row_decisions(row: dict) -> np.ndarray:
   return np.array([label in tags for label in schema.ALL_LABELS])
 
 
-def submission_line(row) -> str:
-  return f'{row["image_name"]},{" ".join(row["tags"])}'
+def spreadsheet_safe(cell: str) -> str:
+  """A cell a spreadsheet shows as text: a leading formula character gets an apostrophe.
+
+  The rule of submission.csv only (see the README): `=cmd` is written `'=cmd`. Every other output
+  (predictions-*.jsonl, summary.json, the report) keeps the name exactly.
+  """
+  return "'" + cell if cell.startswith(FORMULA_PREFIXES) else cell
+
+
+def submission_text(rows: Iterable[dict]) -> str:
+  """submission.csv: a header and one row per prediction, sorted by name, quoted as RFC 4180
+  says (a name with a comma, a quote or a line break stays one field)."""
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator='\r\n')   # CRLF: then CR and LF in names are quoted
+  writer.writerow(['image_name', 'tags'])
+  for row in sorted(rows, key=lambda r: r['image_name']):
+    writer.writerow([spreadsheet_safe(row['image_name']), ' '.join(row['tags'])])
+  return buffer.getvalue()
 
 
 def thumbnail_key(item) -> str:
@@ -145,15 +169,11 @@ def thumbnail_key(item) -> str:
 # ----------------------------------------------------------------------------- DoFns
 
 
-def read_and_decode(name: str, path: str, image_size: int, max_pixels: int):
+def read_and_decode(name: str, path: str, image_size: int, max_pixels: int,
+                    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
   """One image file -> ('decoded', ((name, path), pixels)) or ('refused', dead letter)."""
   try:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-      data = f.read()
-  except Exception as e:  # pylint: disable=broad-except
-    return 'refused', dead_letters.dead_letter(
-        name, Reason.UNREADABLE_FILE, f'cannot read the file: {e}', STAGE, path)
-  try:
+    data = read_image_file(path, max_file_bytes)
     return 'decoded', ((name, path), decode_image(data, image_size, max_pixels))
   except InputRefused as e:
     return 'refused', dead_letters.from_refusal(name, e, STAGE, path)
@@ -168,9 +188,11 @@ class ReadAndDecode(beam.DoFn):
   """
   LOOKAHEAD = 128   # images decoded ahead: 2 batches, 6 MB at 128 px
 
-  def __init__(self, image_size: int, max_pixels: int, threads: int = 2):
+  def __init__(self, image_size: int, max_pixels: int, threads: int = 2,
+               max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
     self._size = image_size
     self._max_pixels = max_pixels
+    self._max_file_bytes = max_file_bytes
     self._threads = threads
     self._pool = None
     self._pending = collections.deque()
@@ -194,7 +216,8 @@ class ReadAndDecode(beam.DoFn):
   def process(self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
     name, path = element
     self._pending.append((self._pool.submit(read_and_decode, name, path, self._size,
-                                            self._max_pixels), window, timestamp))
+                                            self._max_pixels, self._max_file_bytes),
+                          window, timestamp))
     while len(self._pending) > self.LOOKAHEAD or (self._pending and self._pending[0][0].done()):
       yield self._emit(windowed=False)
 
@@ -365,19 +388,20 @@ def make_thumbnails(sampled, thresholds, model_name: str) -> list[dict]:
 # ----------------------------------------------------------------------------- the graph
 
 
-def _write_one_file(pcoll, path: str, label: str):
+def _write_one_file(pcoll, path: str, label: str, trailing_newline: bool = True):
   """Writes a PCollection holding one string as exactly `path` (no shard suffix)."""
-  return pcoll | label >> beam.io.WriteToText(path, num_shards=1, shard_name_template='')
+  return pcoll | label >> beam.io.WriteToText(path, num_shards=1, shard_name_template='',
+                                              append_trailing_newlines=trailing_newline)
 
 
 def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler) -> None:
   """Builds the prediction graph on `p`; `model_handler` yields the shared result contract."""
   out = config.output_dir
   matched = (p
-             | 'InputPatterns' >> beam.Create(config.patterns)
-             | 'MatchFiles' >> fileio.MatchAll()
-             | 'KeepImages' >> beam.Filter(lambda m: is_image_path(m.path))
-             | 'KeyByName' >> beam.Map(lambda m: (image_name(m.path), m.path)))
+             | 'Inputs' >> beam.Create(config.sources)
+             | 'ListImages' >> beam.FlatMap(list_image_files, IMAGE_EXTENSIONS)
+             | 'OncePerPath' >> beam.Distinct()   # overlapping --input folders
+             | 'KeyByName' >> beam.Map(lambda path: (image_name(path), path)))
   matched_count = matched | 'CountMatched' >> beam.combiners.Count.Globally()
 
   def one_path_per_name(element):
@@ -395,7 +419,8 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler) -> None:
                 'duplicate', main='unique'))
   decoded = (unique.unique
              | 'SpreadReads' >> beam.Reshuffle()
-             | 'ReadAndDecode' >> beam.ParDo(ReadAndDecode(config.image_size, config.max_pixels))
+             | 'ReadAndDecode' >> beam.ParDo(ReadAndDecode(
+                 config.image_size, config.max_pixels, max_file_bytes=config.max_file_bytes))
              .with_outputs('refused', main='decoded'))
   inferred, failed = (decoded.decoded
                       | 'Progress' >> beam.ParDo(LogProgress(f'{STAGE}: images decoded'))
@@ -416,10 +441,11 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler) -> None:
            FileSystems.join(out, 'predictions'), file_name_suffix='.jsonl'))
   _ = _write_one_file(
       rows.rows
-      | 'SubmissionLine' >> beam.Map(submission_line)
-      | 'AllSubmissionLines' >> beam.combiners.ToList()
-      | 'SubmissionText' >> beam.Map(lambda lines: '\n'.join(['image_name,tags'] + sorted(lines))),
-      FileSystems.join(out, 'submission.csv'), 'WriteSubmission')
+      | 'SubmissionFields' >> beam.Map(lambda row: {'image_name': row['image_name'],
+                                                   'tags': row['tags']})
+      | 'AllSubmissionRows' >> beam.combiners.ToList()
+      | 'SubmissionText' >> beam.Map(submission_text),
+      FileSystems.join(out, SUBMISSION_FILE), 'WriteSubmission', trailing_newline=False)
 
   if config.labels_csv:
     with_truth = rows.rows | 'AttachTruth' >> beam.ParDo(AttachTruth(config.labels_csv))
@@ -452,7 +478,9 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler) -> None:
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = command_line.ArgumentParser(
+      prog='python -m beam_jobs.predict', description=__doc__.split('\n')[0],
+      epilog='Any other flag is passed to Beam (e.g. --runner, --direct_num_workers).')
   parser.add_argument('--input', action='append', required=True,
                       help='a folder (every .jpg/.jpeg/.png below it), a glob or a file; repeatable')
   parser.add_argument('--output_dir', required=True)
@@ -476,8 +504,16 @@ def parse_args(argv):
   parser.add_argument('--max_bad_fraction', type=float, default=0.05)
   parser.add_argument('--batch_size', type=int, default=64)
   parser.add_argument('--max_pixels', type=int, default=DEFAULT_MAX_PIXELS)
-  parser.add_argument('--overwrite', action='store_true', help='clear OUTPUT_DIR of an earlier run')
+  parser.add_argument('--max_file_bytes', type=int, default=DEFAULT_MAX_FILE_BYTES,
+                      help='refuse image files larger than this without reading them '
+                           '(default %(default)s)')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='delete an earlier run of this job in OUTPUT_DIR (only its own files)')
   args, pipeline_args = parser.parse_known_args(argv)
+  try:
+    runner_options.check_beam_flags(pipeline_args, command_line.own_flags(parser))
+  except ValueError as e:
+    parser.error(str(e))
   if not args.model_dir and not args.serving_address:
     parser.error('give --model_dir (in-process) or --serving_address (TF Serving over gRPC)')
   grpc_values = (args.root_cert, args.model_version, args.max_request_bytes,
@@ -494,15 +530,25 @@ def parse_args(argv):
     parser.error('--max_bad_fraction must be between 0 and 1')
   if args.batch_size < 1:
     parser.error('--batch_size must be at least 1')
+  for name in ('max_pixels', 'max_file_bytes'):
+    if getattr(args, name) < 1:
+      parser.error(f'--{name} must be at least 1')
   return args, pipeline_args
 
 
-def check_inputs(patterns: Iterable[str]) -> None:
-  """Fails before the pipeline starts when a pattern matches no image."""
-  for pattern in patterns:
-    found = [m.path for m in FileSystems.match([pattern])[0].metadata_list if is_image_path(m.path)]
-    if not found:
-      raise FileNotFoundError(f'--input {pattern} matches no .jpg/.jpeg/.png file; check the path')
+def check_inputs(sources: Iterable[ImageSource]) -> None:
+  """Fails before the pipeline starts when an --input holds no image."""
+  for source in sources:
+    if next(iter(list_image_files(source, IMAGE_EXTENSIONS)), None) is None:
+      raise FileNotFoundError(f'--input {source.path} matches no .jpg/.jpeg/.png file; check '
+                              'the path')
+
+
+def check_labels_csv(path: str) -> None:
+  """A wrong header or a file without rows fails here, not on a worker."""
+  labels.read_label_lines(path)
+  if not labels.has_data_rows(path):
+    raise ValueError(f'--labels_csv {path} has a header but no rows: nothing to score against')
 
 
 def make_backend(args) -> tuple[Any, int, ThresholdsByVersion, str, dict]:
@@ -554,15 +600,20 @@ def run(argv=None) -> dict:
   args, pipeline_args = parse_args(argv)
   options = PipelineOptions(pipeline_args)
   dry_run = runner_options.is_dataflow_dry_run(options)
-  patterns = tuple(input_pattern(i) for i in args.input)
-  check_inputs(patterns)
+  sources = tuple(dict.fromkeys(image_source(i) for i in args.input))
+  inputs = [('--input', s.root) for s in sources]
+  inputs += [('--model_dir', args.model_dir), ('--labels_csv', args.labels_csv)]
+  if not dry_run:
+    check_outputs_apart({'--output_dir': args.output_dir}, inputs)
+  check_inputs(sources)
   if args.labels_csv:
-    labels.read_label_lines(args.labels_csv)  # a wrong header fails here, not on a worker
+    check_labels_csv(args.labels_csv)
   handler, image_size, thresholds, backend, model_facts = make_backend(args)
   if not dry_run:
-    manifest.claim_output_dir(args.output_dir, args.overwrite)
-  config = JobConfig(patterns, args.output_dir, image_size, thresholds, args.model_name, backend,
-                     args.labels_csv, args.max_pixels, started_at)
+    claim_output_dir(args.output_dir, LAYOUT, args.overwrite, inputs=inputs)
+  config = JobConfig(sources, args.output_dir, image_size, thresholds, args.model_name, backend,
+                     args.labels_csv, args.max_pixels, started_at, args.max_file_bytes)
+  patterns = [s.path for s in sources]
   print(f'{STAGE}: {", ".join(patterns)} -> {args.output_dir} ({backend}, '
         f'{image_size}px, model {model_facts})', flush=True)
   show_progress_logs()
@@ -588,7 +639,7 @@ def run(argv=None) -> dict:
       [FileSystems.join(args.output_dir, '*')])[0].metadata_list)
   manifest.write_manifest(args.output_dir, {
       'stage': STAGE,
-      'inputs': {'patterns': list(patterns), 'labels_csv': args.labels_csv,
+      'inputs': {'patterns': patterns, 'labels_csv': args.labels_csv,
                  'labels_csv_sha256': (manifest.sha256_of_file(args.labels_csv)
                                        if args.labels_csv else None)},
       'model': {**model_facts, 'name': args.model_name, 'image_size': image_size,
@@ -604,11 +655,8 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None):
-  try:
-    run(argv)
-  except (ValueError, FileNotFoundError, FileExistsError, dead_letters.TooManyBadInputs) as e:
-    print(f'{STAGE}: error: {e}', file=sys.stderr)
-    sys.exit(1)
+  command_line.run_command(STAGE, lambda: run(argv), refusals=(
+      ValueError, FileNotFoundError, FileExistsError, dead_letters.TooManyBadInputs))
 
 
 if __name__ == '__main__':

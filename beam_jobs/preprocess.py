@@ -3,7 +3,7 @@
 Usage:
   python -m beam_jobs.preprocess --labels_csv CSV --images_dir DIR --output_dir OUT \
       [--image_size 128] [--eval_fraction 0.2] [--num_shards N] [--compression none|gzip] \
-      [--max_bad_fraction 0.05] [--overwrite] [Beam pipeline options]
+      [--max_bad_fraction 0.05] [--max_file_bytes N] [--overwrite] [Beam pipeline options]
 
 The same code runs on DirectRunner (in-process, or `--direct_running_mode=multi_processing
 --direct_num_workers=N`) and on Dataflow (`--runner=DataflowRunner --project ... --region ...
@@ -14,6 +14,10 @@ Outputs under OUT:
   dead_letters/dead_letters-00000-of-00001.jsonl      one JSON line per input that is not an Example
   counts.json                                          the pipeline's own tally of everything
   manifest.json                                        written last, only when the job succeeded
+  .planet-claim.json                                   written first: the folder is this job's
+
+The output folder may hold nothing but these (see model/output_dir.py): a folder with other files,
+or one that overlaps --images_dir or --labels_csv, is refused before anything is touched.
 
 Every CSV row ends up exactly once as an Example or as a dead letter, so
 csv_rows = examples[train] + examples[eval] + dead_lettered_rows, and the job checks it.
@@ -25,15 +29,15 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
-import sys
 import time
 import uuid
 import zlib
 from typing import Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
-from apache_beam.io import fileio, tfrecordio
+from apache_beam.io import tfrecordio
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -44,10 +48,14 @@ from apache_beam.transforms.window import GlobalWindows
 
 from beam_jobs import dead_letters, labels, runner_options
 from beam_jobs.image_decoder import DEFAULT_MAX_PIXELS, decode_image
+from beam_jobs.image_files import (DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files,
+                                   read_image_file)
 from beam_jobs.labels import LabelRow
 from beam_jobs.progress import LogProgress, counter, query_counters, show_progress_logs
+from model import command_line
 from model import manifest as manifest_lib
 from model import schema
+from model.output_dir import OutputLayout, OutputRefused, claim_output_dir, with_beam_temporaries
 from model.errors import InputRefused, Reason
 
 STAGE = 'preprocess'
@@ -56,6 +64,12 @@ DEAD_LETTERS_DIR = 'dead_letters'
 COUNTS_FILE = 'counts.json'
 COMPRESSIONS = {'none': CompressionTypes.UNCOMPRESSED, 'gzip': CompressionTypes.GZIP}
 SHARD_SUFFIXES = {'none': '.tfrecord', 'gzip': '.tfrecord.gz'}
+IMAGE_EXTENSION = '.jpg'
+# Everything this job writes under OUT: only these files are ever deleted by --overwrite.
+LAYOUT = OutputLayout(STAGE, with_beam_temporaries(
+    COUNTS_FILE, f'{DEAD_LETTERS_DIR}/dead_letters-?????-of-?????.jsonl',
+    *(f'{split}/part-?????-of-?????{suffix}' for split in SPLITS
+      for suffix in SHARD_SUFFIXES.values())))
 
 # Shards of 100-200 MB: big enough that opening one costs nothing next to reading it, small
 # enough that tf.data can interleave many and a lost worker redoes little.
@@ -275,7 +289,7 @@ class JoinRowsWithImage(beam.DoFn):
     name, grouped = element
     image, refused = join_rows_with_image(
         name, grouped['rows'], grouped['refused'], grouped['files'],
-        FileSystems.join(self._images_dir, name + '.jpg'))
+        FileSystems.join(self._images_dir, name + IMAGE_EXTENSION))
     for record in refused:
       if record['reason'] == Reason.IMAGE_WITHOUT_ROW.value:
         self._without_row.inc()
@@ -290,10 +304,12 @@ class EncodeExample(beam.DoFn):
   """LabelledImage -> EncodedExample: read the bytes once, hash and decode those same bytes."""
   REFUSED = 'refused'
 
-  def __init__(self, image_size: int, eval_fraction: float, max_pixels: int):
+  def __init__(self, image_size: int, eval_fraction: float, max_pixels: int,
+               max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
     self._image_size = image_size
     self._eval_fraction = eval_fraction
     self._max_pixels = max_pixels
+    self._max_file_bytes = max_file_bytes
 
   def setup(self):
     self._examples = {split: counter(f'examples_{split}') for split in SPLITS}
@@ -310,14 +326,9 @@ class EncodeExample(beam.DoFn):
 
   def process(self, image: LabelledImage) -> Iterator:
     try:
-      with FileSystems.open(image.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        data = f.read()
-    except FileNotFoundError as e:   # listed, then gone before it was read
-      yield self._refuse(image, Reason.MISSING_IMAGE, f'the file disappeared: {e}')
-      return
-    except Exception as e:  # pylint: disable=broad-except  # each filesystem raises its own
-      yield self._refuse(image, Reason.UNREADABLE_FILE,
-                         f'cannot read the file ({type(e).__name__}: {e})')
+      data = read_image_file(image.path, self._max_file_bytes)
+    except InputRefused as refusal:   # not a regular file, too large, gone, unreadable
+      yield self._refuse(image, refusal.reason, refusal.message)
       return
     self._bytes_read.inc(len(data))
     try:
@@ -339,9 +350,9 @@ def _count_image_listed(element):
   return element
 
 
-def _name_and_path(metadata) -> tuple[str, str]:
-  file_name = FileSystems.split(metadata.path)[1]
-  return file_name[:-len('.jpg')], metadata.path
+def _name_and_path(path: str) -> tuple[str, str]:
+  file_name = FileSystems.split(path)[1]
+  return file_name[:-len(IMAGE_EXTENSION)], path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,11 +370,10 @@ def ReadLabels(pipeline, labels_csv: str):  # pylint: disable=invalid-name
 
 @beam.ptransform_fn
 def ListImages(pipeline, images_dir: str):  # pylint: disable=invalid-name
-  """Every <images_dir>/*.jpg as (image name, path)."""
+  """Every <images_dir>/*.jpg as (image name, path): FIFOs, links and folders so named too."""
   return (pipeline
-          | 'MatchJpegs' >> fileio.MatchFiles(
-              FileSystems.join(images_dir, '*.jpg'),
-              empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+          | 'ImagesDir' >> beam.Create([ImageSource.files_in(images_dir, IMAGE_EXTENSION)])
+          | 'ListJpegs' >> beam.FlatMap(list_image_files, (IMAGE_EXTENSION,))
           | 'CountListed' >> beam.Map(_count_image_listed)
           | 'KeyByName' >> beam.Map(_name_and_path))
 
@@ -511,6 +521,7 @@ class PreprocessConfig:
   compression: str = 'none'
   max_bad_fraction: float = 0.05
   max_pixels: int = DEFAULT_MAX_PIXELS
+  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
   def shard_prefix(self, split: str) -> str:
     return FileSystems.join(self.output_dir, split, 'part')
@@ -547,7 +558,8 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig) -> PreprocessOutp
 
   encoded = (joined.images
              | 'EncodeExamples' >> beam.ParDo(EncodeExample(
-                 config.image_size, config.eval_fraction, config.max_pixels)).with_outputs(
+                 config.image_size, config.eval_fraction, config.max_pixels,
+                 config.max_file_bytes)).with_outputs(
                      EncodeExample.REFUSED, main='examples'))
   examples = (encoded.examples
               | 'LogExamples' >> beam.ParDo(LogProgress('preprocess: images encoded')))
@@ -598,10 +610,15 @@ def inspect_labels_csv(path: str) -> CsvFacts:
   """
   if not FileSystems.exists(path):
     raise ConfigError(f'--labels_csv {path} does not exist')
+  if _is_local(path) and not os.path.isfile(path):
+    raise ConfigError(f'--labels_csv {path} is not a regular file')
   try:
     fmt, _ = labels.read_label_lines(path)
   except ValueError as e:
     raise ConfigError(f'--labels_csv {path}: {e}') from None
+  if not labels.has_data_rows(path):
+    raise ConfigError(f'--labels_csv {path} has a header but no rows: there is nothing to '
+                      'prepare; point it at the labels file of your images')
   digest, lines = hashlib.sha256(), 0
   with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
     while chunk := f.read(1 << 20):
@@ -612,21 +629,21 @@ def inspect_labels_csv(path: str) -> CsvFacts:
 
 def check_images_dir(images_dir: str) -> None:
   """Refuses an images folder that is missing or holds no .jpg file (every row would fail)."""
-  found = FileSystems.match([FileSystems.join(images_dir, '*.jpg')], limits=[1])[0]
-  if found.metadata_list:
+  if _is_local(images_dir) and not os.path.isdir(images_dir):
+    state = 'is not a folder' if os.path.lexists(images_dir) else 'does not exist'
+    raise ConfigError(f'--images_dir {images_dir} {state}')
+  source = ImageSource.files_in(images_dir, IMAGE_EXTENSION)
+  if next(iter(list_image_files(source, (IMAGE_EXTENSION,))), None):
     return
-  if _is_local(images_dir) and not FileSystems.exists(images_dir):
-    raise ConfigError(f'--images_dir {images_dir} does not exist')
   raise ConfigError(f'--images_dir {images_dir} holds no .jpg files (the job reads '
                     '<images_dir>/<image_name>.jpg for every CSV row)')
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   """The job's own flags; everything else is a Beam pipeline option."""
-  parser = argparse.ArgumentParser(
+  parser = command_line.ArgumentParser(
       prog='python -m beam_jobs.preprocess', description=__doc__.split('\n')[0],
-      epilog='Any other flag is passed to Beam (e.g. --runner, --direct_num_workers).',
-      allow_abbrev=False)   # an abbreviation could swallow a Beam flag
+      epilog='Any other flag is passed to Beam (e.g. --runner, --direct_num_workers).')
   parser.add_argument('--labels_csv', required=True,
                       help='train_v2.csv (image_name,tags) or the tutorial\'s '
                            'image_name,weather_labels,ground_labels CSV')
@@ -646,9 +663,18 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                            '(default %(default)s)')
   parser.add_argument('--max_pixels', type=int, default=DEFAULT_MAX_PIXELS,
                       help='refuse images whose header declares more pixels (default %(default)s)')
+  parser.add_argument('--max_file_bytes', type=int, default=DEFAULT_MAX_FILE_BYTES,
+                      help='refuse image files larger than this without reading them '
+                           '(default %(default)s)')
   parser.add_argument('--overwrite', action='store_true',
-                      help='replace an earlier run\'s outputs in --output_dir')
-  return parser.parse_known_args(argv)
+                      help='delete an earlier run of this job in --output_dir (only its own '
+                           'files) before writing')
+  args, beam_args = parser.parse_known_args(argv)
+  try:
+    runner_options.check_beam_flags(beam_args, command_line.own_flags(parser))
+  except ValueError as e:
+    parser.error(str(e))
+  return args, beam_args
 
 
 def validate_config(args: argparse.Namespace, check_paths: bool = True) -> tuple[PreprocessConfig,
@@ -673,6 +699,8 @@ def validate_config(args: argparse.Namespace, check_paths: bool = True) -> tuple
     raise ConfigError(f'--num_shards must be at least 1, not {args.num_shards}')
   if args.max_pixels < 1:
     raise ConfigError(f'--max_pixels must be at least 1, not {args.max_pixels}')
+  if args.max_file_bytes < 1:
+    raise ConfigError(f'--max_file_bytes must be at least 1, not {args.max_file_bytes}')
   facts = CsvFacts(None, None, None)
   if check_paths or _is_local(args.labels_csv):
     facts = inspect_labels_csv(args.labels_csv)
@@ -690,37 +718,20 @@ def validate_config(args: argparse.Namespace, check_paths: bool = True) -> tuple
       labels_csv=args.labels_csv, images_dir=args.images_dir, output_dir=args.output_dir,
       image_size=args.image_size, eval_fraction=args.eval_fraction,
       num_shards=tuple(num_shards.items()), compression=args.compression,
-      max_bad_fraction=args.max_bad_fraction, max_pixels=args.max_pixels)
+      max_bad_fraction=args.max_bad_fraction, max_pixels=args.max_pixels,
+      max_file_bytes=args.max_file_bytes)
   return config, facts
 
 
-def _our_outputs(output_dir: str) -> list[str]:
-  patterns = [FileSystems.join(output_dir, d, '**') for d in SPLITS + (DEAD_LETTERS_DIR,)]
-  patterns.append(FileSystems.join(output_dir, COUNTS_FILE))
-  found = []
-  for result in FileSystems.match(patterns):
-    found += [m.path for m in result.metadata_list]
-  return found
+def prepare_output_dir(config: PreprocessConfig, overwrite: bool) -> None:
+  """Claims --output_dir for this run (model/output_dir.py), or refuses before touching it.
 
-
-def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
-  """Refuses a finished output unless `overwrite`; clears this stage's old outputs first.
-
-  Old shards are always removed, also those of a run that failed before its manifest: Beam
-  names shards -SSSSS-of-NNNNN, and a stale set of another N must never sit beside new ones.
+  A finished run is replaced only with --overwrite, and so are the files of a killed or failed
+  one: Beam names shards -SSSSS-of-NNNNN, and a stale set of another N must never sit beside new
+  ones. Anything else in the folder, or an overlap with an input, is refused.
   """
-  manifest = manifest_lib.manifest_path(output_dir)
-  if FileSystems.exists(manifest):
-    if not overwrite:
-      raise ConfigError(
-          f'{output_dir} already holds a finished preprocess output ({manifest}); pass '
-          '--overwrite to replace it, or choose another --output_dir')
-    # The manifest goes first: from here on the folder reads as unfinished to every consumer.
-    FileSystems.delete([manifest])
-  stale = _our_outputs(output_dir)
-  if stale:
-    _log.info('removing %d files of an earlier run from %s', len(stale), output_dir)
-    FileSystems.delete(stale)
+  claim_output_dir(config.output_dir, LAYOUT, overwrite,
+                   inputs={'--images_dir': config.images_dir, '--labels_csv': config.labels_csv})
 
 
 def read_counts(config: PreprocessConfig) -> dict[str, int]:
@@ -809,7 +820,7 @@ def run(argv: list[str] | None = None) -> RunOutcome:
   config, facts = validate_config(args, check_paths=not dry_run)
   show_progress_logs()
   if not dry_run:
-    prepare_output_dir(config.output_dir, args.overwrite)
+    prepare_output_dir(config, args.overwrite)
 
   started = time.monotonic()
   pipeline = beam.Pipeline(runner=runner_options.local_runner(options), options=options)
@@ -837,10 +848,8 @@ def run(argv: list[str] | None = None) -> RunOutcome:
 
 
 def main(argv: list[str] | None = None) -> None:
-  try:
-    run(argv)
-  except (ConfigError, dead_letters.TooManyBadInputs) as e:
-    sys.exit(f'preprocess: {e}')
+  command_line.run_command(STAGE, lambda: run(argv),
+                           refusals=(ConfigError, OutputRefused, dead_letters.TooManyBadInputs))
 
 
 if __name__ == '__main__':

@@ -1,4 +1,6 @@
 """Facts about how a job was asked to run, shared by both Beam jobs."""
+import difflib
+
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
 
@@ -38,3 +40,41 @@ def local_runner(options: PipelineOptions):
   encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
   return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
       beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
+
+
+def _option_classes(cls=PipelineOptions):
+  for subclass in cls.__subclasses__():
+    yield subclass
+    yield from _option_classes(subclass)
+
+
+def beam_flags() -> set[str]:
+  """Every flag that Beam's pipeline options define (all runners' options, Dataflow's too)."""
+  # pylint: disable=import-outside-toplevel,protected-access
+  from apache_beam.options.pipeline_options import _BeamArgumentParser
+  parser = _BeamArgumentParser(add_help=False, conflict_handler='resolve')
+  for cls in set(_option_classes()):
+    cls._add_argparse_args(parser)
+  return {flag for action in parser._actions for flag in action.option_strings}
+
+
+def check_beam_flags(beam_args: list[str], own_flags: list[str]) -> None:
+  """Refuses a flag that neither the job nor Beam defines, naming the closest known flag.
+
+  Beam itself only logs such a flag among its other output and drops it, so a typo like
+  --max_bad_fractoin would run the job with the default.
+
+  Raises:
+    ValueError: one line, e.g. 'unknown flag --max_bad_fractoin (did you mean --max_bad_fraction?)'.
+  """
+  known = None
+  for arg in beam_args:
+    if not arg.startswith('--'):
+      continue   # the value of the flag before it
+    flag = arg.split('=', 1)[0]
+    known = known or beam_flags()
+    if flag not in known:
+      close = difflib.get_close_matches(flag, own_flags + sorted(known), n=1, cutoff=0.6)
+      hint = f' (did you mean {close[0]}?)' if close else ''
+      raise ValueError(f'unknown flag {flag[:100]}{hint}; --help lists the job\'s own flags, '
+                       'and Beam\'s pipeline options are also accepted')

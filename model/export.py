@@ -6,19 +6,20 @@ complete, because TF Serving (and our handlers) pick up any new numbered folder 
 Usage: python -m model.export --checkpoint JOB/checkpoints/epoch_003.keras --export_base EXPORT \
          [--info_json JOB/metrics.json]
 """
-import argparse
 import hashlib
 import json
 import os
 import re
-import shutil
 import uuid
 
 import tensorflow as tf
 
-from model import schema
+from model import command_line, schema
+from model.output_dir import OutputRefused
 
 _VERSION_RE = re.compile(r'^\d+$')
+# A version being written; TF Serving skips names that are not numbers.
+_TEMPORARY_PREFIX = '.tmp-'
 
 
 def model_dir(export_base: str) -> str:
@@ -31,6 +32,33 @@ def list_versions(base_path: str) -> list[int]:
     return []
   return sorted(int(name.rstrip('/')) for name in tf.io.gfile.listdir(base_path)
                 if _VERSION_RE.match(name.rstrip('/')))
+
+
+def check_export_base(export_base: str) -> None:
+  """Refuses an --export_base that holds anything but PlanetModel/ with its version folders.
+
+  Exports only ever add a folder, but the base is where TF Serving looks for versions: a user's
+  own files there would be served, or mistaken for ours.
+
+  Raises:
+    OutputRefused: naming a few of the entries that are not ours.
+  """
+  if not tf.io.gfile.exists(export_base):
+    return
+  if not tf.io.gfile.isdir(export_base):
+    raise OutputRefused(f'--export_base {export_base} is a file, not a folder: give a folder path')
+  unknown = [name for name in tf.io.gfile.listdir(export_base)
+             if name.rstrip('/') != schema.MODEL_NAME]
+  base = model_dir(export_base)
+  if tf.io.gfile.isdir(base):
+    unknown += [f'{schema.MODEL_NAME}/{name}' for name in tf.io.gfile.listdir(base)
+                if not (_VERSION_RE.match(name.rstrip('/')) or name.startswith(_TEMPORARY_PREFIX))]
+  if unknown:
+    named = ', '.join(repr(n[:120]) for n in sorted(unknown)[:5])
+    raise OutputRefused(
+        f'--export_base {export_base} holds {len(unknown)} entries that are not model exports '
+        f'({named}); it may hold only {schema.MODEL_NAME}/<version>/ folders. Choose another '
+        '--export_base, or move those files out; nothing was touched')
 
 
 def _write_checksums(version_dir: str) -> None:
@@ -73,10 +101,11 @@ def export_model(model, export_base: str, info: dict | None = None) -> str:
       fn=lambda input_image: core(input_image, training=False),
       input_signature=[tf.TensorSpec(shape, tf.float32, name=schema.INPUT_FLOAT)])
 
+  check_export_base(export_base)
   base = model_dir(export_base)
   tf.io.gfile.makedirs(base)
   version = max(list_versions(base), default=0) + 1
-  temporary = os.path.join(base, f'.tmp-{version}-{uuid.uuid4().hex[:8]}')
+  temporary = os.path.join(base, f'{_TEMPORARY_PREFIX}{version}-{uuid.uuid4().hex[:8]}')
   final = os.path.join(base, str(version))
   try:
     archive.write_out(temporary, verbose=False)
@@ -130,13 +159,15 @@ def info_from_metrics(metrics: dict) -> dict:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description='Export a training checkpoint as the next version.')
+  parser = command_line.ArgumentParser(prog='python -m model.export',
+                                       description='Export a training checkpoint as the next version.')
   parser.add_argument('--checkpoint', required=True, help='a .keras checkpoint written by model.train')
   parser.add_argument('--export_base', required=True, help='exports go to EXPORT_BASE/PlanetModel/<N>')
   parser.add_argument('--info_json',
                       help='JOB/metrics.json from model.train: its tuned ground thresholds and '
                            'eval summary go into planet.json (default: thresholds of 0.2)')
   args = parser.parse_args(argv)
+  check_export_base(args.export_base)
   info = None
   if args.info_json:   # read before loading the model: a wrong file fails in a second
     with tf.io.gfile.GFile(args.info_json) as f:
@@ -152,4 +183,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  command_line.run_command('export', main, refusals=(OutputRefused, ValueError, OSError))

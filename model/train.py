@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 from typing import Callable
 
@@ -30,17 +29,26 @@ from model import input as input_lib
 from model import manifest as manifest_lib
 from model import metrics as metrics_lib
 from model import network
+from model import command_line
 from model import schema
+from model.output_dir import (OutputLayout, OutputRefused, check_outputs_apart,
+                              refuse_unknown_files)
 
 DEFAULT_ARCHITECTURE = 'model.network:tutorial_cnn'
 CHECKPOINT_PATTERN = 'epoch_{epoch:03d}.keras'
 _CHECKPOINT_RE = re.compile(r'^epoch_(\d+)\.keras$')
 # The prior-only baseline predicts every label at least this common in the training labels.
 BASELINE_MIN_FREQUENCY = 0.2
+# Everything model.train writes in JOB: a JOB holding anything else is refused.
+JOB_LAYOUT = OutputLayout('train', (
+    'checkpoints/epoch_???.keras', 'history.json', 'history.json.tmp', 'metrics.json',
+    'metrics.json.tmp', 'logs/train/events.out.tfevents.*',
+    'logs/validation/events.out.tfevents.*'))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = command_line.ArgumentParser(
+      prog='python -m model.train',
       description='Train the Planet model on a preprocess output, evaluate it, export it.')
   parser.add_argument('--data_dir', required=True, help='a beam_jobs.preprocess output folder')
   parser.add_argument('--job_dir', required=True,
@@ -291,6 +299,20 @@ def evaluate(predictions: dict[str, np.ndarray], train_frequencies: dict[str, fl
   }
 
 
+def check_output_folders(args: argparse.Namespace) -> None:
+  """Refuses, before anything is read or written, a JOB or EXPORT_BASE that is not ours.
+
+  Each must lie apart from --data_dir and from the other, and hold only what model.train (or
+  model.export) writes there: a folder of the user's own files is never written into.
+  """
+  check_outputs_apart({'--job_dir': args.job_dir, '--export_base': args.export_base},
+                      {'--data_dir': args.data_dir})
+  if tf.io.gfile.exists(args.job_dir) and not tf.io.gfile.isdir(args.job_dir):
+    raise OutputRefused(f'--job_dir {args.job_dir} is a file, not a folder: give a folder path')
+  refuse_unknown_files(args.job_dir, JOB_LAYOUT, '--job_dir')
+  export_lib.check_export_base(args.export_base)
+
+
 def _best_epoch(rows: list[dict]) -> int | None:
   losses = [(r['val_loss'], r['epoch']) for r in rows if 'val_loss' in r]
   return min(losses)[1] if losses else None
@@ -298,6 +320,7 @@ def _best_epoch(rows: list[dict]) -> int | None:
 
 def train(args: argparse.Namespace) -> dict:
   """Runs the whole job (see the module docstring); returns what JOB/metrics.json holds."""
+  check_output_folders(args)
   if args.seed is not None:
     keras.utils.set_random_seed(args.seed)
   data = input_lib.load_prepared(args.data_dir, args.image_size)
@@ -385,15 +408,16 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None):
+  # Refused input or configuration (ManifestMissing, CorruptShard, OutputRefused, ...): the message
+  # says what to do; a traceback would only hide it.
+  command_line.run_command('train', lambda: _train_command(argv),
+                           refusals=(FileNotFoundError, FileExistsError, ValueError))
+
+
+def _train_command(argv):
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
   args = parse_args(argv)
-  try:
-    result = train(args)
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
-    # Refused input or configuration (ManifestMissing, CorruptShard, ...): the message says what
-    # to do; a traceback would only hide it.
-    print(f'train: error: {e}', file=sys.stderr)
-    sys.exit(1)
+  result = train(args)
   evaluation = result['eval']
   print(f'train: eval F2 {evaluation["mean_f2"]:.4f} with tuned thresholds, '
         f'{evaluation["mean_f2_default_thresholds"]:.4f} at 0.2, prior-only baseline '

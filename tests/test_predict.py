@@ -85,16 +85,20 @@ def test_refusals_before_the_pipeline_starts(tmp_path, capsys, export_base, mixe
   out = str(tmp_path / 'out')
   _run_expecting(capsys, ['--input', str(tmp_path / 'nothing'), '--output_dir', out,
                           '--model_dir', model], 'matches no .jpg')
+  (tmp_path / 'no_model').mkdir()
   _run_expecting(capsys, ['--input', str(images), '--output_dir', out,
-                          '--model_dir', str(tmp_path)], 'no complete model version')
+                          '--model_dir', str(tmp_path / 'no_model')], 'no complete model version')
   bad_csv = tmp_path / 'bad.csv'
   bad_csv.write_text('name,labels\n')
   _run_expecting(capsys, ['--input', str(images), '--output_dir', out, '--model_dir', model,
                           '--labels_csv', str(bad_csv)], 'unrecognised labels CSV header')
   (tmp_path / 'out').mkdir()
   (tmp_path / 'out' / 'old.txt').write_text('x')
-  _run_expecting(capsys, ['--input', str(images), '--output_dir', out, '--model_dir', model],
-                 'unfinished run', '--overwrite')
+  # A file the job did not write is never called ours, and --overwrite is no way past it.
+  for overwrite in ([], ['--overwrite']):
+    _run_expecting(capsys, ['--input', str(images), '--output_dir', out, '--model_dir', model,
+                            *overwrite], "holds 1 file that predict did not write ('old.txt')")
+  assert (tmp_path / 'out' / 'old.txt').read_text() == 'x'
 
 
 def test_refuses_an_export_without_the_serving_signature(tmp_path, capsys, export_base, mixed_folder):

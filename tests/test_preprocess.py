@@ -18,6 +18,7 @@ from beam_jobs.labels import CsvFormat, LabelRow, parse_label_line
 from beam_jobs.make_sample import make_sample
 from beam_jobs.preprocess import ConfigError, EncodedExample, LabelledImage
 from model import schema
+from model.output_dir import OutputRefused
 from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO
 from tests.hostile_inputs import png_declaring
 
@@ -355,8 +356,12 @@ def test_too_many_bad_rows_fail_unpublished_and_reruns_never_mix_shards(bad_mix,
   assert not (tmp_path / schema.MANIFEST_FILE).exists()
   assert len(list((tmp_path / 'train').glob('*-of-00003.tfrecord'))) == 3   # left unpublished
 
-  # A rerun clears the unfinished run's shards: -of-00003 never sits beside -of-00002.
-  manifest = preprocess.run(_args(root, tmp_path, '--num_shards', '2',
+  # A rerun is refused until told to delete the unfinished run's files, then clears its
+  # shards: -of-00003 never sits beside -of-00002.
+  with pytest.raises(OutputRefused, match='unfinished run .*--overwrite'):
+    preprocess.run(_args(root, tmp_path, '--num_shards', '2', '--max_bad_fraction', '0.9'))
+  assert len(list((tmp_path / 'train').glob('*-of-00003.tfrecord'))) == 3
+  manifest = preprocess.run(_args(root, tmp_path, '--num_shards', '2', '--overwrite',
                                   '--max_bad_fraction', '0.9')).manifest
   assert sorted(p.name for p in (tmp_path / 'train').iterdir()) == [
       'part-00000-of-00002.tfrecord', 'part-00001-of-00002.tfrecord']
@@ -364,7 +369,7 @@ def test_too_many_bad_rows_fail_unpublished_and_reruns_never_mix_shards(bad_mix,
 
   # A finished output is refused without --overwrite, and left as it was.
   before = (tmp_path / schema.MANIFEST_FILE).read_bytes()
-  with pytest.raises(ConfigError, match='--overwrite'):
+  with pytest.raises(OutputRefused, match='finished run .*--overwrite'):
     preprocess.run(_args(root, tmp_path, '--max_bad_fraction', '0.9'))
   assert (tmp_path / schema.MANIFEST_FILE).read_bytes() == before
 

@@ -27,6 +27,7 @@ from beam_jobs import make_sample, predict, preprocess
 from model import input as input_lib
 from model import schema, serve, train, verify_data
 from model.manifest import ManifestMissing
+from model.output_dir import CLAIM_FILE, OutputRefused
 from tests import hostile_inputs
 from tests.conftest import REPO
 from tests.test_serving_handler import make_self_signed_certificate
@@ -41,9 +42,10 @@ def report(scenario: str, **figures) -> None:
 
 
 def files_under(folder: pathlib.Path) -> list[str]:
-  """Every file below `folder`, relative to it (empty folders left by a killed run do not count)."""
+  """Every file the pipeline wrote below `folder`, relative to it (empty folders left by a killed
+  run do not count, nor the claim file written before the pipeline starts)."""
   return sorted(str(pathlib.Path(root, name).relative_to(folder))
-                for root, _, names in os.walk(folder) for name in names)
+                for root, _, names in os.walk(folder) for name in names if name != CLAIM_FILE)
 
 
 def flip_byte(path: pathlib.Path, position: float = 0.5) -> None:
@@ -161,7 +163,7 @@ def test_predict_killed_mid_job_publishes_nothing_and_a_rerun_equals_a_clean_run
   seconds, present = kill_once_output_appears(['beam_jobs.predict', *args(out)], out,
                                               tmp_path / 'killed.log')
   assert present and not (out / schema.MANIFEST_FILE).exists()
-  with pytest.raises(FileExistsError, match='holds files of an unfinished run .*--overwrite'):
+  with pytest.raises(OutputRefused, match='holds an unfinished run .*--overwrite'):
     predict.run(args(out))
 
   rerun = predict.run(args(out) + ['--overwrite'])

@@ -1,0 +1,244 @@
+"""The one output-folder policy of every stage: a job owns only what it can prove it wrote.
+
+Output folders belong to the user. Before a stage writes anything it calls `claim_output_dir`:
+
+- An output folder that equals, contains or lies inside one of the stage's inputs is refused
+  (`check_outputs_apart`): clearing or filling it could destroy the inputs.
+- A folder holding any file that the stage's `OutputLayout` does not name is refused, with or
+  without --overwrite, naming a few of those files: nothing in it is touched.
+- A folder holding only this stage's files is proved ours by this stage's manifest (a finished
+  run) or claim file (a run that started, then was killed or failed). Without --overwrite it is
+  refused with what it holds; with --overwrite exactly those files are deleted, one by one, and
+  then the folders of the layout that are left empty. Never a folder recursively, never a pattern
+  over a whole sub-tree.
+- Then the claim file is written, before the pipeline starts, so that a run killed at any point
+  leaves a folder the next run can prove is its own.
+
+Usage:
+  claim_output_dir(out, PREDICT_LAYOUT, overwrite=args.overwrite,
+                   inputs={'--input': folder, '--model_dir': model_dir})
+"""
+import dataclasses
+import fnmatch
+import json
+import os
+import time
+
+from apache_beam.io.filesystems import FileSystems
+
+from model import schema
+
+__all__ = ['CLAIM_FILE', 'OutputLayout', 'OutputRefused', 'check_outputs_apart',
+           'claim_output_dir', 'list_files', 'refuse_unknown_files', 'unknown_files',
+           'with_beam_temporaries']
+
+CLAIM_FILE = '.planet-claim.json'
+# Beam's file sinks write into beam-temp-<prefix>-<uuid>/ folders beside their outputs.
+_BEAM_TEMPORARIES = ('beam-temp-*/*',)
+_NAMED_IN_MESSAGES = 5
+
+
+class OutputRefused(ValueError):
+  """An output folder this stage may not write into; raised before anything is touched."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputLayout:
+  """Every file a stage writes in its output folder, as patterns relative to it.
+
+  Attributes:
+    stage: the stage name its manifest and claim file carry.
+    files: fnmatch patterns of the stage's outputs and its own temporaries ('/' separates
+      folders; '*' does not cross one).
+  """
+  stage: str
+  files: tuple[str, ...]
+
+  def owns(self, relative: str) -> bool:
+    if relative in (CLAIM_FILE, schema.MANIFEST_FILE, schema.MANIFEST_FILE + '.tmp'):
+      return True
+    depth = relative.count('/')
+    return any(pattern.count('/') == depth and fnmatch.fnmatchcase(relative, pattern)
+               for pattern in self.files)
+
+  def folders(self) -> set[str]:
+    """The sub-folders the layout writes into (removed when empty after an --overwrite)."""
+    return {pattern.rsplit('/', 1)[0] for pattern in self.files if '/' in pattern}
+
+
+def with_beam_temporaries(*files: str) -> tuple[str, ...]:
+  """`files` plus the temporaries Beam's sinks write beside each folder of them."""
+  folders = sorted({f.rsplit('/', 1)[0] + '/' if '/' in f else '' for f in files})
+  return tuple(files) + tuple(folder + temporary for folder in folders
+                              for temporary in _BEAM_TEMPORARIES)
+
+
+def _is_local(path: str) -> bool:
+  return '://' not in path
+
+
+def _normalized(path: str) -> str:
+  if _is_local(path):
+    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+  return path.rstrip('/')
+
+
+def _inside(inner: str, outer: str) -> bool:
+  return inner == outer or inner.startswith(outer.rstrip('/') + '/')
+
+
+Inputs = dict[str, str | None] | list[tuple[str, str | None]]
+
+
+def check_outputs_apart(outputs: dict[str, str], inputs: Inputs) -> None:
+  """Refuses an output that equals, contains or lies inside an input, or another output.
+
+  Args:
+    outputs: flag -> output folder.
+    inputs: flag -> input path (a folder or a file; None where not given), as a dict or as pairs
+      (a flag given more than once). Links are resolved, so a link to an input is the input.
+
+  Raises:
+    OutputRefused: naming both flags; nothing has been touched.
+  """
+  def refuse(out_flag, out, other_flag, other, relation):
+    raise OutputRefused(
+        f'{out_flag} {out} {relation} {other_flag} {other}: a stage never writes where its '
+        'inputs are (clearing it could destroy them); nothing was touched. Choose an '
+        f'{out_flag} outside every input')
+
+  items = list(outputs.items())
+  for i, (out_flag, out) in enumerate(items):
+    real_out = _normalized(out)
+    pairs = inputs.items() if isinstance(inputs, dict) else inputs
+    others = [(flag, path) for flag, path in pairs if path]
+    others += [(flag, path) for flag, path in items[i + 1:]]
+    for other_flag, other in others:
+      real_other = _normalized(other)
+      if real_out == real_other:
+        refuse(out_flag, out, other_flag, other, 'is')
+      if _inside(real_other, real_out):
+        refuse(out_flag, out, other_flag, other, 'contains')
+      if _inside(real_out, real_other):
+        refuse(out_flag, out, other_flag, other, 'lies inside')
+
+
+def list_files(folder: str) -> list[str]:
+  """Every entry below `folder` that is not a folder (links not followed), relative to it."""
+  if _is_local(folder):
+    found = []
+    for root, dirs, files in os.walk(folder):
+      # A link to a folder is listed as an entry (never followed, never deleted through).
+      found += [os.path.relpath(os.path.join(root, name), folder)
+                for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]]
+    return sorted(found)
+  prefix = folder.rstrip('/') + '/'
+  matched = FileSystems.match([prefix + '**'])[0].metadata_list
+  return sorted(m.path[len(prefix):] for m in matched)
+
+
+def unknown_files(files: list[str], layout: OutputLayout) -> list[str]:
+  return [f for f in files if not layout.owns(f)]
+
+
+def refuse_unknown_files(folder: str, layout: OutputLayout, flag: str) -> list[str]:
+  """The files in `folder` (relative), all of them named by `layout`; else refuses.
+
+  Raises:
+    OutputRefused: naming a few of the files the stage did not write.
+  """
+  files = list_files(folder) if FileSystems.exists(folder) else []
+  unknown = unknown_files(files, layout)
+  if unknown:
+    raise OutputRefused(
+        f'{flag} {folder} holds {_count(unknown, "file")} that {layout.stage} did not write '
+        f'({_describe(unknown)}); nothing was touched, with or without --overwrite. Choose a '
+        f'new or empty {flag}, or move those files out')
+  return files
+
+
+def _read_json(path: str) -> dict | None:
+  try:
+    with FileSystems.open(path) as f:
+      value = json.loads(f.read(1 << 20).decode('utf-8'))
+    return value if isinstance(value, dict) else None
+  except Exception:  # pylint: disable=broad-except  # unreadable = not proof of anything
+    return None
+
+
+def _proof(folder: str, layout: OutputLayout) -> str | None:
+  """'finished' or 'unfinished' when this stage's manifest or claim file is there, else None."""
+  for name, state in ((schema.MANIFEST_FILE, 'finished'), (CLAIM_FILE, 'unfinished')):
+    record = _read_json(FileSystems.join(folder, name))
+    if record is not None and record.get('stage') == layout.stage:
+      return state
+  return None
+
+
+def _count(items: list, noun: str) -> str:
+  return f'{len(items)} {noun}' + ('' if len(items) == 1 else 's')
+
+
+def _describe(files: list[str]) -> str:
+  named = ', '.join(repr(f[:120]) for f in files[:_NAMED_IN_MESSAGES])
+  more = len(files) - _NAMED_IN_MESSAGES
+  return named + (f' and {more} more' if more > 0 else '')
+
+
+def _delete(folder: str, files: list[str], layout: OutputLayout) -> None:
+  FileSystems.delete([FileSystems.join(folder, f) for f in files])
+  if not _is_local(folder):
+    return   # object stores have no folders to leave behind
+  # Deepest first, and only folders the layout writes into, and only when empty.
+  candidates = {os.path.dirname(f) for f in files} | layout.folders()
+  for relative in sorted((c for c in candidates if c), key=lambda c: -c.count('/')):
+    try:
+      os.rmdir(os.path.join(folder, relative))
+    except OSError:
+      pass   # not empty, or not there: left as it is
+
+
+def claim_output_dir(output_dir: str, layout: OutputLayout, overwrite: bool,
+                     inputs: Inputs | None = None, flag: str = '--output_dir',
+                     write_claim: bool = True) -> None:
+  """Makes `output_dir` this run's, or refuses before anything is touched.
+
+  Args:
+    output_dir: the folder (local or gs://); created when missing.
+    layout: what the stage writes there.
+    overwrite: delete an earlier run of this stage (proved by its manifest or claim file).
+    inputs: flag -> input path; the folder may not overlap any of them.
+    flag: the output folder's flag, for messages.
+    write_claim: False for a stage that publishes no claim file (it still gets every check).
+
+  Raises:
+    OutputRefused: with what it holds and what to do.
+  """
+  check_outputs_apart({flag: output_dir}, inputs or {})
+  if _is_local(output_dir) and os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+    raise OutputRefused(f'{flag} {output_dir} is a file, not a folder: give a folder path '
+                        '(it is created when missing)')
+  files = refuse_unknown_files(output_dir, layout, flag)
+  if files:
+    proof = _proof(output_dir, layout)
+    if proof is None:
+      raise OutputRefused(
+          f'{flag} {output_dir} holds files named like {layout.stage} outputs '
+          f'({_describe(files)}) but no {layout.stage} manifest or claim file proves this job '
+          f'wrote them; nothing was touched. Delete them yourself, or choose a new {flag}')
+    if not overwrite:
+      what = ('a finished run' if proof == 'finished'
+              else 'an unfinished run (killed or failed: no manifest)')
+      raise OutputRefused(
+          f'{flag} {output_dir} holds {what} of {layout.stage}; pass --overwrite to delete '
+          f'exactly those {_count(files, "file")}, or choose another {flag}')
+    # The manifest goes first: from here on the folder reads as unfinished to every consumer.
+    first = [f for f in files if f == schema.MANIFEST_FILE]
+    _delete(output_dir, first, layout)
+    _delete(output_dir, [f for f in files if f not in first and f != CLAIM_FILE], layout)
+  if write_claim:
+    if _is_local(output_dir):
+      os.makedirs(output_dir, exist_ok=True)
+    with FileSystems.create(FileSystems.join(output_dir, CLAIM_FILE)) as f:
+      f.write(json.dumps({'stage': layout.stage, 'claimed': time.strftime(
+          '%Y-%m-%dT%H:%M:%SZ', time.gmtime())}).encode('utf-8'))
