@@ -131,7 +131,7 @@ def test_dataflow_dry_run_translates_the_job(monkeypatch, export_base, mixed_fol
       '--model_dir', str(export_base / 'PlanetModel'), '--labels_csv', str(labels_csv),
       *DATAFLOW_DRY_RUN_ARGS])
   assert summary['dry_run']
-  for step in ('MatchFiles', 'ReadAndDecode', 'RunInference', 'WritePredictions',
+  for step in ('ListImages', 'ReadAndDecode', 'RunInference', 'WritePredictions',
                'WriteDeadLetters', 'WriteSubmission', 'WriteSummary', 'WriteReport', 'AttachTruth'):
     assert step in summary['transforms'], step
 
