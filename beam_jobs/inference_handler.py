@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from beam_jobs.progress import METRICS_NAMESPACE, counter
+from beam_jobs.common.progress import METRICS_NAMESPACE, counter
 from model import schema
 from model.errors import InputRefused, Reason
 from model.saved_model_info import ExportInfo

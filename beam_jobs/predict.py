@@ -28,11 +28,12 @@ from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, R
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.windowed_value import WindowedValue
 
-from beam_jobs import dead_letters, labels, report, runner_options
-from beam_jobs.image_decoder import DEFAULT_MAX_PIXELS, decode_image
-from beam_jobs.image_files import (DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files,
+from beam_jobs.common import dead_letters, labels, runner_options
+from beam_jobs import report
+from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS, decode_image
+from beam_jobs.common.image_files import (DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files,
                                    read_image_file)
-from beam_jobs.progress import LogProgress, counter, show_progress_logs
+from beam_jobs.common.progress import LogProgress, counter, show_progress_logs
 from model import command_line, manifest, metrics, schema
 from model.errors import InputRefused, Reason
 from model.output_dir import (OutputLayout, check_outputs_apart, claim_output_dir,

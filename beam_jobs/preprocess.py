@@ -46,12 +46,12 @@ from apache_beam.runners.runner import PipelineState
 from apache_beam.transforms.display import DisplayDataItem
 from apache_beam.transforms.window import GlobalWindows
 
-from beam_jobs import dead_letters, labels, runner_options
-from beam_jobs.image_decoder import DEFAULT_MAX_PIXELS, decode_image
-from beam_jobs.image_files import (DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files,
+from beam_jobs.common import dead_letters, labels, runner_options
+from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS, decode_image
+from beam_jobs.common.image_files import (DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files,
                                    read_image_file)
-from beam_jobs.labels import LabelRow
-from beam_jobs.progress import LogProgress, counter, query_counters, show_progress_logs
+from beam_jobs.common.labels import LabelRow
+from beam_jobs.common.progress import LogProgress, counter, query_counters, show_progress_logs
 from model import command_line
 from model import manifest as manifest_lib
 from model import schema
@@ -127,7 +127,7 @@ def image_to_example(row: LabelRow, data: bytes, image_size: int,
   """
   # Imported here so that importing this module (the driver, Dataflow job submission) does not
   # load TensorFlow; workers pay for it once, on their first image.
-  from beam_jobs.examples import build_example  # pylint: disable=import-outside-toplevel
+  from model.tf_example import build_example  # pylint: disable=import-outside-toplevel
   pixels = decode_image(data, image_size, max_pixels=max_pixels)
   return build_example(row, pixels, hashlib.sha256(data).hexdigest())
 

@@ -44,7 +44,7 @@ from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from beam_jobs import progress
+from beam_jobs.common import progress
 from model import schema
 from model.saved_model_info import signature_image_size
 from model.errors import InputRefused

@@ -25,7 +25,7 @@ import time
 import keras
 import numpy as np
 
-from model import input as input_lib
+from model import dataset as dataset_lib
 from model import schema
 
 
@@ -86,7 +86,7 @@ def sequence_rate(sequence, epochs: int) -> float:
 
 
 def tf_data_rate(dataset, steps: int, epochs: int) -> float:
-  """Images per second through model.input's endless training stream, as fit consumes it.
+  """Images per second through model.dataset's endless training stream, as fit consumes it.
 
   One untimed epoch first: it fills the shuffle buffer and traces the functions once, as the
   first epoch of a training run does.
@@ -133,18 +133,18 @@ def main(argv=None):
   parser.add_argument('--batch_size', type=int, default=32)
   args = parser.parse_args(argv)
 
-  data = input_lib.load_prepared(args.data_dir)
+  data = dataset_lib.load_prepared(args.data_dir)
   rows = tutorial_rows(args.labels_csv)
-  steps = input_lib.steps_per_epoch(data, 'train', args.batch_size)
+  steps = dataset_lib.steps_per_epoch(data, 'train', args.batch_size)
   sequence = KagglePlanetSequence(rows, args.images_dir, data.image_size, args.batch_size)
   figures = {
       'image_size': data.image_size,
       'sequence_images': len(rows),
       'tf_data_images': data.counts['train'],
       'sequence_pillow_per_batch': sequence_rate(sequence, args.epochs),
-      'tf_data_augmented': tf_data_rate(input_lib.make_dataset(
+      'tf_data_augmented': tf_data_rate(dataset_lib.make_dataset(
           data, 'train', args.batch_size, training=True, augment=True), steps, args.epochs),
-      'tf_data_no_augment': tf_data_rate(input_lib.make_dataset(
+      'tf_data_no_augment': tf_data_rate(dataset_lib.make_dataset(
           data, 'train', args.batch_size, training=True, augment=False), steps, args.epochs),
   }
   figures['speedup'] = figures['tf_data_augmented'] / figures['sequence_pillow_per_batch']

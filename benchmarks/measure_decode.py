@@ -4,7 +4,7 @@ Usage: python -m benchmarks.measure_decode [--quick] [--work /tmp/planet_bench]
        (the same figures as the decode part of `python -m benchmarks`)
 
 Both decode the same bytes, already in memory, to 128 px RGB with the same resize filter:
-  with_draft:    beam_jobs.image_decoder.decode_image (JPEG decoded at 1/2 scale in the DCT).
+  with_draft:    beam_jobs.common.image_decoder.decode_image (JPEG decoded at 1/2 scale in the DCT).
   without_draft: `decode_full_size` below: Image.open + convert('RGB') + resize, full-size decode.
 On the generated chips (10% CMYK) and, where ../shared/planet holds them, on the real chips
 (all 4-component JPEGs), cycled to the same count.
@@ -27,7 +27,7 @@ REAL_CHIPS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 def decode_full_size(data: bytes, size: int) -> np.ndarray:
   """The decoder without draft(): every pixel of the JPEG decoded, then resized."""
-  from beam_jobs.image_decoder import RESIZE_FILTER  # pylint: disable=import-outside-toplevel
+  from beam_jobs.common.image_decoder import RESIZE_FILTER  # pylint: disable=import-outside-toplevel
   image = Image.open(io.BytesIO(data)).convert('RGB').resize((size, size), RESIZE_FILTER)
   return np.asarray(image, dtype=np.uint8)
 
@@ -41,7 +41,7 @@ def _read(paths: list[str]) -> list[bytes]:
 
 
 def measure(plan: Plan, work: str, log=print) -> dict:
-  from beam_jobs.image_decoder import decode_image  # pylint: disable=import-outside-toplevel
+  from beam_jobs.common.image_decoder import decode_image  # pylint: disable=import-outside-toplevel
   chips = workspace.chips(work, plan.big)
   sets = {'sample': _read(workspace.image_paths(chips)[:plan.loop_images])}
   real = sorted(glob.glob(os.path.join(REAL_CHIPS, '*.jpg')))

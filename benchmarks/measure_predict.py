@@ -124,7 +124,7 @@ def measure(plan: Plan, work: str, log=print) -> dict:
   # pylint: disable=import-outside-toplevel
   import tensorflow as tf
   from benchmarks.baselines import predict_one_float_image_per_request
-  from beam_jobs.image_decoder import decode_image
+  from beam_jobs.common.image_decoder import decode_image
 
   sets = {'small': workspace.chips(work, plan.small, draw_at_least=plan.big),
           'big': workspace.chips(work, plan.big)}

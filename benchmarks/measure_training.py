@@ -1,4 +1,4 @@
-"""Training input: model.input's tf.data pipeline beside the tutorial's Sequence, and the step rate.
+"""Training input: model.dataset's tf.data pipeline beside the tutorial's Sequence, and the step rate.
 
 Usage: python -m benchmarks.measure_training [--quick] [--work /tmp/planet_bench]
        (the same figures as the training part of `python -m benchmarks`; needs the preprocess
@@ -7,7 +7,7 @@ Usage: python -m benchmarks.measure_training [--quick] [--work /tmp/planet_bench
 Figures, on the big chip set and its preprocess output (128 px, batch 32):
   sequence_pillow_per_batch: the tutorial's KagglePlanetSequence (benchmarks/baselines.py), every
                   batch indexed once, as `fit(workers=1)` does: images/s delivered, no model.
-  tf_data_augmented, tf_data_no_augment: model.input.make_dataset's endless training stream
+  tf_data_augmented, tf_data_no_augment: model.dataset.make_dataset's endless training stream
                   (parse, flips/rotations, batch), no model.
   train_step_real_pipeline: model.fit steps of the project's network (model.train's compile)
                   fed by the augmented tf.data pipeline.
@@ -59,9 +59,9 @@ def _build_model(seed: int):
 
 def _arrays_in_memory(data, count: int):
   """`count` train examples as numpy arrays (repeated when the split is smaller)."""
-  from model import input as input_lib  # pylint: disable=import-outside-toplevel
+  from model import dataset as dataset_lib  # pylint: disable=import-outside-toplevel
   images, weather, ground = [], [], []
-  for batch_images, targets, _ in input_lib.make_dataset(data, 'train', BATCH_SIZE, training=False):
+  for batch_images, targets, _ in dataset_lib.make_dataset(data, 'train', BATCH_SIZE, training=False):
     images.append(batch_images.numpy())
     weather.append(targets['weather'].numpy())
     ground.append(targets['ground'].numpy())
@@ -73,14 +73,14 @@ def _arrays_in_memory(data, count: int):
 
 
 def measure(plan: Plan, work: str, log=print) -> dict:
-  from model import input as input_lib  # pylint: disable=import-outside-toplevel
+  from model import dataset as dataset_lib  # pylint: disable=import-outside-toplevel
   if not os.path.exists(os.path.join(prepared_dir(work), 'manifest.json')):
     from benchmarks import commands  # pylint: disable=import-outside-toplevel
-    from benchmarks.measure_preprocess import _command  # pylint: disable=import-outside-toplevel
+    from benchmarks.measure_preprocess import command  # pylint: disable=import-outside-toplevel
     commands.run_command(command('job_in_process', workspace.chips(work, plan.big),
                                  prepared_dir(work)), in_process=plan.commands_in_process)
   chips = workspace.chips(work, plan.big)
-  data = input_lib.load_prepared(prepared_dir(work))
+  data = dataset_lib.load_prepared(prepared_dir(work))
   sequence = baselines.KagglePlanetSequence(
       baselines.tutorial_rows(os.path.join(chips, 'train_v2.csv')),
       os.path.join(chips, 'train-jpg'), data.image_size, BATCH_SIZE)
@@ -95,14 +95,14 @@ def measure(plan: Plan, work: str, log=print) -> dict:
     baselines.sequence_rate(sequence, epochs=1)
     seconds['sequence'].append(time.perf_counter() - started)
     for augment in (True, False):
-      dataset = input_lib.make_dataset(data, 'train', BATCH_SIZE, training=True, augment=augment)
+      dataset = dataset_lib.make_dataset(data, 'train', BATCH_SIZE, training=True, augment=augment)
       images_per_s = baselines.tf_data_rate(dataset, plan.input_batches, epochs=1)
       seconds['tf_data_augmented' if augment else 'tf_data_no_augment'].append(
           plan.input_batches * BATCH_SIZE / images_per_s)
     for kind, model in models.items():
       clock = _StepClock()
       if kind == 'real_pipeline':
-        model.fit(input_lib.make_dataset(data, 'train', BATCH_SIZE, training=True),
+        model.fit(dataset_lib.make_dataset(data, 'train', BATCH_SIZE, training=True),
                   epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0,
                   callbacks=[clock.callback])
       else:

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from beam_jobs.labels import parse_label_file
+from beam_jobs.common.labels import parse_label_file
 from model import schema
 
 

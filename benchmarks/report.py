@@ -354,7 +354,7 @@ def _training_section(r: dict) -> list[str]:
   rows = [
       ['tutorial Sequence', '`benchmarks/baselines.py` `KagglePlanetSequence`: Pillow `load_img` '
        'per image per batch, one worker', _n(sequence), '1x'],
-      ['tf.data, augmented', '`model.input.make_dataset` (interleave, shuffle, batch, parse, '
+      ['tf.data, augmented', '`model.dataset.make_dataset` (interleave, shuffle, batch, parse, '
        'flips/rotations, prefetch)', _n(t['tf_data_augmented']['images_per_s']),
        _x(t['ratios']['tf_data_vs_sequence'])],
       ['tf.data, no augmentation', 'the same with `augment=False`',

@@ -5,6 +5,7 @@ never consumed. All access goes through Beam's FileSystems: local paths and gs:/
 """
 import hashlib
 import json
+import time
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -19,16 +20,26 @@ def manifest_path(output_dir: str) -> str:
   return FileSystems.join(output_dir, schema.MANIFEST_FILE)
 
 
+def utc_timestamp(seconds: float | None = None) -> str:
+  """`seconds` since the epoch (default: now) as the one timestamp format every stage writes."""
+  return time.strftime(schema.TIMESTAMP_FORMAT, time.gmtime(seconds))
+
+
+def write_json_atomic(path: str, value) -> str:
+  """Writes `value` as JSON at `path` (local or gs://) through a temporary name, so a reader
+  never sees half a file; returns `path`."""
+  temporary = path + '.tmp'
+  with FileSystems.create(temporary) as f:
+    f.write(json.dumps(value, indent=2, sort_keys=True, default=str).encode('utf-8'))
+  if FileSystems.exists(path):
+    FileSystems.delete([path])
+  FileSystems.rename([temporary], [path])
+  return path
+
+
 def write_manifest(output_dir: str, manifest: dict) -> str:
   """Writes `manifest` as OUTPUT_DIR/manifest.json (via a temporary name); returns the path."""
-  final = manifest_path(output_dir)
-  temporary = final + '.tmp'
-  with FileSystems.create(temporary) as f:
-    f.write(json.dumps(manifest, indent=2, sort_keys=True, default=str).encode('utf-8'))
-  if FileSystems.exists(final):
-    FileSystems.delete([final])
-  FileSystems.rename([temporary], [final])
-  return final
+  return write_json_atomic(manifest_path(output_dir), manifest)
 
 
 def read_manifest(output_dir: str, expected_stage: str | None = None) -> dict:

@@ -22,11 +22,11 @@ import dataclasses
 import fnmatch
 import json
 import os
-import time
 
 from apache_beam.io.filesystems import FileSystems
 
 from model import schema
+from model.manifest import utc_timestamp
 
 __all__ = ['CLAIM_FILE', 'OutputLayout', 'OutputRefused', 'check_outputs_apart',
            'claim_output_dir', 'list_files', 'refuse_unknown_files', 'unknown_files',
@@ -240,5 +240,4 @@ def claim_output_dir(output_dir: str, layout: OutputLayout, overwrite: bool,
     if _is_local(output_dir):
       os.makedirs(output_dir, exist_ok=True)
     with FileSystems.create(FileSystems.join(output_dir, CLAIM_FILE)) as f:
-      f.write(json.dumps({'stage': layout.stage, 'claimed': time.strftime(
-          '%Y-%m-%dT%H:%M:%SZ', time.gmtime())}).encode('utf-8'))
+      f.write(json.dumps({'stage': layout.stage, 'claimed': utc_timestamp()}).encode('utf-8'))

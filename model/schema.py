@@ -21,7 +21,7 @@ NUM_GROUND = len(GROUND_LABELS)
 DEFAULT_IMAGE_SIZE = 128
 CHANNELS = 3
 
-# tf.train.Example feature keys (written by beam_jobs.preprocess, read by model.input).
+# tf.train.Example feature keys (written by beam_jobs.preprocess, read by model.dataset).
 KEY_NAME = 'image/name'          # bytes: the image name (file stem)
 KEY_SHA256 = 'image/sha256'      # bytes: hex sha256 of the source file
 KEY_PIXELS = 'image/pixels'      # bytes: raw uint8 RGB, row-major H x W x 3
@@ -46,6 +46,29 @@ EXPORT_CHECKSUMS_FILE = 'assets.extra/SHA256SUMS'
 # Every stage writes this last, after all its outputs are complete; the next stage refuses
 # an output folder without it.
 MANIFEST_FILE = 'manifest.json'
+
+# Stage names: what each stage's manifest (and claim file) says, and what the next one checks.
+STAGE_PREPROCESS = 'preprocess'
+STAGE_TRAIN = 'train'
+STAGE_PREDICT = 'predict'
+
+# The splits of a preprocess output, each a folder of shards (model.dataset reads both).
+SPLITS = ('train', 'eval')
+# TFRecord compression: the --compression names and the suffix of a shard written with each.
+SHARD_SUFFIXES = {'none': '.tfrecord', 'gzip': '.tfrecord.gz'}
+COMPRESSIONS = tuple(SHARD_SUFFIXES)
+
+# Output files of the Beam jobs, relative to their --output_dir. Both jobs write their dead
+# letters as DEAD_LETTERS_DIR/dead_letters-SSSSS-of-NNNNN.jsonl.
+DEAD_LETTERS_DIR = 'dead_letters'
+COUNTS_FILE = 'counts.json'          # preprocess: the pipeline's own tally
+PREDICTIONS_PREFIX = 'predictions'   # predict: predictions-SSSSS-of-NNNNN.jsonl
+SUBMISSION_FILE = 'submission.csv'
+SUMMARY_FILE = 'summary.json'
+REPORT_FILE = 'report.html'
+
+# UTC, second precision: every timestamp a stage writes (manifests, summaries, reports).
+TIMESTAMP_FORMAT = '%Y-%m-%dT%H:%M:%SZ'
 
 # Decision threshold for a ground label when an export carries none (the tutorial's choice).
 DEFAULT_GROUND_THRESHOLD = 0.2

@@ -25,7 +25,7 @@ import keras
 from tensorflow.core.framework import summary_pb2
 
 from model import export as export_lib
-from model import input as input_lib
+from model import dataset as dataset_lib
 from model import manifest as manifest_lib
 from model import metrics as metrics_lib
 from model import network
@@ -40,7 +40,7 @@ _CHECKPOINT_RE = re.compile(r'^epoch_(\d+)\.keras$')
 # The prior-only baseline predicts every label at least this common in the training labels.
 BASELINE_MIN_FREQUENCY = 0.2
 # Everything model.train writes in JOB: a JOB holding anything else is refused.
-JOB_LAYOUT = OutputLayout('train', (
+JOB_LAYOUT = OutputLayout(schema.STAGE_TRAIN, (
     'checkpoints/epoch_???.keras', 'history.json', 'history.json.tmp', 'metrics.json',
     'metrics.json.tmp', 'logs/train/events.out.tfevents.*',
     'logs/validation/events.out.tfevents.*'))
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--architecture', default=DEFAULT_ARCHITECTURE,
                       help='module:function building float features from a [0, 1] image tensor '
                            '(ignored on --resume: the checkpoint holds the network)')
-  parser.add_argument('--shuffle_buffer', type=int, default=input_lib.DEFAULT_SHUFFLE_BUFFER)
+  parser.add_argument('--shuffle_buffer', type=int, default=dataset_lib.DEFAULT_SHUFFLE_BUFFER)
   parser.add_argument('--seed', type=int, help='seed every random draw (weights, shuffle, augment)')
   parser.add_argument('--verbose', type=int, default=1, choices=(0, 1, 2),
                       help='Keras fit verbosity: 1 a progress bar, 2 a line per epoch')
@@ -164,14 +164,6 @@ def read_history(job_dir: str) -> list[dict]:
     return json.load(f)
 
 
-def _write_json(path: str, value) -> None:
-  """Writes JSON through a temporary name, so a reader never sees half a file."""
-  temporary = path + '.tmp'
-  with tf.io.gfile.GFile(temporary, 'w') as f:
-    json.dump(value, f, indent=2)
-  tf.io.gfile.rename(temporary, path, overwrite=True)
-
-
 class EpochHistory(keras.callbacks.Callback):
   """Keeps JOB/history.json: each epoch's losses and training speed, across --resume runs.
 
@@ -199,7 +191,7 @@ class EpochHistory(keras.callbacks.Callback):
     row = {'epoch': epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
            'train_seconds': seconds, 'train_images_per_second': self.images_per_epoch / seconds}
     self.rows = [r for r in self.rows if r['epoch'] < epoch + 1] + [row]
-    _write_json(self.path, self.rows)
+    manifest_lib.write_json_atomic(self.path, self.rows)
 
 
 class EpochSummaries(keras.callbacks.Callback):
@@ -323,17 +315,17 @@ def train(args: argparse.Namespace) -> dict:
   check_output_folders(args)
   if args.seed is not None:
     keras.utils.set_random_seed(args.seed)
-  data = input_lib.load_prepared(args.data_dir, args.image_size)
+  data = dataset_lib.load_prepared(args.data_dir, args.image_size)
   # Refuses a used JOB (or a checkpoint of another size) before the read of every shard.
   model, initial_epoch = restore_or_build(args, data.image_size)
-  summaries = input_lib.verify_shards(data)
+  summaries = dataset_lib.verify_shards(data)
   tf.io.gfile.makedirs(checkpoint_dir(args.job_dir))
   job_manifest = os.path.join(args.job_dir, schema.MANIFEST_FILE)
   if tf.io.gfile.exists(job_manifest):   # this job is unfinished again until the end
     tf.io.gfile.remove(job_manifest)
 
   history = [r for r in read_history(args.job_dir) if r['epoch'] <= initial_epoch]
-  steps = input_lib.steps_per_epoch(data, 'train', args.batch_size)
+  steps = dataset_lib.steps_per_epoch(data, 'train', args.batch_size)
   callbacks = [
       EpochHistory(args.job_dir, history, steps * args.batch_size),
       keras.callbacks.ModelCheckpoint(os.path.join(checkpoint_dir(args.job_dir), CHECKPOINT_PATTERN)),
@@ -341,9 +333,9 @@ def train(args: argparse.Namespace) -> dict:
   ]
   if args.patience > 0:
     callbacks.append(ResumableEarlyStopping(args.patience, history))
-  train_data = input_lib.make_dataset(data, 'train', args.batch_size, training=True,
+  train_data = dataset_lib.make_dataset(data, 'train', args.batch_size, training=True,
                                       augment=args.augment, shuffle_buffer=args.shuffle_buffer)
-  eval_data = input_lib.make_dataset(data, 'eval', args.batch_size, training=False)
+  eval_data = dataset_lib.make_dataset(data, 'eval', args.batch_size, training=False)
   if initial_epoch < args.epochs:
     try:
       model.fit(train_data, validation_data=eval_data, epochs=args.epochs,
@@ -352,7 +344,7 @@ def train(args: argparse.Namespace) -> dict:
                 shuffle=False)
     except tf.errors.DataLossError:
       # A shard changed after the check above; name it rather than print a byte offset.
-      corrupt = input_lib.find_corrupt_shard(data)
+      corrupt = dataset_lib.find_corrupt_shard(data)
       if corrupt:
         raise corrupt from None
       raise
@@ -389,12 +381,12 @@ def train(args: argparse.Namespace) -> dict:
   }
   metrics_path = os.path.join(args.job_dir, 'metrics.json')
   # Written before the export too, so `python -m model.export --info_json` can redo a failed one.
-  _write_json(metrics_path, result)
+  manifest_lib.write_json_atomic(metrics_path, result)
   exported = export_lib.export_model(model, args.export_base, export_lib.info_from_metrics(result))
   result['export'] = exported
-  _write_json(metrics_path, result)
+  manifest_lib.write_json_atomic(metrics_path, result)
   manifest_lib.write_manifest(args.job_dir, {
-      'stage': 'train',
+      'stage': schema.STAGE_TRAIN,
       'inputs': {'data_dir': args.data_dir,
                  'data_manifest_sha256': manifest_lib.sha256_of_file(
                      manifest_lib.manifest_path(args.data_dir))},

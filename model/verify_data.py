@@ -4,7 +4,7 @@ Usage:
   python -m model.verify_data PREP_OUT [--image_size 128] [--max_workers 4]
 
 Reads PREP_OUT/manifest.json (a folder without one is refused: its job did not finish), then every
-listed shard to its end with the training input's own check (`model.input.check_shard`): each
+listed shard to its end with the training input's own check (`model.dataset.check_shard`): each
 record's length and data CRCs, each record parsed at the manifest's image size, a gzip shard's
 trailer. Unlike training, which stops at the first bad shard, it reports every bad one, one line
 each, then compares each split's example count with the manifest's.
@@ -20,7 +20,7 @@ import time
 
 import tensorflow as tf
 
-from model import input as input_lib
+from model import dataset as dataset_lib
 from model import manifest as manifest_lib
 
 PROG = 'python -m model.verify_data'
@@ -31,7 +31,7 @@ class ShardCheck:
   """What reading one shard found: its summary, or why it is bad."""
   split: str
   path: str
-  summary: input_lib.SplitSummary | None
+  summary: dataset_lib.SplitSummary | None
   problem: str | None
 
 
@@ -59,12 +59,12 @@ class Report:
             f'{len(self.problems)} problems ({self.seconds:.1f} s)')
 
 
-def _check_one(split: str, path: str, data: input_lib.PreparedData) -> ShardCheck:
+def _check_one(split: str, path: str, data: dataset_lib.PreparedData) -> ShardCheck:
   if not tf.io.gfile.exists(path):
     return ShardCheck(split, path, None, f'shard {path} is missing (the manifest lists it)')
   try:
-    return ShardCheck(split, path, input_lib.check_shard(path, data), None)
-  except input_lib.CorruptShard as e:
+    return ShardCheck(split, path, dataset_lib.check_shard(path, data), None)
+  except dataset_lib.CorruptShard as e:
     return ShardCheck(split, path, None, str(e))
   except tf.errors.OpError as e:   # unreadable: permissions, a vanished file, a storage error
     message = getattr(e, 'message', str(e)).split('\n')[0]
@@ -80,19 +80,19 @@ def verify_data(data_dir: str, image_size: int | None = None, max_workers: int =
     ValueError: a manifest that is not a usable preprocess manifest (another stage, no shards).
   """
   started = time.monotonic()
-  data = input_lib.load_prepared(data_dir, image_size, require_shards=False)
-  jobs = [(split, path) for split in input_lib.SPLITS for path in data.shards[split]]
+  data = dataset_lib.load_prepared(data_dir, image_size, require_shards=False)
+  jobs = [(split, path) for split in dataset_lib.SPLITS for path in data.shards[split]]
   with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
     checks = tuple(pool.map(lambda job: _check_one(*job, data), jobs))
   problems = [c.problem for c in checks if c.problem]
   examples = {}
-  for split in input_lib.SPLITS:
+  for split in dataset_lib.SPLITS:
     parts = [c for c in checks if c.split == split]
     if any(c.problem for c in parts):
       continue   # its count is unknown; the bad shards are already reported
-    examples[split] = input_lib.combine_summaries(c.summary for c in parts).examples
+    examples[split] = dataset_lib.combine_summaries(c.summary for c in parts).examples
     try:
-      input_lib.check_split_count(data, split, examples[split])
+      dataset_lib.check_split_count(data, split, examples[split])
     except ValueError as e:
       problems.append(str(e))
   return Report(data_dir, checks, tuple(problems), examples, time.monotonic() - started)

@@ -27,9 +27,9 @@ def write_prepared(out_dir, count: int, image_size: int, seed: int = 0, shards_p
   """Writes OUT_DIR/sample (chips) and OUT_DIR/prep (shards + manifest.json); returns prep."""
   import numpy as np
   import tensorflow as tf
-  from beam_jobs.examples import build_example
-  from beam_jobs.image_decoder import decode_image
-  from beam_jobs.labels import parse_label_file
+  from model.tf_example import build_example
+  from beam_jobs.common.image_decoder import decode_image
+  from beam_jobs.common.labels import parse_label_file
   from beam_jobs.make_sample import make_sample
   from model.manifest import write_manifest
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from beam_jobs.image_decoder import decode_image
+from beam_jobs.common.image_decoder import decode_image
 from beam_jobs.make_sample import draw_chip, encode_chip
 from model.errors import InputRefused
 from tests.conftest import PLANET_DIR

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beam_jobs.image_decoder import RESIZE_FILTER, decode_image
+from beam_jobs.common.image_decoder import RESIZE_FILTER, decode_image
 from model.errors import InputRefused, Reason
 from tests.hostile_inputs import png_declaring
 

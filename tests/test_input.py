@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from beam_jobs.examples import build_example
-from beam_jobs.labels import LabelRow
-from model import input as input_lib
+from model.tf_example import build_example, feature_spec
+from beam_jobs.common.labels import LabelRow
+from model import dataset as dataset_lib
 from model import schema
 from model.manifest import ManifestMissing, write_manifest
 from tests.conftest_training import SAMPLE_SIZE, copy_prepared, prepared_data  # noqa: F401 (fixture)
@@ -47,7 +47,7 @@ def test_parse_batch_restores_pixels_labels_and_masks_missing_weather():
   rows = [_row('a', 0, (8, 12)), _row('b', None, (12,)), _row('c', 3, ())]
   pixels = [_pixels(i) for i in range(3)]
   serialized = tf.constant([build_example(r, p, 'ab' * 32) for r, p in zip(rows, pixels)])
-  images, targets, weights = input_lib.parse_batch(serialized, SIZE)
+  images, targets, weights = dataset_lib.parse_batch(serialized, SIZE)
   assert images.dtype == tf.uint8
   np.testing.assert_array_equal(images.numpy(), np.stack(pixels))
   np.testing.assert_array_equal(targets['weather'].numpy(), [r.weather for r in rows])
@@ -60,7 +60,7 @@ def test_parse_batch_restores_pixels_labels_and_masks_missing_weather():
 def test_parse_batch_refuses_a_record_of_another_size():
   serialized = tf.constant([build_example(_row('a', 0), _pixels(0, SIZE + 1), 'ab' * 32)])
   with pytest.raises(tf.errors.InvalidArgumentError):
-    input_lib.parse_batch(serialized, SIZE)
+    dataset_lib.parse_batch(serialized, SIZE)
 
 
 def _dihedral(image):
@@ -77,8 +77,8 @@ def test_augment_batch_draws_every_square_symmetry_and_nothing_else():
   image = np.arange(SIZE * SIZE * 3, dtype=np.uint8).reshape(SIZE, SIZE, 3)
   variants = [v.tobytes() for v in _dihedral(image)]
   assert len(set(variants)) == 8
-  assert input_lib.augment_batch(tf.constant(image[None])).shape == (1, SIZE, SIZE, 3)
-  out = input_lib.augment_batch(tf.constant(np.stack([image] * 400))).numpy()
+  assert dataset_lib.augment_batch(tf.constant(image[None])).shape == (1, SIZE, SIZE, 3)
+  out = dataset_lib.augment_batch(tf.constant(np.stack([image] * 400))).numpy()
   seen = [variants.index(chip.tobytes()) for chip in out]   # .index raises if not a symmetry
   counts = np.bincount(seen, minlength=8)
   assert counts.min() > 25, counts   # all 8, each about 50 times
@@ -87,39 +87,39 @@ def test_augment_batch_draws_every_square_symmetry_and_nothing_else():
 def test_load_prepared_refuses_a_folder_without_manifest(tmp_path):
   (tmp_path / 'train.tfrecord').write_bytes(b'')
   with pytest.raises(ManifestMissing, match='has no manifest.json: the stage that writes it did not finish'):
-    input_lib.load_prepared(str(tmp_path))
+    dataset_lib.load_prepared(str(tmp_path))
 
 
 def test_load_prepared_refuses_another_image_size_and_missing_shards(tmp_path):
   data_dir = _write_data(tmp_path, [build_example(_row('a', 0), _pixels(0), 'ab' * 32)],
                          [build_example(_row('b', 0), _pixels(1), 'ab' * 32)])
-  assert input_lib.load_prepared(str(data_dir), SIZE).image_size == SIZE
+  assert dataset_lib.load_prepared(str(data_dir), SIZE).image_size == SIZE
   with pytest.raises(ValueError, match=f'holds {SIZE}x{SIZE} pixels but --image_size is 8'):
-    input_lib.load_prepared(str(data_dir), 8)
+    dataset_lib.load_prepared(str(data_dir), 8)
   (data_dir / 'eval.tfrecord').unlink()
   with pytest.raises(FileNotFoundError, match='eval.tfrecord'):
-    input_lib.load_prepared(str(data_dir))
+    dataset_lib.load_prepared(str(data_dir))
 
 
 def test_load_prepared_refuses_another_stage(tmp_path):
   write_manifest(str(tmp_path), {'stage': 'predict'})
   with pytest.raises(ValueError, match="stage 'predict', not 'preprocess'"):
-    input_lib.load_prepared(str(tmp_path))
+    dataset_lib.load_prepared(str(tmp_path))
 
 
 def test_eval_is_one_pass_in_a_fixed_order_and_train_an_endless_reshuffled_stream(prepared_data):
-  data = input_lib.load_prepared(str(prepared_data))
+  data = dataset_lib.load_prepared(str(prepared_data))
   in_files = []
   for path in data.shards['eval']:
     for record in tf.data.TFRecordDataset(path):
-      in_files.append(tf.io.parse_single_example(record, input_lib.feature_spec())[schema.KEY_PIXELS].numpy())
-  evaluation = input_lib.make_dataset(data, 'eval', 16, training=False)
+      in_files.append(tf.io.parse_single_example(record, feature_spec())[schema.KEY_PIXELS].numpy())
+  evaluation = dataset_lib.make_dataset(data, 'eval', 16, training=False)
   pass_1 = [c.tobytes() for b in evaluation for c in b[0].numpy()]
   pass_2 = [c.tobytes() for b in evaluation for c in b[0].numpy()]
   assert pass_1 == pass_2 and sorted(pass_1) == sorted(in_files)
 
-  train = input_lib.make_dataset(data, 'train', 16, training=True, augment=False, shuffle_buffer=64)
-  steps = input_lib.steps_per_epoch(data, 'train', 16)
+  train = dataset_lib.make_dataset(data, 'train', 16, training=True, augment=False, shuffle_buffer=64)
+  steps = dataset_lib.steps_per_epoch(data, 'train', 16)
   assert steps == math.ceil(data.counts['train'] / 16)
   # An endless stream: three epochs' worth show every chip about three times (epochs blur by up
   # to a shuffle buffer), in a new order each epoch.
@@ -134,7 +134,7 @@ def test_verify_shards_counts_labels(tmp_path):
   rows = [_row('a', 0, (8,)), _row('b', None, (8, 12)), _row('c', 1, ())]
   data_dir = _write_data(tmp_path, [build_example(r, _pixels(i), 'ab' * 32) for i, r in enumerate(rows)],
                          [build_example(_row('d', 2), _pixels(9), 'ab' * 32)], compression='gzip')
-  summaries = input_lib.verify_shards(input_lib.load_prepared(str(data_dir)))
+  summaries = dataset_lib.verify_shards(dataset_lib.load_prepared(str(data_dir)))
   train = summaries['train']
   assert (train.examples, train.without_weather) == (3, 1)
   frequencies = train.label_frequencies()
@@ -157,11 +157,11 @@ def test_a_damaged_shard_fails_fast_naming_the_file(tmp_path, damage):
   elif damage == 'flip_byte':
     raw[len(raw) // 2] ^= 0xFF
     shard.write_bytes(bytes(raw))
-  data = input_lib.load_prepared(str(data_dir))
-  with pytest.raises(input_lib.CorruptShard, match=str(shard)) as refused:
-    input_lib.verify_shards(data)
+  data = dataset_lib.load_prepared(str(data_dir))
+  with pytest.raises(dataset_lib.CorruptShard, match=str(shard)) as refused:
+    dataset_lib.verify_shards(data)
   assert 'run the preprocess job again' in str(refused.value)
-  assert input_lib.find_corrupt_shard(data) is not None
+  assert dataset_lib.find_corrupt_shard(data) is not None
 
 
 def test_verify_shards_refuses_counts_that_differ_from_the_manifest(tmp_path, prepared_data):
@@ -170,5 +170,5 @@ def test_verify_shards_refuses_counts_that_differ_from_the_manifest(tmp_path, pr
   manifest['counts']['examples']['eval'] += 1
   (data_dir / 'manifest.json').write_text(json.dumps(manifest))
   with pytest.raises(ValueError, match='the eval shards .* hold \\d+ examples but its manifest records'):
-    input_lib.verify_shards(input_lib.load_prepared(str(data_dir)))
-  assert SAMPLE_SIZE == input_lib.load_prepared(str(data_dir)).image_size
+    dataset_lib.verify_shards(dataset_lib.load_prepared(str(data_dir)))
+  assert SAMPLE_SIZE == dataset_lib.load_prepared(str(data_dir)).image_size

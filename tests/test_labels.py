@@ -4,8 +4,8 @@ import tracemalloc
 
 import pytest
 
-from beam_jobs import labels
-from beam_jobs.labels import CsvFormat, LabelRow, parse_label_line
+from beam_jobs.common import labels
+from beam_jobs.common.labels import CsvFormat, LabelRow, parse_label_line
 from model import schema
 from model.errors import InputRefused, Reason
 

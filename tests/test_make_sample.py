@@ -5,8 +5,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from beam_jobs import labels, make_sample
-from beam_jobs.image_decoder import decode_image
+from beam_jobs.common import labels
+from beam_jobs import make_sample
+from beam_jobs.common.image_decoder import decode_image
 
 
 def _tree_digest(root):

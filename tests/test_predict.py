@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from beam_jobs import predict
-from beam_jobs.image_decoder import decode_image
+from beam_jobs.common.image_decoder import decode_image
 from model import metrics, schema
 from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO
 from tests.conftest import PREDICT_IMAGE_SIZE as IMAGE_SIZE, read_jsonl as _read_jsonl

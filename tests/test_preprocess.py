@@ -12,9 +12,9 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from beam_jobs import preprocess
-from beam_jobs.dead_letters import TooManyBadInputs
-from beam_jobs.image_decoder import decode_image
-from beam_jobs.labels import CsvFormat, LabelRow, parse_label_line
+from beam_jobs.common.dead_letters import TooManyBadInputs
+from beam_jobs.common.image_decoder import decode_image
+from beam_jobs.common.labels import CsvFormat, LabelRow, parse_label_line
 from beam_jobs.make_sample import make_sample
 from beam_jobs.preprocess import ConfigError, EncodedExample, LabelledImage
 from model import schema
@@ -81,14 +81,8 @@ def _args(root: pathlib.Path, out: pathlib.Path, *extra: str) -> list[str]:
 def _read_examples(out: pathlib.Path, manifest: dict) -> dict[str, dict]:
   """Every Example in the shards, read with tf.data, by image name (+ its split)."""
   import tensorflow as tf
-  spec = {
-      schema.KEY_NAME: tf.io.FixedLenFeature([], tf.string),
-      schema.KEY_SHA256: tf.io.FixedLenFeature([], tf.string),
-      schema.KEY_PIXELS: tf.io.FixedLenFeature([], tf.string),
-      schema.KEY_SHAPE: tf.io.FixedLenFeature([3], tf.int64),
-      schema.KEY_WEATHER: tf.io.FixedLenFeature([schema.NUM_WEATHER], tf.float32),
-      schema.KEY_GROUND: tf.io.FixedLenFeature([schema.NUM_GROUND], tf.float32),
-  }
+  from model.tf_example import feature_spec
+  spec = feature_spec(with_identity=True)
   compression = {'none': '', 'gzip': 'GZIP'}[manifest['compression']]
   examples = {}
   for split, shards in manifest['shards'].items():

@@ -3,7 +3,7 @@ import logging
 
 import pytest
 
-from beam_jobs.progress import LogProgress, show_progress_logs
+from beam_jobs.common.progress import LogProgress, show_progress_logs
 
 
 class _Lines(logging.Handler):

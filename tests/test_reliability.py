@@ -22,9 +22,9 @@ import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
 # Imported before any test records opened files: a lazy import inside a job would open its own.
-import beam_jobs.examples  # noqa: F401  pylint: disable=unused-import
+import model.tf_example  # noqa: F401  pylint: disable=unused-import
 from beam_jobs import make_sample, predict, preprocess
-from model import input as input_lib
+from model import dataset as dataset_lib
 from model import schema, serve, train, verify_data
 from model.manifest import ManifestMissing
 from model.output_dir import CLAIM_FILE, OutputRefused
@@ -200,7 +200,7 @@ def test_a_damaged_shard_stops_training_in_bounded_time_naming_the_file(damage, 
   args = train.parse_args(['--data_dir', str(data), '--job_dir', str(job), '--export_base',
                            str(tmp_path / 'export'), '--epochs', '1', '--verbose', '0'])
   started = time.monotonic()
-  with pytest.raises(input_lib.CorruptShard, match=re.escape(str(shard))) as refused:
+  with pytest.raises(dataset_lib.CorruptShard, match=re.escape(str(shard))) as refused:
     train.train(args)
   seconds = time.monotonic() - started
   assert 'run the preprocess job again' in str(refused.value)

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from beam_jobs import make_sample, predict, progress, serving_handler
-from beam_jobs.image_decoder import decode_image
+from beam_jobs.common import progress
+from beam_jobs import make_sample, predict, serving_handler
+from beam_jobs.common.image_decoder import decode_image
 from model import schema, serve
 from model.export import export_model
 from model.network import build_model

@@ -32,7 +32,7 @@ from apache_beam.testing.util import assert_that
 from apache_beam.testing.util import equal_to
 from tensorflow_serving.apis import get_model_metadata_pb2
 
-from beam_jobs import progress
+from beam_jobs.common import progress
 from beam_jobs import serving_handler as sh
 from model import schema
 from model import serve

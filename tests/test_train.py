@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from beam_jobs.examples import build_example
-from beam_jobs.labels import LabelRow
+from model.tf_example import build_example
+from beam_jobs.common.labels import LabelRow
 from model import export as export_lib
-from model import input as input_lib
+from model import dataset as dataset_lib
 from model import schema
 from model import train
 from model.manifest import ManifestMissing
@@ -71,7 +71,7 @@ def test_training_learns_beyond_the_prior_only_baseline(prepared_data, tmp_path)
 def test_resume_continues_at_the_next_epoch_with_the_optimizer_state(prepared_data, tmp_path):
   job, exports = tmp_path / 'job', tmp_path / 'export'
   train.train(_args(prepared_data, job, exports, '--epochs', 2, '--patience', 0))
-  steps = math.ceil(input_lib.load_prepared(str(prepared_data)).counts['train'] / BATCH)
+  steps = math.ceil(dataset_lib.load_prepared(str(prepared_data)).counts['train'] / BATCH)
   saved = keras.models.load_model(train.list_checkpoints(str(job))[2])
   assert int(saved.optimizer.iterations.numpy()) == 2 * steps
 
@@ -133,24 +133,24 @@ def test_a_truncated_shard_stops_training_before_it_starts_naming_the_file(prepa
   data_dir = copy_prepared(prepared_data, tmp_path / 'prep')
   shard = sorted(data_dir.glob('train-*'))[1]
   shard.write_bytes(shard.read_bytes()[:-1000])
-  with pytest.raises(input_lib.CorruptShard, match=str(shard)):
+  with pytest.raises(dataset_lib.CorruptShard, match=str(shard)):
     train.train(_args(data_dir, tmp_path / 'job', tmp_path / 'export'))
   assert not train.list_checkpoints(str(tmp_path / 'job'))
 
 
 def test_a_shard_damaged_after_the_check_is_still_named(prepared_data, tmp_path, monkeypatch):
   data_dir = copy_prepared(prepared_data, tmp_path / 'prep')
-  intact = input_lib.verify_shards(input_lib.load_prepared(str(data_dir)))
+  intact = dataset_lib.verify_shards(dataset_lib.load_prepared(str(data_dir)))
   shard = sorted(data_dir.glob('train-*'))[0]
   shard.write_bytes(shard.read_bytes()[:-1000])
-  real_verify, calls = input_lib.verify_shards, []
+  real_verify, calls = dataset_lib.verify_shards, []
 
   def verify_before_the_damage(data, *args, **kwargs):
     calls.append(1)
     return intact if len(calls) == 1 else real_verify(data, *args, **kwargs)
 
-  monkeypatch.setattr(input_lib, 'verify_shards', verify_before_the_damage)
-  with pytest.raises(input_lib.CorruptShard, match=str(shard)):
+  monkeypatch.setattr(dataset_lib, 'verify_shards', verify_before_the_damage)
+  with pytest.raises(dataset_lib.CorruptShard, match=str(shard)):
     train.train(_args(data_dir, tmp_path / 'job', tmp_path / 'export', '--epochs', 1))
   assert len(calls) == 2   # the read error mid-epoch sent the trainer looking for the file
 
@@ -165,7 +165,7 @@ def test_rows_without_weather_add_no_weather_loss():
   for i in range(6):
     serialized.append(build_example(LabelRow(f'r{i}', tuple(no_weather[i]), tuple(ground[i])),
                                     images[i], 'ab' * 32))
-  batch = tf.data.Dataset.from_tensors(input_lib.parse_batch(tf.constant(serialized), 16))
+  batch = tf.data.Dataset.from_tensors(dataset_lib.parse_batch(tf.constant(serialized), 16))
   losses = model.evaluate(batch, verbose=0, return_dict=True)
   assert losses['weather_loss'] == 0.0 and losses['ground_loss'] > 0
   head = model.get_layer('planet_core').get_layer(schema.OUTPUT_WEATHER)

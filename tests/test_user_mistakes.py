@@ -231,8 +231,8 @@ def test_preprocess_refuses_what_is_not_an_image_file_in_bounded_time_and_memory
   assert letters == HOSTILE
 
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  spec = {schema.KEY_NAME: tf.io.FixedLenFeature([], tf.string),
-          schema.KEY_PIXELS: tf.io.FixedLenFeature([], tf.string)}
+  from model.tf_example import feature_spec  # pylint: disable=import-outside-toplevel
+  spec = feature_spec(with_identity=True)
   shards = [str(out / s) for s in manifest['shards']['train'] + manifest['shards']['eval']]
   examples = [tf.io.parse_single_example(r, spec) for r in tf.data.TFRecordDataset(shards)]
   deep = next(e for e in examples if e[schema.KEY_NAME].numpy() == b'deep')

@@ -8,7 +8,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from beam_jobs.progress import counter
+from beam_jobs.common.progress import counter
 from model.errors import InputRefused, Reason
 
 

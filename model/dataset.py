@@ -21,9 +21,10 @@ import tensorflow as tf
 
 from model import manifest as manifest_lib
 from model import schema
+from model.tf_example import feature_spec
 
 AUTOTUNE = tf.data.AUTOTUNE
-SPLITS = ('train', 'eval')
+SPLITS = schema.SPLITS
 
 # Serialized records held for shuffling: 2048 chips at 128 px are about 100 MB, and the shard
 # interleave already mixes files, so a larger buffer buys little randomness for its memory.
@@ -116,15 +117,6 @@ def load_prepared(data_dir: str, image_size: int | None = None,
       raise ValueError(f'{where} records {count} {split} examples; training needs some')
     shards[split], counts[split] = paths, count
   return PreparedData(data_dir, size, _COMPRESSION[compression], shards, counts, manifest)
-
-
-def feature_spec() -> dict:
-  return {
-      schema.KEY_PIXELS: tf.io.FixedLenFeature([], tf.string),
-      schema.KEY_SHAPE: tf.io.FixedLenFeature([3], tf.int64),
-      schema.KEY_WEATHER: tf.io.FixedLenFeature([schema.NUM_WEATHER], tf.float32),
-      schema.KEY_GROUND: tf.io.FixedLenFeature([schema.NUM_GROUND], tf.float32),
-  }
 
 
 def parse_batch(serialized: tf.Tensor, image_size: int):
