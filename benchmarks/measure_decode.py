@@ -1,6 +1,6 @@
 """JPEG decode rate of the one decoder, with `draft()` and without it.
 
-Usage: python -m benchmarks.measure_decode [--quick] [--work /tmp/planet_bench]
+Usage: python -m benchmarks --only decode [--quick] [--work /tmp/planet_bench]
        (the same figures as the decode part of `python -m benchmarks`)
 
 Both decode the same bytes, already in memory, to 128 px RGB with the same resize filter:
@@ -12,7 +12,6 @@ On the generated chips (10% CMYK) and, where ../shared/planet holds them, on the
 import glob
 import io
 import os
-import sys
 import time
 
 import numpy as np
@@ -65,12 +64,3 @@ def measure(plan: Plan, work: str, log=print) -> dict:
     figures[name]['draft_speedup'] = ratio(figures[name]['with_draft']['images_per_s'],
                                            figures[name]['without_draft']['images_per_s'])
   return figures
-
-
-def main(argv=None):
-  from benchmarks import run  # pylint: disable=import-outside-toplevel
-  run.main(['--only', 'decode', *(argv or [])])
-
-
-if __name__ == '__main__':
-  main(sys.argv[1:])

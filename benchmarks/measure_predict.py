@@ -1,6 +1,6 @@
 """Prediction: the Beam job (in-process and via gRPC) beside the model's limit and the tutorial's way.
 
-Usage: python -m benchmarks.measure_predict [--quick] [--work /tmp/planet_bench]
+Usage: python -m benchmarks --only predict [--quick] [--work /tmp/planet_bench]
        (the same figures as the prediction part of `python -m benchmarks`)
 
 Figures, all on the same chips and the same export (untrained: speed does not depend on the
@@ -25,7 +25,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -198,12 +197,3 @@ def measure(plan: Plan, work: str, log=print) -> dict:
       'job_grpc_overall_vs_float_client': ratio(grpc['images_per_s_overall_big'], client),
   }
   return figures
-
-
-def main(argv=None):
-  from benchmarks import run  # pylint: disable=import-outside-toplevel
-  run.main(['--only', 'predict', *(argv or [])])
-
-
-if __name__ == '__main__':
-  main(sys.argv[1:])

@@ -1,6 +1,6 @@
 """Preprocess: the Beam job (in-process and 2 worker processes) beside the tutorial-era loop.
 
-Usage: python -m benchmarks.measure_preprocess [--quick] [--work /tmp/planet_bench]
+Usage: python -m benchmarks --only preprocess [--quick] [--work /tmp/planet_bench]
        (the same figures as the preprocess part of `python -m benchmarks`)
 
 Every contender is run as its user runs it, a whole command in its own process, at two sizes:
@@ -84,13 +84,3 @@ def measure(plan: Plan, work: str, log=print) -> dict:
       for kind, key in (('steady', 'images_per_s_steady'), ('overall', 'images_per_s_overall_big'),
                         ('bytes', 'bytes_per_image'))}
   return figures
-
-
-def main(argv=None):
-  from benchmarks import run  # pylint: disable=import-outside-toplevel
-  run.main(['--only', 'preprocess', *(argv or [])])
-
-
-if __name__ == '__main__':
-  import sys
-  main(sys.argv[1:])

@@ -1,6 +1,6 @@
 """Training input: model.dataset's tf.data pipeline beside the tutorial's Sequence, and the step rate.
 
-Usage: python -m benchmarks.measure_training [--quick] [--work /tmp/planet_bench]
+Usage: python -m benchmarks --only training [--quick] [--work /tmp/planet_bench]
        (the same figures as the training part of `python -m benchmarks`; needs the preprocess
        part's output, which it makes when missing)
 
@@ -137,13 +137,3 @@ def measure(plan: Plan, work: str, log=print) -> dict:
                                           figures['train_step_in_memory']['images_per_s']),
   }
   return figures
-
-
-def main(argv=None):
-  from benchmarks import run  # pylint: disable=import-outside-toplevel
-  run.main(['--only', 'training', *(argv or [])])
-
-
-if __name__ == '__main__':
-  import sys
-  main(sys.argv[1:])

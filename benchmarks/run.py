@@ -27,10 +27,14 @@ import sys
 import threading
 import time
 
-from benchmarks import report, workspace
+from benchmarks import (measure_decode, measure_predict, measure_preprocess, measure_training,
+                        report, workspace)
 from benchmarks.plan import PLANS
 
-SECTIONS = ('decode', 'preprocess', 'training', 'predict')
+# Each section's module measures it; `python -m benchmarks --only NAME` runs one of them.
+MEASURES = {'decode': measure_decode, 'preprocess': measure_preprocess,
+            'training': measure_training, 'predict': measure_predict}
+SECTIONS = tuple(MEASURES)
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -139,7 +143,7 @@ def main(argv=None) -> dict:
     workspace.export(args.work)
     results['section_seconds']['data_and_export'] = time.perf_counter() - generation_started
     for section in sections:
-      module = __import__(f'benchmarks.measure_{section}', fromlist=['measure'])
+      module = MEASURES[section]
       section_started = time.perf_counter()
       print(f'benchmarks: {section}', flush=True)
       results[section] = module.measure(plan, args.work, log=lambda text: print(text, flush=True))
