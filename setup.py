@@ -8,7 +8,6 @@ REQUIRED_PACKAGES = [
     'grpcio',
     # TF Serving's generated protos need >=6.31.1; Beam 2.77 needs <7.
     'protobuf>=6.31.1,<7',
-    'pandas',
     'pillow',
 ]
 
