@@ -1,10 +1,10 @@
 """Builds small preprocess outputs (shards + manifest) from sample chips, for the training tests.
 
-Written the way beam_jobs.preprocess writes them (build_example, TFRecord shards, the manifest
-last), without running Beam, so the training tests stay seconds long. Import the fixtures from
-here in a test module: `from tests.conftest_training import prepared_data  # noqa: F401`.
+Written the way beam_jobs.preprocess writes them (its image_to_example and split rule, TFRecord
+shards, the manifest last), without running Beam, so the training tests stay seconds long.
+Import the fixtures from here in a test module:
+`from tests.conftest_training import prepared_data  # noqa: F401`.
 """
-import hashlib
 import pathlib
 import shutil
 
@@ -17,20 +17,16 @@ SAMPLE_SIZE = 32
 _BUILT: dict[tuple, pathlib.Path] = {}
 
 
-def is_eval(name: str) -> bool:
-  """One image in five goes to eval, by a hash of its name (never by a random draw)."""
-  return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 5 == 0
-
-
 def write_prepared(out_dir, count: int, image_size: int, seed: int = 0, shards_per_split: int = 2,
                    compression: str = 'none') -> pathlib.Path:
   """Writes OUT_DIR/sample (chips) and OUT_DIR/prep (shards + manifest.json); returns prep."""
   import numpy as np
   import tensorflow as tf
-  from model.tf_example import build_example
-  from beam_jobs.common.image_decoder import decode_image
   from beam_jobs.common.labels import parse_label_file
   from beam_jobs.make_sample import make_sample
+  from beam_jobs.preprocess.config import DEFAULT_EVAL_FRACTION
+  from beam_jobs.preprocess.rules import assign_split, image_to_example
+  from model import schema
   from model.manifest import write_manifest
 
   out_dir = pathlib.Path(out_dir)
@@ -38,12 +34,12 @@ def write_prepared(out_dir, count: int, image_size: int, seed: int = 0, shards_p
   make_sample(str(sample), count=count, seed=seed)
   rows, refused = parse_label_file(str(sample / 'train_v2.csv'))
   assert not refused
-  splits = {'train': [], 'eval': []}
+  splits = {split: [] for split in schema.SPLITS}
   for name in sorted(rows):
     data = (sample / 'train-jpg' / f'{name}.jpg').read_bytes()
-    pixels = decode_image(data, image_size)
-    record = build_example(rows[name], pixels, hashlib.sha256(data).hexdigest())
-    splits['eval' if is_eval(name) else 'train'].append(record)
+    record = image_to_example(rows[name], data, image_size)
+    # The job's own split rule: one image in five in eval, by a hash of its name.
+    splits[assign_split(name, DEFAULT_EVAL_FRACTION)].append(record)
   prep.mkdir(parents=True)
   options = tf.io.TFRecordOptions(compression_type='GZIP' if compression == 'gzip' else '')
   shards = {}
@@ -56,7 +52,7 @@ def write_prepared(out_dir, count: int, image_size: int, seed: int = 0, shards_p
           writer.write(records[i])
       shards[split].append(relative)
   write_manifest(str(prep), {
-      'stage': 'preprocess',
+      'stage': schema.STAGE_PREPROCESS,
       'image_size': image_size,
       'compression': compression,
       'shards': shards,

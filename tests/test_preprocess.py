@@ -1,4 +1,8 @@
-"""Stage 1, beam_jobs.preprocess: conservation, round trip, splits, workers, Dataflow dry run."""
+"""Stage 1, beam_jobs.preprocess: conservation, round trip, splits, workers, Dataflow dry run.
+
+The fixed-shard TFRecord sink (beam_jobs/common/tfrecord_sink.py) is tested here, through the job:
+shard names, empty shards, gzip, two worker processes.
+"""
 import io
 import json
 import pathlib
@@ -13,6 +17,7 @@ from PIL import Image
 
 from beam_jobs import preprocess
 from beam_jobs.common.dead_letters import TooManyBadInputs
+from beam_jobs.common import tfrecord_sink
 from beam_jobs.common.image_decoder import decode_image
 from beam_jobs.common.labels import CsvFormat, LabelRow, parse_label_line
 from beam_jobs.make_sample import make_sample
@@ -101,7 +106,7 @@ def _read_examples(out: pathlib.Path, manifest: dict) -> dict[str, dict]:
 
 def _read_dead_letters(out: pathlib.Path) -> list[dict]:
   records = []
-  for path in sorted((out / 'dead_letters').glob('*.jsonl')):
+  for path in sorted((out / schema.DEAD_LETTERS_DIR).glob('*.jsonl')):
     records += [json.loads(line) for line in path.read_text().splitlines()]
   return records
 
@@ -199,6 +204,15 @@ def test_tally_keys_of_examples_and_dead_letters():
       'dead_letters/EMPTY_FILE', 'dead_lettered_rows']
 
 
+def test_a_tally_key_and_its_counter_name_spell_one_fact():
+  # The README documents both spellings: counts.json / the manifest, and the Beam counters.
+  assert preprocess.tally_key('labels', 'train', 'partly_cloudy') == 'labels/train/partly_cloudy'
+  assert preprocess.counter_name('labels/train/partly_cloudy') == 'labels_train_partly_cloudy'
+  assert preprocess.counter_name('examples/eval') == 'examples_eval'
+  assert preprocess.counter_name('dead_letters/MISSING_IMAGE') == 'dead_letters_MISSING_IMAGE'
+  assert preprocess.counter_name('csv_rows') == 'csv_rows'
+
+
 def test_image_to_example_hashes_and_decodes_the_same_bytes():
   import hashlib
 
@@ -209,6 +223,24 @@ def test_image_to_example_hashes_and_decodes_the_same_bytes():
   assert feature[schema.KEY_SHA256].bytes_list.value[0].decode() == hashlib.sha256(data).hexdigest()
   pixels = np.frombuffer(feature[schema.KEY_PIXELS].bytes_list.value[0], np.uint8)
   np.testing.assert_array_equal(pixels.reshape(64, 64, 3), decode_image(data, 64))
+
+
+# ---- The fixed-shard TFRecord sink ------------------------------------------------------------
+
+def test_write_split_writes_every_shard_and_each_record_once(tmp_path):
+  import tensorflow as tf
+  records = [f'record {i}'.encode() for i in range(3)]
+  prefix = str(tmp_path / 'part')
+  with test_pipeline.TestPipeline() as p:
+    written = (p | beam.Create(records)
+               | tfrecord_sink.WriteSplit(prefix, num_shards=8, compression='gzip'))
+    assert_that(written, equal_to([[tfrecord_sink.shard_path(prefix, shard, 8, 'gzip')
+                                    for shard in range(8)]]))
+  # 3 records in 8 shards: most shards are empty, and written all the same.
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      f'part-{shard:05d}-of-00008.tfrecord.gz' for shard in range(8)]
+  read = tf.data.TFRecordDataset(sorted(str(p) for p in tmp_path.iterdir()), 'GZIP')
+  assert sorted(r.numpy() for r in read) == records
 
 
 # ---- Configuration, refused before anything runs ----------------------------------------------
@@ -250,7 +282,7 @@ def test_pipeline_routes_every_bad_input_to_its_dead_letter(bad_mix, tmp_path):
     assert_that(outputs.examples | beam.Map(lambda e: (e.row.image_name, e.split)),
                 equal_to([(n, preprocess.assign_split(n, 0.2)) for n in good]),
                 label='CheckExamples')
-  counts = json.loads((tmp_path / 'counts.json').read_text())
+  counts = json.loads((tmp_path / schema.COUNTS_FILE).read_text())
   assert counts['csv_rows'] == len(good) + sum(r != 'IMAGE_WITHOUT_ROW' for _, r in expected)
 
 
@@ -278,14 +310,14 @@ def test_every_row_is_an_example_or_a_dead_letter_and_all_reports_agree(bad_mix,
   # Conservation, exactly, in the files themselves.
   assert counts['csv_rows'] == csv_lines == len(examples) + len(row_letters)
   assert counts['examples'] == {s: sum(e['split'] == s for e in examples.values())
-                                for s in ('train', 'eval')}
+                                for s in schema.SPLITS}
   assert counts['dead_lettered_rows'] == len(row_letters) == 14
   assert sorted((r['image_name'], r['reason']) for r in letters) == expected
   assert counts['images_without_rows'] == 1 and counts['rows_without_weather'] == 1
   assert sum(counts['dead_letters'].values()) == len(letters)
   # Every dead letter says what, why, where; a row's says its line.
   for record in letters:
-    assert record['stage'] == 'preprocess' and record['message'] and record['step']
+    assert record['stage'] == schema.STAGE_PREPROCESS and record['message'] and record['step']
     assert ('line' in record) == (record['reason'] != 'IMAGE_WITHOUT_ROW')
   conflict = (root / 'train_v2.csv').read_text().splitlines().index('train_4,cloudy') + 1
   assert {r['line'] for r in row_letters if r['image_name'] == 'train_4'} == {6, conflict}
@@ -296,7 +328,7 @@ def test_every_row_is_an_example_or_a_dead_letter_and_all_reports_agree(bad_mix,
   assert counters['dead_lettered_rows'] == counts['dead_lettered_rows']
   assert counters['images_without_rows'] == counts['images_without_rows']
   assert counters['rows_without_weather'] == counts['rows_without_weather']
-  for split in ('train', 'eval'):
+  for split in schema.SPLITS:
     assert counters[f'examples_{split}'] == counts['examples'][split]
     for label, n in manifest['label_counts'][split].items():
       assert counters.get(f'labels_{split}_{label}', 0) == n
@@ -304,10 +336,10 @@ def test_every_row_is_an_example_or_a_dead_letter_and_all_reports_agree(bad_mix,
     assert counters[f'dead_letters_{reason}'] == n
 
   # The manifest's contract with the training stage.
-  assert manifest['stage'] == 'preprocess' and manifest['image_size'] == 128
+  assert manifest['stage'] == schema.STAGE_PREPROCESS and manifest['image_size'] == 128
   assert manifest['compression'] == 'none'
   assert all(not p.startswith('/') and (out / p).is_file()
-             for split in ('train', 'eval') for p in manifest['shards'][split])
+             for split in schema.SPLITS for p in manifest['shards'][split])
   import hashlib
   assert manifest['inputs']['labels_csv_sha256'] == hashlib.sha256(
       (root / 'train_v2.csv').read_bytes()).hexdigest()

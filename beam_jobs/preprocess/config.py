@@ -1,0 +1,200 @@
+"""The preprocess job's flags and their validation, done before anything runs."""
+import argparse
+import dataclasses
+import os
+
+from apache_beam.io.filesystems import FileSystems
+
+from beam_jobs.common import labels, runner_options
+from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS
+from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files
+from beam_jobs.preprocess.rules import estimate_num_shards
+from model import command_line, schema
+from model.manifest import sha256_of_file
+
+__all__ = ['ConfigError', 'CsvFacts', 'DEAD_LETTERS_FILE_PREFIX', 'DEFAULT_EVAL_FRACTION',
+           'DESCRIPTION', 'IMAGE_EXTENSION', 'PreprocessConfig', 'SHARD_FILE_PREFIX',
+           'check_images_dir', 'inspect_labels_csv', 'parse_args', 'validate_config']
+
+DESCRIPTION = ('Stage 1: labels CSV + JPEG folder -> train/eval TFRecord shards, dead letters '
+               'and a manifest.')
+IMAGE_EXTENSION = '.jpg'
+# Names inside --output_dir: <split>/part-SSSSS-of-NNNNN.tfrecord[.gz] and
+# dead_letters/dead_letters-SSSSS-of-NNNNN.jsonl.
+SHARD_FILE_PREFIX = 'part'
+DEAD_LETTERS_FILE_PREFIX = 'dead_letters'
+DEFAULT_EVAL_FRACTION = 0.2
+_READ_CHUNK_BYTES = 1 << 20
+
+
+class ConfigError(ValueError):
+  """The job's configuration is wrong; raised before the pipeline starts."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+  """Everything the pipeline needs, validated (see `validate_config`)."""
+  labels_csv: str
+  images_dir: str
+  output_dir: str
+  image_size: int = schema.DEFAULT_IMAGE_SIZE
+  eval_fraction: float = DEFAULT_EVAL_FRACTION
+  num_shards: tuple[tuple[str, int], ...] = tuple((split, 1) for split in schema.SPLITS)
+  compression: str = 'none'
+  max_bad_fraction: float = 0.05
+  max_pixels: int = DEFAULT_MAX_PIXELS
+  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+
+  def shard_prefix(self, split: str) -> str:
+    return FileSystems.join(self.output_dir, split, SHARD_FILE_PREFIX)
+
+  @property
+  def dead_letters_prefix(self) -> str:
+    return FileSystems.join(self.output_dir, schema.DEAD_LETTERS_DIR, DEAD_LETTERS_FILE_PREFIX)
+
+  @property
+  def counts_path(self) -> str:
+    return FileSystems.join(self.output_dir, schema.COUNTS_FILE)
+
+
+@dataclasses.dataclass(frozen=True)
+class CsvFacts:
+  """What validation learnt about the labels CSV (None where a dry run did not look)."""
+  csv_format: str | None
+  sha256: str | None
+  lines: int | None
+
+
+def _is_local(path: str) -> bool:
+  return '://' not in path
+
+
+def _count_lines(path: str) -> int:
+  # Opened as labels.read_label_lines and sha256_of_file open it, so all three see one text.
+  lines = 0
+  with FileSystems.open(path) as f:
+    while chunk := f.read(_READ_CHUNK_BYTES):
+      lines += chunk.count(b'\n')
+  return lines
+
+
+def inspect_labels_csv(path: str) -> CsvFacts:
+  """Checks the CSV exists and has a labels header; hashes it and counts its lines.
+
+  Raises:
+    ConfigError: the file is missing, unreadable or not a labels CSV.
+  """
+  if not FileSystems.exists(path):
+    raise ConfigError(f'--labels_csv {path} does not exist')
+  if _is_local(path) and not os.path.isfile(path):
+    raise ConfigError(f'--labels_csv {path} is not a regular file')
+  try:
+    fmt, _ = labels.read_label_lines(path)
+  except ValueError as e:
+    raise ConfigError(f'--labels_csv {path}: {e}') from None
+  if not labels.has_data_rows(path):
+    raise ConfigError(f'--labels_csv {path} has a header but no rows: there is nothing to '
+                      'prepare; point it at the labels file of your images')
+  return CsvFacts(fmt.value, sha256_of_file(path), _count_lines(path))
+
+
+def check_images_dir(images_dir: str) -> None:
+  """Refuses an images folder that is missing or holds no .jpg file (every row would fail)."""
+  if _is_local(images_dir) and not os.path.isdir(images_dir):
+    state = 'is not a folder' if os.path.lexists(images_dir) else 'does not exist'
+    raise ConfigError(f'--images_dir {images_dir} {state}')
+  source = ImageSource.files_in(images_dir, IMAGE_EXTENSION)
+  if next(iter(list_image_files(source, (IMAGE_EXTENSION,))), None):
+    return
+  raise ConfigError(f'--images_dir {images_dir} holds no .jpg files (the job reads '
+                    '<images_dir>/<image_name>.jpg for every CSV row)')
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+  """The job's own flags; everything else is a Beam pipeline option."""
+  parser = command_line.ArgumentParser(
+      prog='python -m beam_jobs.preprocess', description=DESCRIPTION,
+      epilog='Any other flag is passed to Beam (e.g. --runner, --direct_num_workers).')
+  parser.add_argument('--labels_csv', required=True,
+                      help='train_v2.csv (image_name,tags) or the tutorial\'s '
+                           'image_name,weather_labels,ground_labels CSV')
+  parser.add_argument('--images_dir', required=True, help='folder of <image_name>.jpg files')
+  parser.add_argument('--output_dir', required=True, help='where shards, dead letters and the '
+                                                          'manifest go')
+  parser.add_argument('--image_size', type=int, default=schema.DEFAULT_IMAGE_SIZE,
+                      help='side of the square uint8 RGB pixels written (default %(default)s)')
+  parser.add_argument('--eval_fraction', type=float, default=DEFAULT_EVAL_FRACTION,
+                      help='share of images in eval, by a hash of the name (default %(default)s)')
+  parser.add_argument('--num_shards', type=int, default=None,
+                      help='TFRecord shards per split (default: ~100-200 MB a shard)')
+  parser.add_argument('--compression', choices=sorted(schema.COMPRESSIONS), default='none',
+                      help='TFRecord compression (default %(default)s)')
+  parser.add_argument('--max_bad_fraction', type=float, default=0.05,
+                      help='fail when dead-lettered CSV rows exceed this share of rows '
+                           '(default %(default)s)')
+  parser.add_argument('--max_pixels', type=int, default=DEFAULT_MAX_PIXELS,
+                      help='refuse images whose header declares more pixels (default %(default)s)')
+  parser.add_argument('--max_file_bytes', type=int, default=DEFAULT_MAX_FILE_BYTES,
+                      help='refuse image files larger than this without reading them '
+                           '(default %(default)s)')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='delete an earlier run of this job in --output_dir (only its own '
+                           'files) before writing')
+  args, beam_args = parser.parse_known_args(argv)
+  try:
+    runner_options.check_beam_flags(beam_args, command_line.own_flags(parser))
+  except ValueError as e:
+    parser.error(str(e))
+  return args, beam_args
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+  if not 0 < args.eval_fraction < 1:
+    raise ConfigError(f'--eval_fraction must be between 0 and 1 (exclusive), not '
+                      f'{args.eval_fraction}: training needs both a train and an eval split')
+  if not 0 <= args.max_bad_fraction <= 1:
+    raise ConfigError(f'--max_bad_fraction must be between 0 and 1, not {args.max_bad_fraction}')
+  if not 1 <= args.image_size <= 4096:
+    raise ConfigError(f'--image_size must be between 1 and 4096, not {args.image_size}')
+  if args.num_shards is not None and args.num_shards < 1:
+    raise ConfigError(f'--num_shards must be at least 1, not {args.num_shards}')
+  if args.max_pixels < 1:
+    raise ConfigError(f'--max_pixels must be at least 1, not {args.max_pixels}')
+  if args.max_file_bytes < 1:
+    raise ConfigError(f'--max_file_bytes must be at least 1, not {args.max_file_bytes}')
+
+
+def _shards_per_split(args: argparse.Namespace, csv_lines: int | None) -> dict[str, int]:
+  if args.num_shards is not None:
+    return {split: args.num_shards for split in schema.SPLITS}
+  if csv_lines is None:
+    return {split: 0 for split in schema.SPLITS}   # unknown size: the runner decides
+  fractions = {'train': 1 - args.eval_fraction, 'eval': args.eval_fraction}
+  return {split: estimate_num_shards(csv_lines, args.image_size, fractions[split])
+          for split in schema.SPLITS}
+
+
+def validate_config(args: argparse.Namespace,
+                    check_paths: bool = True) -> tuple[PreprocessConfig, CsvFacts]:
+  """Turns flags into a checked `PreprocessConfig`; fails with a message that says what to do.
+
+  Args:
+    args: from `parse_args`.
+    check_paths: False in a Dataflow dry run, where remote inputs are not looked at.
+
+  Raises:
+    ConfigError: a flag out of range, a missing or unreadable input.
+  """
+  _check_ranges(args)
+  facts = CsvFacts(None, None, None)
+  if check_paths or _is_local(args.labels_csv):
+    facts = inspect_labels_csv(args.labels_csv)
+  if check_paths or _is_local(args.images_dir):
+    check_images_dir(args.images_dir)
+  config = PreprocessConfig(
+      labels_csv=args.labels_csv, images_dir=args.images_dir, output_dir=args.output_dir,
+      image_size=args.image_size, eval_fraction=args.eval_fraction,
+      num_shards=tuple(_shards_per_split(args, facts.lines).items()),
+      compression=args.compression, max_bad_fraction=args.max_bad_fraction,
+      max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes)
+  return config, facts

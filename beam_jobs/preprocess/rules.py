@@ -1,0 +1,200 @@
+"""The preprocess rules as plain functions: split, shard count, join, tally, conservation."""
+import csv
+import hashlib
+import math
+from typing import Iterable, NamedTuple
+
+from beam_jobs.common import dead_letters, labels
+from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS, decode_image
+from beam_jobs.common.labels import LabelRow
+from model import schema
+from model.errors import Reason
+
+__all__ = ['CSV_ROWS', 'DEAD_LETTERED_ROWS', 'DEAD_LETTERS', 'EXAMPLES', 'EncodedExample',
+           'IMAGES_WITHOUT_ROWS', 'LABELS', 'LabelledImage', 'ROWS_WITHOUT_WEATHER',
+           'assign_split', 'check_conservation', 'counter_name', 'counts_from_tally',
+           'estimate_num_shards', 'image_to_example', 'join_rows_with_image', 'raw_image_name',
+           'row_dead_letter', 'tally_dead_letter', 'tally_example', 'tally_key']
+
+# Shards of 100-200 MB: big enough that opening one costs nothing next to reading it, small
+# enough that tf.data can interleave many and a lost worker redoes little.
+MAX_SHARD_BYTES = 200 * 2**20
+# An Example is its pixels plus name, sha256, shape and 17 labels (~250 bytes of protobuf).
+EXAMPLE_OVERHEAD_BYTES = 256
+
+# The tally: what the job counts. Each fact is a key of counts.json, from which the manifest's
+# `counts` are built, and a Beam counter; `tally_key` and `counter_name` spell both.
+CSV_ROWS = 'csv_rows'
+DEAD_LETTERED_ROWS = 'dead_lettered_rows'
+IMAGES_WITHOUT_ROWS = 'images_without_rows'
+ROWS_WITHOUT_WEATHER = 'rows_without_weather'
+EXAMPLES = 'examples'            # examples/<split>
+LABELS = 'labels'                # labels/<split>/<label>
+DEAD_LETTERS = 'dead_letters'    # dead_letters/<REASON>
+
+
+def tally_key(*parts: str) -> str:
+  """A fact's key in counts.json: ('labels', 'train', 'clear') -> 'labels/train/clear'."""
+  return '/'.join(parts)
+
+
+def counter_name(key: str) -> str:
+  """The Beam counter of the same fact: 'labels/train/clear' -> 'labels_train_clear'.
+
+  beam_jobs.common.dead_letters counts dead letters by reason under this spelling too
+  (dead_letters_<REASON>); the README documents both spellings.
+  """
+  return key.replace('/', '_')
+
+
+def assign_split(image_name: str, eval_fraction: float) -> str:
+  """Says which split an image belongs to, from its name alone.
+
+  The first 8 bytes of sha256(name), read as a fraction of 2**64, put the image in eval when
+  below `eval_fraction`. E.g. sha256('train_1') starts 0668b6398665dc06, i.e. 0.0250, so with
+  eval_fraction=0.2 train_1 is in eval; sha256('train_0') starts 6cb944039553d0cc = 0.4247, so
+  train_0 is in train. Stable across runs, machines, workers and Python versions (unlike
+  Python's salted hash()), and monotone: raising eval_fraction only moves images from train to
+  eval, never back.
+  """
+  position = int.from_bytes(hashlib.sha256(image_name.encode('utf-8')).digest()[:8], 'big')
+  return 'eval' if position < eval_fraction * 2**64 else 'train'
+
+
+def estimate_num_shards(csv_rows: int, image_size: int, split_fraction: float) -> int:
+  """Shards for one split so that each holds at most MAX_SHARD_BYTES (100-200 MB when >1)."""
+  example_bytes = image_size * image_size * schema.CHANNELS + EXAMPLE_OVERHEAD_BYTES
+  return max(1, math.ceil(csv_rows * split_fraction * example_bytes / MAX_SHARD_BYTES))
+
+
+def raw_image_name(raw: bytes) -> str:
+  """The first field of a CSV line as text, for naming a line that could not be parsed."""
+  text = raw.decode('utf-8', errors='replace')
+  try:
+    first = next(csv.reader([text]), [''])[0]
+  except (csv.Error, IndexError):
+    first = text.split(',', 1)[0]
+  return first.strip()[:labels.MAX_NAME_CHARS]
+
+
+def image_to_example(row: LabelRow, data: bytes, image_size: int,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+  """The hot path: one file's bytes, hashed and decoded once, to a serialised Example.
+
+  Raises:
+    InputRefused: from the decoder (EMPTY_FILE, NOT_AN_IMAGE, TRUNCATED_IMAGE, ...).
+  """
+  # Imported here so that importing this module (the driver, Dataflow job submission) does not
+  # load TensorFlow; workers pay for it once, on their first image.
+  from model.tf_example import build_example  # pylint: disable=import-outside-toplevel
+  pixels = decode_image(data, image_size, max_pixels=max_pixels)
+  return build_example(row, pixels, hashlib.sha256(data).hexdigest())
+
+
+class LabelledImage(NamedTuple):
+  """A CSV row that survived parsing and the duplicate rule, with the file it names."""
+  image_name: str
+  line: int
+  row: LabelRow
+  path: str
+
+
+class EncodedExample(NamedTuple):
+  """A good image: its split, its labels (for the tally) and the serialised Example."""
+  split: str
+  row: LabelRow
+  serialized: bytes
+
+
+def row_dead_letter(image_name: str, reason: Reason, message: str, step: str, line: int,
+                    path: str | None = None) -> dict:
+  """The dead letter of a CSV row; it always carries its line, which conservation counts by."""
+  return dead_letters.dead_letter(image_name, reason, message, schema.STAGE_PREPROCESS, path,
+                                  line=line, step=step)
+
+
+def join_rows_with_image(image_name: str, rows: Iterable[tuple[int, LabelRow]],
+                         refused_lines: Iterable[int], paths: Iterable[str],
+                         expected_path: str) -> tuple[LabelledImage | None, list[dict]]:
+  """Everything known about one image name -> the image to encode (or None) and dead letters.
+
+  Args:
+    image_name: the key all inputs below share.
+    rows: (line, LabelRow) for every parsed CSV row with this name.
+    refused_lines: lines that name this image but were refused while parsing (already
+      dead-lettered; here only so that the image file is not reported as having no row).
+    paths: the image files listed with this name (0 or 1).
+    expected_path: where the row says the file is, for the MISSING_IMAGE message.
+
+  Returns:
+    (LabelledImage or None, dead-letter records). The duplicate rule (labels.resolve_duplicates)
+    runs here, so that it sees every row with the name whatever the worker that parsed it.
+  """
+  rows, refused_lines, paths = list(rows), list(refused_lines), sorted(paths)
+  refused = []
+  kept = None
+  if rows:
+    kept, duplicates = labels.resolve_duplicates(rows)
+    refused += [row_dead_letter(image_name, Reason.DUPLICATE_NAME, why, 'duplicates', line)
+                for line, why in duplicates]
+  if kept is not None:
+    line = min(n for n, r in rows if r == kept)
+    if paths:
+      return LabelledImage(image_name, line, kept, paths[0]), refused
+    refused.append(row_dead_letter(
+        image_name, Reason.MISSING_IMAGE,
+        f'no file {expected_path}: copy the image there, or drop its row from the CSV',
+        'join_images', line, expected_path))
+  elif paths and not rows and not refused_lines:
+    # Not a CSV row, so it counts apart from conservation: listed so nobody wonders where it went.
+    refused.append(dead_letters.dead_letter(
+        image_name, Reason.IMAGE_WITHOUT_ROW,
+        'the image is in the folder but no CSV row names it; it was not used',
+        schema.STAGE_PREPROCESS, paths[0], step='join_images'))
+  return None, refused
+
+
+def tally_dead_letter(record: dict) -> list[str]:
+  """The tally keys one dead letter adds to (see `counts_from_tally`)."""
+  keys = [tally_key(DEAD_LETTERS, record['reason'])]
+  if record['reason'] == Reason.IMAGE_WITHOUT_ROW.value:
+    keys.append(IMAGES_WITHOUT_ROWS)
+  elif 'line' in record:
+    keys.append(DEAD_LETTERED_ROWS)
+  return keys
+
+
+def tally_example(example: EncodedExample) -> list[str]:
+  """The tally keys one written Example adds to."""
+  keys = [tally_key(EXAMPLES, example.split)]
+  keys += [tally_key(LABELS, example.split, label) for label in example.row.tags]
+  if not example.row.has_weather:
+    keys.append(ROWS_WITHOUT_WEATHER)
+  return keys
+
+
+def counts_from_tally(tally: dict[str, int]) -> tuple[dict, dict]:
+  """The manifest's `counts` and `label_counts` from the pipeline's flat tally."""
+  def under(*parts):
+    prefix = tally_key(*parts, '')
+    return {k[len(prefix):]: v for k, v in sorted(tally.items()) if k.startswith(prefix)}
+  counts = {
+      CSV_ROWS: tally.get(CSV_ROWS, 0),
+      EXAMPLES: {split: tally.get(tally_key(EXAMPLES, split), 0) for split in schema.SPLITS},
+      DEAD_LETTERS: under(DEAD_LETTERS),
+      DEAD_LETTERED_ROWS: tally.get(DEAD_LETTERED_ROWS, 0),
+      IMAGES_WITHOUT_ROWS: tally.get(IMAGES_WITHOUT_ROWS, 0),
+      ROWS_WITHOUT_WEATHER: tally.get(ROWS_WITHOUT_WEATHER, 0),
+  }
+  label_counts = {split: {label: under(LABELS, split).get(label, 0)
+                          for label in schema.ALL_LABELS} for split in schema.SPLITS}
+  return counts, label_counts
+
+
+def check_conservation(counts: dict) -> None:
+  """Every CSV row is an Example or a dead letter, exactly once; anything else is a bug."""
+  accounted = sum(counts[EXAMPLES].values()) + counts[DEAD_LETTERED_ROWS]
+  if accounted != counts[CSV_ROWS]:
+    raise AssertionError(
+        f'{counts[CSV_ROWS]} CSV rows but {accounted} examples + dead-lettered rows: '
+        'the job lost or duplicated rows; this is a bug, please report it with counts.json')
