@@ -9,7 +9,8 @@ A request refused for a reason that may lie in one image (INVALID_ARGUMENT, INTE
 re-sent image by image, so one bad image never takes its batch down. Nothing is raised for an
 image that cannot be predicted: it comes back as an `InputRefused` (UNAVAILABLE when the server
 stayed away past the budget, INFERENCE_FAILED when the server refused it), which the job writes to
-its dead letters.
+its dead letters. The messages are `model.serving.protocol`'s, which the local test server speaks
+too; the retry rules are `beam_jobs.serving_retry`'s.
 
 Results match the in-process handler's: one `PredictionResult` per image, in order, with
 `inference={'weather': float32 [4], 'ground': float32 [13], 'model_version': '<N>'}` and
@@ -21,23 +22,15 @@ Usage:
   predictions = keyed_images | RunInference(handler)
 """
 import concurrent.futures
-import dataclasses
-import ipaddress
 import logging
-import random
-import threading
-import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import grpc
 import numpy as np
-import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.base import RemoteModelHandler
-from tensorflow.core.framework import tensor_pb2
-from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
@@ -45,81 +38,32 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from beam_jobs.common import progress
+from beam_jobs.serving_retry import CallTally
+from beam_jobs.serving_retry import GaveUp
+from beam_jobs.serving_retry import RetryPolicy
+from beam_jobs.serving_retry import may_be_one_image
 from model import schema
-from model.saved_model_info import signature_image_size
 from model.errors import InputRefused
 from model.errors import Reason
+from model.saved_model_info import signature_image_size
+from model.serving.protocol import GRPC_DEFAULT_MAX_MESSAGE_BYTES
+from model.serving.protocol import METADATA_FIELD
+from model.serving.protocol import build_predict_request
+from model.serving.protocol import check_transport
+from model.serving.protocol import open_channel
+from model.serving.protocol import split_response
+
+__all__ = ['DEFAULT_MAX_REQUEST_BYTES', 'ServingClient', 'ServingGrpcHandler',
+           'check_serving_model', 'image_problem', 'plan_requests', 'read_root_certificates',
+           'served_image_size']
 
 _log = logging.getLogger('planet.serving')
 
-# gRPC's default limit on a received message. tensorflow_model_server raises its own to 2 GiB, but
-# proxies, load balancers and servers started with --grpc_channel_arguments keep 4 MiB; staying
-# under it works everywhere and keeps each call short.
-GRPC_DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Below gRPC's default limit (model.serving.protocol says why), with room for the request's framing.
 DEFAULT_MAX_REQUEST_BYTES = GRPC_DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024
-TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             grpc.StatusCode.DEADLINE_EXCEEDED})
 # Model spec, map key, dtype and shape of a request: a few dozen bytes. The exact size is
 # measured before sending; this only keeps the first plan close.
 _REQUEST_OVERHEAD_BYTES = 512
-# A channel whose server went away retries its connection on gRPC's backoff (1 s, then x1.6 up to
-# 120 s); capped here so that a restarted server is found again within a couple of seconds.
-_CHANNEL_OPTIONS = (
-    ('grpc.initial_reconnect_backoff_ms', 200),
-    ('grpc.min_reconnect_backoff_ms', 200),
-    ('grpc.max_reconnect_backoff_ms', 2000),
-)
-# Beam's AdaptiveThrottler keeps plain lists; the sub-requests of a batch run on several threads.
-_THROTTLE_LOCK = threading.Lock()
-
-
-# ---------------------------------------------------------------------------------------------
-# Transport (pure).
-
-def parse_address(address: str) -> tuple[str, int]:
-  """'host:port' or '[v6]:port' -> (host, port); a ValueError saying what is wrong otherwise."""
-  host, sep, port = address.rpartition(':')
-  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-    raise ValueError(f'serving address {address!r} is not HOST:PORT (e.g. localhost:8500)')
-  if host.startswith('['):
-    if not host.endswith(']'):
-      raise ValueError(f'serving address {address!r}: an IPv6 host goes in brackets, [::1]:8500')
-    host = host[1:-1]
-  elif ':' in host:
-    raise ValueError(f'serving address {address!r}: write an IPv6 host in brackets, [::1]:8500')
-  return host, int(port)
-
-
-def is_loopback_host(host: str) -> bool:
-  """True for localhost, 127.0.0.0/8 and ::1: names decided without a DNS lookup."""
-  if host.lower().rstrip('.') == 'localhost':
-    return True
-  try:
-    return ipaddress.ip_address(host).is_loopback
-  except ValueError:
-    return False
-
-
-def check_transport(address: str, *, use_tls: bool = False, allow_insecure: bool = False) -> str:
-  """Decides how to reach `address`: 'tls' or 'insecure'; refuses plaintext beyond this machine.
-
-  Raises:
-    ValueError: a malformed address, both options at once, or plaintext to a host that is not
-      loopback without `allow_insecure`.
-  """
-  host, _ = parse_address(address)
-  if use_tls and allow_insecure:
-    raise ValueError('use_tls (--tls) and allow_insecure (--allow_insecure) contradict each other; '
-                     'pick one')
-  if use_tls:
-    return 'tls'
-  if not allow_insecure and not is_loopback_host(host):
-    raise ValueError(
-        f'refusing a plaintext gRPC channel to {host}: it is not a loopback address, and the '
-        'images would cross the network unencrypted. Use TLS (use_tls=True; --tls, with '
-        '--root_cert FILE for a private CA) or, on a network you trust, allow it explicitly '
-        '(allow_insecure=True; --allow_insecure).')
-  return 'insecure'
 
 
 def read_root_certificates(path: str) -> bytes:
@@ -128,20 +72,8 @@ def read_root_certificates(path: str) -> bytes:
     return f.read()
 
 
-def open_channel(address: str, *, use_tls: bool = False, root_certificates: bytes | None = None,
-                 tls_server_name: str | None = None, allow_insecure: bool = False) -> grpc.Channel:
-  """A gRPC channel to `address`, over TLS or (loopback, or explicitly allowed) plaintext."""
-  options = list(_CHANNEL_OPTIONS)
-  if check_transport(address, use_tls=use_tls, allow_insecure=allow_insecure) == 'tls':
-    if tls_server_name:
-      options.append(('grpc.ssl_target_name_override', tls_server_name))
-    credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-    return grpc.secure_channel(address, credentials, options=options)
-  return grpc.insecure_channel(address, options=options)
-
-
 # ---------------------------------------------------------------------------------------------
-# Requests and responses (pure).
+# Planning requests (pure).
 
 def image_problem(image: Any, image_size: int | None = None) -> str | None:
   """Why an element cannot be sent as a model input, or None."""
@@ -182,71 +114,6 @@ def plan_requests(images: Sequence[np.ndarray], max_request_bytes: int,
   if current:
     requests.append(current)
   return requests, too_large
-
-
-def encode_images(images: Sequence[np.ndarray]) -> tensor_pb2.TensorProto:
-  """uint8 [N, H, W, 3] as one TensorProto with raw tensor_content (no per-pixel lists)."""
-  stacked = np.ascontiguousarray(np.stack(images), dtype=np.uint8)
-  proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_UINT8, tensor_content=stacked.tobytes())
-  proto.tensor_shape.dim.extend(proto.tensor_shape.Dim(size=int(s)) for s in stacked.shape)
-  return proto
-
-
-def build_predict_request(images: Sequence[np.ndarray], model_name: str = schema.MODEL_NAME,
-                          model_version: int | None = None,
-                          signature: str = schema.SERVING_SIGNATURE) -> predict_pb2.PredictRequest:
-  """A PredictRequest for a list of same-shaped uint8 images."""
-  request = predict_pb2.PredictRequest()
-  request.model_spec.name = model_name
-  request.model_spec.signature_name = signature
-  if model_version is not None:
-    request.model_spec.version.value = model_version
-  request.inputs[schema.INPUT_IMAGES].CopyFrom(encode_images(images))
-  request.output_filter.extend(schema.OUTPUT_NAMES)
-  return request
-
-
-def split_response(response: predict_pb2.PredictResponse,
-                   count: int) -> tuple[int, list[dict[str, np.ndarray]]]:
-  """(version, one {'weather', 'ground'} dict per image) from a Predict answer for `count` images."""
-  widths = {schema.OUTPUT_WEATHER: schema.NUM_WEATHER, schema.OUTPUT_GROUND: schema.NUM_GROUND}
-  outputs = {}
-  for name, width in widths.items():
-    if name not in response.outputs:
-      raise ValueError(f'the answer has no output {name!r} (it has {sorted(response.outputs)})')
-    # TF's own reader: tensor_content or the typed *_val fields, a short field filled.
-    array = tf.make_ndarray(response.outputs[name]).astype(np.float32, copy=False)
-    if array.shape != (count, width):
-      raise ValueError(f'output {name!r} has shape {list(array.shape)}, expected [{count}, {width}]')
-    outputs[name] = array
-  rows = [{name: outputs[name][i].copy() for name in widths} for i in range(count)]
-  return int(response.model_spec.version.value), rows
-
-
-def is_transient(code: grpc.StatusCode, details: str = '') -> bool:
-  """Worth retrying: the server may answer later. An over-size refusal never will."""
-  if code == grpc.StatusCode.RESOURCE_EXHAUSTED and 'larger than max' in (details or ''):
-    return False
-  return code in TRANSIENT_CODES
-
-
-def may_be_one_image(code: grpc.StatusCode) -> bool:
-  """Whether a refused request is worth re-sending image by image: the fault may lie in one input.
-
-  NOT_FOUND, FAILED_PRECONDITION, PERMISSION_DENIED and the like concern the model or the caller,
-  and would only be repeated once per image.
-  """
-  return code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL,
-                  grpc.StatusCode.UNKNOWN, grpc.StatusCode.OUT_OF_RANGE,
-                  grpc.StatusCode.RESOURCE_EXHAUSTED)
-
-
-def backoff_delays(initial_secs: float, max_secs: float, rng: random.Random) -> Iterator[float]:
-  """Endless exponential delays (x2, capped), each jittered down by up to half so workers spread out."""
-  delay = initial_secs
-  while True:
-    yield delay * rng.uniform(0.5, 1.0)
-    delay = min(max_secs, delay * 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +160,7 @@ def check_serving_model(address: str, model_name: str = schema.MODEL_NAME,
   wanted = f'{model_name} version {model_version}' if model_version is not None else (
       f'{model_name} (latest version)')
   try:
-    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=['signature_def'])
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=[METADATA_FIELD])
     request.model_spec.name = model_name
     if model_version is not None:
       request.model_spec.version.value = model_version
@@ -321,7 +188,7 @@ def check_serving_model(address: str, model_name: str = schema.MODEL_NAME,
   if model_version is not None and found_version != model_version:
     raise ValueError(f'{address} answered with version {found_version}; expected {model_version}')
   signature_map = get_model_metadata_pb2.SignatureDefMap()
-  if 'signature_def' not in response.metadata or not response.metadata['signature_def'].Unpack(
+  if METADATA_FIELD not in response.metadata or not response.metadata[METADATA_FIELD].Unpack(
       signature_map):
     raise ValueError(f'{address} sent no signature_def metadata for {wanted}')
   where = f'{model_name} version {found_version} at {address}'
@@ -346,27 +213,6 @@ class ServingClient:
     self.channel.close()
 
 
-class _GaveUp(Exception):
-  """Transient failures outlasted the retry budget."""
-
-
-@dataclasses.dataclass
-class _Tally:
-  """What the calls for one batch did; counted on the bundle's thread (Beam metrics are per thread)."""
-  requests: int = 0
-  retries: int = 0
-  single_image_requests: int = 0
-  throttled_secs: float = 0.0
-  request_bytes: list[int] = dataclasses.field(default_factory=list)
-
-  def add(self, other: '_Tally') -> None:
-    self.requests += other.requests
-    self.retries += other.retries
-    self.single_image_requests += other.single_image_requests
-    self.throttled_secs += other.throttled_secs
-    self.request_bytes.extend(other.request_bytes)
-
-
 def _never_retry(_: Exception) -> bool:
   return False
 
@@ -382,7 +228,7 @@ class ServingGrpcHandler(RemoteModelHandler[np.ndarray, PredictionResult, Servin
     address: HOST:PORT of the server.
     model_name, model_version, signature: what to ask for (no version: the latest).
     use_tls, root_certificates, tls_server_name, allow_insecure: the transport, see
-      `check_transport`; `root_certificates` is PEM bytes (`read_root_certificates`), carried to
+      `model.serving.protocol.check_transport`; `root_certificates` is PEM bytes (`read_root_certificates`), carried to
       the workers inside the handler.
     image_size: when given, images of another size are refused without a request.
     max_request_bytes: the largest serialized request sent (default 4 MiB less 64 KiB).
@@ -391,7 +237,8 @@ class ServingGrpcHandler(RemoteModelHandler[np.ndarray, PredictionResult, Servin
     timeout_secs: the deadline of every call.
     retry_budget_secs: how long after its first transient failure a request is retried; the
       default rides out a server restart.
-    initial_backoff_secs, max_backoff_secs: the backoff between retries (doubling, jittered).
+    initial_backoff_secs, max_backoff_secs: the backoff between retries (doubling, jittered);
+      these four make the handler's `serving_retry.RetryPolicy`.
     min_batch_size, max_batch_size, max_batch_duration_secs: for Beam's BatchElements.
     throttle_delay_secs, overload_ratio: Beam's client-side throttling (the SRE book's K).
   """
@@ -436,10 +283,8 @@ class ServingGrpcHandler(RemoteModelHandler[np.ndarray, PredictionResult, Servin
     self._max_request_bytes = max_request_bytes
     self._max_images_per_request = max_images_per_request
     self._max_requests_in_flight = max_requests_in_flight
-    self._timeout_secs = timeout_secs
-    self._retry_budget_secs = retry_budget_secs
-    self._initial_backoff_secs = initial_backoff_secs
-    self._max_backoff_secs = max_backoff_secs
+    self._retry = RetryPolicy(timeout_secs, retry_budget_secs, initial_backoff_secs,
+                              max_backoff_secs)
     self._batching = {'min_batch_size': min_batch_size, 'max_batch_size': max_batch_size}
     if max_batch_duration_secs is not None:
       self._batching['max_batch_duration_secs'] = max_batch_duration_secs
@@ -483,7 +328,7 @@ class ServingGrpcHandler(RemoteModelHandler[np.ndarray, PredictionResult, Servin
     groups = [[sendable[position] for position in group] for group in groups]
     futures = [model.pool.submit(self._predict_group, model, [batch[i] for i in group])
                for group in groups]
-    tally = _Tally()
+    tally = CallTally()
     for group, future in zip(groups, futures):
       group_answers, group_tally = future.result()
       tally.add(group_tally)
@@ -494,14 +339,14 @@ class ServingGrpcHandler(RemoteModelHandler[np.ndarray, PredictionResult, Servin
             for image, (inference, model_id) in zip(batch, answers)]
 
   def _predict_group(self, client: ServingClient,
-                     images: list[np.ndarray]) -> tuple[list[tuple[Any, str | None]], _Tally]:
+                     images: list[np.ndarray]) -> tuple[list[tuple[Any, str | None]], CallTally]:
     """Answers for one request's images; on a non-transient refusal, image by image."""
-    tally = _Tally()
+    tally = CallTally()
     request = build_predict_request(images, self._model_name, self._model_version, self._signature)
     try:
       response = self._call(client, request, tally)
       version, rows = split_response(response, len(images))
-    except _GaveUp as gave_up:
+    except GaveUp as gave_up:
       return [(InputRefused(Reason.UNAVAILABLE, str(gave_up)), None)] * len(images), tally
     except grpc.RpcError as error:
       message = f'{client.address}: {error.code().name}: {error.details()}'
@@ -524,65 +369,12 @@ class ServingGrpcHandler(RemoteModelHandler[np.ndarray, PredictionResult, Servin
     return [({**row, 'model_version': str(version)}, model_id) for row in rows], tally
 
   def _call(self, client: ServingClient, request: predict_pb2.PredictRequest,
-            tally: _Tally) -> predict_pb2.PredictResponse:
-    """One Predict, retried on transient codes until the budget runs out (then `_GaveUp`)."""
-    size = request.ByteSize()
-    delays = backoff_delays(self._initial_backoff_secs, self._max_backoff_secs, random.Random())
-    first_failure = None
-    attempts = 0
-    while True:
-      give_up_at = None if first_failure is None else first_failure + self._retry_budget_secs
-      waited, throttled = self._wait_while_throttled(give_up_at)
-      tally.throttled_secs += waited
-      if throttled:
-        raise _GaveUp(self._gave_up_message(client, error, attempts, first_failure,
-                                            'then throttled client-side'))
-      attempts += 1
-      tally.requests += 1
-      tally.request_bytes.append(size)
-      sent_at = time.time()
-      try:
-        response = client.stub.Predict(request, timeout=self._timeout_secs)
-      except grpc.RpcError as failure:
-        if not is_transient(failure.code(), failure.details()):
-          raise
-        error = failure
-        now = time.monotonic()
-        if first_failure is None:
-          first_failure = now
-        delay = next(delays)
-        if now + delay - first_failure > self._retry_budget_secs:
-          raise _GaveUp(self._gave_up_message(client, error, attempts, first_failure)) from None
-        tally.retries += 1
-        time.sleep(delay)
-        continue
-      with _THROTTLE_LOCK:
-        self.throttler.successful_request(sent_at * 1000)
-      return response
+            tally: CallTally) -> predict_pb2.PredictResponse:
+    """One Predict, retried on transient codes until the budget runs out (then `GaveUp`)."""
+    return self._retry.call(client.stub.Predict, request, throttler=self.throttler, tally=tally,
+                            address=client.address)
 
-  def _gave_up_message(self, client: ServingClient, error: grpc.RpcError, attempts: int,
-                       first_failure: float, note: str = '') -> str:
-    return (f'{client.address}: {error.code().name} after {attempts} attempt(s) over '
-            f'{time.monotonic() - first_failure:.1f}s{", " + note if note else ""} (retry budget '
-            f'{self._retry_budget_secs:g}s): {error.details()}')
-
-  def _wait_while_throttled(self, give_up_at: float | None) -> tuple[float, bool]:
-    """Beam's throttle(), with its bookkeeping under a lock and the sleep outside it.
-
-    Returns (seconds waited, whether `give_up_at` (monotonic) passed while still throttled).
-    """
-    waited = 0.0
-    while True:
-      with _THROTTLE_LOCK:
-        throttled = self.throttler.throttle_request(time.time() * 1000)
-      if not throttled:
-        return waited, False
-      if give_up_at is not None and time.monotonic() >= give_up_at:
-        return waited, True
-      time.sleep(self.throttler.throttle_delay_secs)
-      waited += self.throttler.throttle_delay_secs
-
-  def _count(self, tally: _Tally, answers) -> None:
+  def _count(self, tally: CallTally, answers) -> None:
     refused = [inference.reason for inference, _ in answers if isinstance(inference, InputRefused)]
     progress.counter('grpc_requests').inc(tally.requests)
     progress.counter('grpc_retries').inc(tally.retries)

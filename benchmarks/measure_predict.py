@@ -102,7 +102,7 @@ def feed_server(address: str, pixels: np.ndarray) -> None:
   # pylint: disable=import-outside-toplevel
   import grpc
   from tensorflow_serving.apis import prediction_service_pb2_grpc
-  from beam_jobs.serving_handler import build_predict_request
+  from model.serving.protocol import build_predict_request
 
   def send(stub, start: int):
     return stub.Predict(build_predict_request(list(pixels[start:start + IMAGES_PER_REQUEST])), 30.0)

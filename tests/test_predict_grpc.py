@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from beam_jobs import compare_predictions, predict
-from model.serve import Faults, LocalServingServer
+from model.serving.faults import Faults
+from model.serving.local_server import LocalServingServer
 from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO, read_jsonl
 
 

@@ -25,9 +25,10 @@ from apache_beam.io.filesystems import FileSystems
 import model.tf_example  # noqa: F401  pylint: disable=unused-import
 from beam_jobs import make_sample, predict, preprocess
 from model import dataset as dataset_lib
-from model import schema, serve, train, verify_data
+from model import schema, train, verify_data
 from model.manifest import ManifestMissing
 from model.output_dir import CLAIM_FILE, OutputRefused
+from model.serving.local_server import LocalServingServer
 from tests import hostile_inputs
 from tests.conftest import REPO
 from tests.test_serving_handler import make_self_signed_certificate
@@ -324,7 +325,7 @@ def test_the_server_never_serves_a_partial_or_tampered_copy_and_the_job_checks_t
   base = tmp_path / schema.MODEL_NAME
   shutil.copytree(source, base / '1')
   polls = 0.2
-  with serve.LocalServingServer(str(base), poll_seconds=polls) as server:
+  with LocalServingServer(str(base), poll_seconds=polls) as server:
     assert server.served_version == 1
     # Version 2 is being copied file by file: everything but variables.index has landed.
     shutil.copytree(source, base / '2', ignore=shutil.ignore_patterns('variables.index'))
@@ -487,8 +488,8 @@ def test_the_predict_command_over_tls_with_a_private_root_certificate(
   root_cert = tmp_path / 'ca.pem'
   root_cert.write_bytes(certificate)
   out = tmp_path / 'out'
-  with serve.LocalServingServer(str(export_base / schema.MODEL_NAME), ssl_key=key,
-                                ssl_cert=certificate) as server:
+  with LocalServingServer(str(export_base / schema.MODEL_NAME), ssl_key=key,
+                          ssl_cert=certificate) as server:
     address = f'localhost:{server.port}'
     started = time.monotonic()
     done = subprocess.run(

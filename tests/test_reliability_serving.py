@@ -24,9 +24,12 @@ import tensorflow as tf
 from beam_jobs.common import progress
 from beam_jobs import make_sample, predict, serving_handler
 from beam_jobs.common.image_decoder import decode_image
-from model import schema, serve
+from model import schema
 from model.export import export_model
 from model.network import build_model
+from model.serving.faults import FaultInjector, Faults
+from model.serving.local_server import LocalServingServer
+from model.serving.refusal import Refusal
 from tests.conftest import REPO, read_jsonl
 
 IMAGE_SIZE = 32
@@ -112,17 +115,17 @@ def attempts_per_request(monkeypatch):
   return log
 
 
-class MixedFaults(serve._FaultInjector):  # pylint: disable=protected-access
+class MixedFaults(FaultInjector):
   """The server's fault hook, drawing per call: a transient refusal, a stall past the deadline, OK.
 
-  `serve.Faults` gives one failure code and a fixed latency for every call; production fails in a
+  `Faults` gives one failure code and a fixed latency for every call; production fails in a
   mix, so each Predict call draws: `failure_fraction` of them are refused UNAVAILABLE or
   RESOURCE_EXHAUSTED (half each), `slow_fraction` are held `slow_secs` (past the client's
   deadline: it sees DEADLINE_EXCEEDED while the server still works), the rest are answered.
   """
 
   def __init__(self, failure_fraction: float, slow_fraction: float, slow_secs: float, seed: int):
-    super().__init__(serve.Faults(seed=seed))
+    super().__init__(Faults(seed=seed))
     self._failure_fraction = failure_fraction
     self._slow_fraction = slow_fraction
     self._slow_secs = slow_secs
@@ -138,8 +141,8 @@ class MixedFaults(serve._FaultInjector):  # pylint: disable=protected-access
     if outcome == 'slow':
       time.sleep(self._slow_secs)
     elif outcome != 'answered':
-      raise serve._Refusal(grpc.StatusCode[outcome],  # pylint: disable=protected-access
-                           f'injected fault: the server is pretending to be {outcome.lower()}')
+      raise Refusal(grpc.StatusCode[outcome],
+                    f'injected fault: the server is pretending to be {outcome.lower()}')
 
 
 def max_attempts_within(budget_secs: float, initial_secs: float = 0.25,
@@ -170,7 +173,7 @@ def test_5000_images_through_faults_and_a_restart(tmp_path, chips, export_base, 
                                                   attempts_per_request):
   """30% transient refusals, 5% stalls past the deadline and one restart: every image once."""
   copies = link_copies(chips, tmp_path / 'images', FAULT_IMAGES)
-  server = serve.LocalServingServer(str(export_base / schema.MODEL_NAME))
+  server = LocalServingServer(str(export_base / schema.MODEL_NAME))
   faults = MixedFaults(failure_fraction=0.3, slow_fraction=0.05,
                        slow_secs=2 * REQUEST_TIMEOUT_SECS, seed=9)
   server._faults = faults  # pylint: disable=protected-access  # before start: its services take it
@@ -267,8 +270,7 @@ def test_a_new_version_mid_job_is_named_on_every_row(tmp_path, chips):
   base_path = str(export_base / schema.MODEL_NAME)
   # One 16-image request at a time, 0.05 s each; 0.5 s while version 2 is exported and loaded,
   # so that the switch falls mid-job however slow the export is.
-  server = serve.LocalServingServer(base_path, poll_seconds=0.2,
-                                    faults=serve.Faults(latency_secs=0.05))
+  server = LocalServingServer(base_path, poll_seconds=0.2, faults=Faults(latency_secs=0.05))
   server.start()
   switch = {}
   job_done = threading.Event()
@@ -278,12 +280,12 @@ def test_a_new_version_mid_job_is_named_on_every_row(tmp_path, chips):
       if job_done.wait(0.02):
         return
     switch['requests_before'] = len(server.predict_request_bytes)
-    server.set_faults(serve.Faults(latency_secs=0.5))
+    server.set_faults(Faults(latency_secs=0.5))
     export_version(export_base, seed=2, ground_threshold=THRESHOLDS['2'], model=second_model)
     while server.served_version != 2 and not job_done.wait(0.05):
       pass
     switch['requests_at_switch'] = len(server.predict_request_bytes)
-    server.set_faults(serve.Faults(latency_secs=0.05))
+    server.set_faults(Faults(latency_secs=0.05))
   exporter = threading.Thread(target=export_mid_job, name='exporter')
   exporter.start()
   try:

@@ -20,9 +20,13 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from model import schema
-from model import serve
 from model.export import export_model
+from model.export import list_versions
 from model.network import build_model
+from model.saved_model_info import incomplete_reason
+from model.serving.faults import Faults
+from model.serving.local_server import LocalServingServer
+from model.serving.model_server import ModelServerProcess
 from tests.conftest import make_export_base
 
 IMAGE_SIZE = 32
@@ -36,8 +40,8 @@ _State = get_model_status_pb2.ModelVersionStatus.State
 
 
 def start_backend(kind: str, base_path: str):
-  server = (serve.LocalServingServer(base_path) if kind == 'local'
-            else serve.ModelServerProcess(base_path))
+  server = (LocalServingServer(base_path) if kind == 'local'
+            else ModelServerProcess(base_path))
   server.start()
   return server
 
@@ -57,7 +61,7 @@ def server(request, export_base):
 
 @pytest.fixture(scope='module')
 def local_server(export_base):
-  with serve.LocalServingServer(str(export_base / schema.MODEL_NAME)) as running:
+  with LocalServingServer(str(export_base / schema.MODEL_NAME)) as running:
     yield running
 
 
@@ -94,25 +98,25 @@ def rpc_error(call, request) -> grpc.RpcError:
 def test_list_versions_skip_temporary_and_other_names(tmp_path):
   for name in ['1', '2', '10', '.tmp-3-ab12cd34', 'abc', '4.bak', '-5']:
     (tmp_path / name).mkdir()
-  assert serve.list_versions(str(tmp_path)) == [1, 2, 10]
-  assert serve.list_versions(str(tmp_path / 'missing')) == []
+  assert list_versions(str(tmp_path)) == [1, 2, 10]
+  assert list_versions(str(tmp_path / 'missing')) == []
 
 
 def test_incomplete_reason_checks_saved_model_and_checksums(tmp_path, export_base):
   complete = export_base / schema.MODEL_NAME / '1'
-  assert serve.incomplete_reason(str(complete)) is None
-  assert serve.incomplete_reason(str(tmp_path)) == 'no saved_model.pb'
+  assert incomplete_reason(str(complete)) is None
+  assert incomplete_reason(str(tmp_path)) == 'no saved_model.pb'
 
   truncated = tmp_path / 'truncated'
   shutil.copytree(complete, truncated)
   variables = next((truncated / 'variables').glob('variables.data-*'))
   variables.write_bytes(variables.read_bytes()[:-100])
-  assert 'does not match its checksum' in serve.incomplete_reason(str(truncated))
+  assert 'does not match its checksum' in incomplete_reason(str(truncated))
 
   missing = tmp_path / 'missing'
   shutil.copytree(complete, missing)
   (missing / 'variables' / 'variables.index').unlink()
-  assert serve.incomplete_reason(str(missing)) == 'variables/variables.index is missing'
+  assert incomplete_reason(str(missing)) == 'variables/variables.index is missing'
 
 
 # --- The gRPC API, local and real -------------------------------------------------------------
@@ -220,7 +224,7 @@ def test_predict_status_codes(server, case):
   error = rpc_error(prediction.Predict, request)
 
   assert error.code() == code
-  if isinstance(server, serve.LocalServingServer):
+  if isinstance(server, LocalServingServer):
     assert message in error.details()
 
 
@@ -297,7 +301,7 @@ def test_requests_over_4_mib_are_refused(local_server):
   assert tf.make_ndarray(response.outputs[schema.OUTPUT_WEATHER]).shape == (1300, 4)
 
 
-def fault_codes(server: serve.LocalServingServer, calls: int) -> list[str]:
+def fault_codes(server: LocalServingServer, calls: int) -> list[str]:
   prediction, _ = stubs(server.address)
   codes = []
   for _ in range(calls):
@@ -311,15 +315,15 @@ def fault_codes(server: serve.LocalServingServer, calls: int) -> list[str]:
 
 def test_injected_failures_are_a_seeded_share(local_server):
   try:
-    local_server.set_faults(serve.Faults(failure_fraction=0.3, seed=11))
+    local_server.set_faults(Faults(failure_fraction=0.3, seed=11))
     first = fault_codes(local_server, 60)
-    local_server.set_faults(serve.Faults(failure_fraction=0.3, seed=11))
+    local_server.set_faults(Faults(failure_fraction=0.3, seed=11))
     again = fault_codes(local_server, 60)
-    local_server.set_faults(serve.Faults(failure_fraction=0.5, seed=3,
+    local_server.set_faults(Faults(failure_fraction=0.5, seed=3,
                                          failure_code=grpc.StatusCode.RESOURCE_EXHAUSTED))
     exhausted = fault_codes(local_server, 20)
   finally:
-    local_server.set_faults(serve.Faults())
+    local_server.set_faults(Faults())
 
   assert first == again
   assert set(first) == {'OK', 'UNAVAILABLE'}
@@ -332,7 +336,7 @@ def test_injected_latency_and_refused_images(local_server):
   batch = images(4)
   batch[2, 0, 0] = (255, 0, 255)
   try:
-    local_server.set_faults(serve.Faults(
+    local_server.set_faults(Faults(
         latency_secs=0.3, refuse_image=lambda image: tuple(image[0, 0]) == (255, 0, 255)))
     started = time.monotonic()
     error = rpc_error(prediction.Predict, predict_request({schema.INPUT_IMAGES: batch}))
@@ -341,11 +345,11 @@ def test_injected_latency_and_refused_images(local_server):
     assert 'image 2 refused' in error.details()
     prediction.Predict(predict_request({schema.INPUT_IMAGES: batch[:2]}), timeout=10)
   finally:
-    local_server.set_faults(serve.Faults())
+    local_server.set_faults(Faults())
 
 
 def test_stop_and_restart_on_the_same_port(export_base):
-  server = serve.LocalServingServer(str(export_base / schema.MODEL_NAME))
+  server = LocalServingServer(str(export_base / schema.MODEL_NAME))
   port = server.start()
   prediction, _ = stubs(server.address)
   request = predict_request({schema.INPUT_IMAGES: images(1)})

@@ -1,7 +1,8 @@
 """The gRPC prediction backend: pure rules, then the handler against a real server on loopback.
 
-Layers: pure functions (no server) -> `run_inference` against `model.serve`'s server on loopback,
-with faults injected -> RunInference + KeyedModelHandler in a TestPipeline, counters asserted.
+Layers: pure functions (no server) -> `run_inference` against the local server (`model.serving`)
+on loopback, with faults injected -> RunInference + KeyedModelHandler in a TestPipeline, counters
+asserted.
 The tests without faults also run against `tensorflow_model_server` where it is on the PATH.
 """
 import datetime
@@ -34,12 +35,17 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 
 from beam_jobs.common import progress
 from beam_jobs import serving_handler as sh
+from beam_jobs import serving_retry
 from model import schema
-from model import serve
 from model.errors import InputRefused
 from model.errors import Reason
 from model.export import export_model
 from model.network import build_model
+from model.saved_model_info import read_signature_defs
+from model.serving import protocol
+from model.serving.faults import Faults
+from model.serving.local_server import LocalServingServer
+from model.serving.model_server import ModelServerProcess
 from tests.conftest import make_export_base
 
 IMAGE_SIZE = 32
@@ -70,8 +76,8 @@ def model_dir(export_base):
 
 @pytest.fixture(scope='module', params=BACKENDS)
 def server(request, model_dir):
-  running = (serve.LocalServingServer(model_dir) if request.param == 'local'
-             else serve.ModelServerProcess(model_dir))
+  running = (LocalServingServer(model_dir) if request.param == 'local'
+             else ModelServerProcess(model_dir))
   running.start()
   yield running
   running.stop()
@@ -80,7 +86,7 @@ def server(request, model_dir):
 @pytest.fixture
 def local_server(model_dir):
   """A local server of its own, for tests that inject faults or stop it."""
-  running = serve.LocalServingServer(model_dir)
+  running = LocalServingServer(model_dir)
   running.start()
   yield running
   running.stop()
@@ -112,14 +118,14 @@ def assert_all_predicted(results, batch, version: int = 1) -> None:
     ('localhost:8500', 'localhost', 8500), ('10.1.2.3:9000', '10.1.2.3', 9000),
     ('[::1]:8500', '::1', 8500), ('tfserving.internal:443', 'tfserving.internal', 443)])
 def test_parse_address(address, host, port):
-  assert sh.parse_address(address) == (host, port)
+  assert protocol.parse_address(address) == (host, port)
 
 
 @pytest.mark.parametrize('address', ['localhost', 'localhost:', ':8500', 'host:http',
                                      'host:70000', '::1:8500', '[::1:8500'])
 def test_parse_address_refuses_malformed(address):
   with pytest.raises(ValueError, match='HOST:PORT|IPv6'):
-    sh.parse_address(address)
+    protocol.parse_address(address)
 
 
 @pytest.mark.parametrize('host,loopback', [
@@ -127,19 +133,19 @@ def test_parse_address_refuses_malformed(address):
     ('::1', True), ('10.0.0.1', False), ('0.0.0.0', False), ('localhost.evil.com', False),
     ('tfserving', False), ('::', False)])
 def test_is_loopback_host(host, loopback):
-  assert sh.is_loopback_host(host) is loopback
+  assert protocol.is_loopback_host(host) is loopback
 
 
 def test_plaintext_only_to_loopback_unless_allowed():
-  assert sh.check_transport('127.0.0.1:8500') == 'insecure'
-  assert sh.check_transport('[::1]:8500') == 'insecure'
-  assert sh.check_transport('tfserving:8500', use_tls=True) == 'tls'
-  assert sh.check_transport('10.0.0.7:8500', allow_insecure=True) == 'insecure'
+  assert protocol.check_transport('127.0.0.1:8500') == 'insecure'
+  assert protocol.check_transport('[::1]:8500') == 'insecure'
+  assert protocol.check_transport('tfserving:8500', use_tls=True) == 'tls'
+  assert protocol.check_transport('10.0.0.7:8500', allow_insecure=True) == 'insecure'
   with pytest.raises(ValueError, match='refusing a plaintext gRPC channel to 10.0.0.7.*--tls.*'
                                        '--allow_insecure'):
-    sh.check_transport('10.0.0.7:8500')
+    protocol.check_transport('10.0.0.7:8500')
   with pytest.raises(ValueError, match='contradict'):
-    sh.check_transport('localhost:8500', use_tls=True, allow_insecure=True)
+    protocol.check_transport('localhost:8500', use_tls=True, allow_insecure=True)
   # The handler refuses at construction, before any worker or connection exists.
   with pytest.raises(ValueError, match='refusing a plaintext'):
     sh.ServingGrpcHandler('tfserving.internal:8500')
@@ -155,7 +161,7 @@ def test_plan_keeps_256px_batches_under_the_byte_limit():
   assert [len(g) for g in groups] == [20, 20, 20, 4]
   assert sum(groups, []) == list(range(64))
   for group in groups:
-    request = sh.build_predict_request([batch[i] for i in group])
+    request = protocol.build_predict_request([batch[i] for i in group])
     assert request.ByteSize() <= sh.DEFAULT_MAX_REQUEST_BYTES
 
 
@@ -179,7 +185,8 @@ def test_image_problem():
 
 def test_request_tensor_is_raw_bytes_that_tensorflow_reads_back():
   batch = images(3)
-  request = sh.build_predict_request(batch, model_version=4, signature=schema.SERVING_SIGNATURE)
+  request = protocol.build_predict_request(batch, model_version=4,
+                                           signature=schema.SERVING_SIGNATURE)
   proto = request.inputs[schema.INPUT_IMAGES]
   assert len(proto.tensor_content) == 3 * IMAGE_SIZE * IMAGE_SIZE * 3
   assert not proto.int_val
@@ -196,12 +203,12 @@ def _answer(weather: np.ndarray, ground: np.ndarray, encode) -> predict_pb2.Pred
   return response
 
 
-@pytest.mark.parametrize('encode', [tf.make_tensor_proto,            # tensor_content
-                                    serve.tensor_as_proto_field])    # float_val, as TF Serving answers
+@pytest.mark.parametrize('encode', [tf.make_tensor_proto,              # tensor_content
+                                    protocol.tensor_as_proto_field])  # float_val, as TF Serving does
 def test_split_response_reads_both_encodings(encode):
   weather = np.arange(8, dtype=np.float32).reshape(2, 4) / 7
   ground = np.arange(26, dtype=np.float32).reshape(2, 13) / 29
-  version, rows = sh.split_response(_answer(weather, ground, encode), 2)
+  version, rows = protocol.split_response(_answer(weather, ground, encode), 2)
   assert version == 3 and len(rows) == 2
   for i, row in enumerate(rows):
     np.testing.assert_array_equal(row[schema.OUTPUT_WEATHER], weather[i])
@@ -211,36 +218,97 @@ def test_split_response_reads_both_encodings(encode):
 def test_split_response_fills_a_short_value_field_with_its_last_value():
   def constant(array):
     return tf.make_tensor_proto(1.5, shape=array.shape, dtype=tf.float32)
-  _, rows = sh.split_response(_answer(np.zeros((2, 4)), np.zeros((2, 13)), constant), 2)
+  _, rows = protocol.split_response(_answer(np.zeros((2, 4)), np.zeros((2, 13)), constant), 2)
   np.testing.assert_array_equal(rows[1][schema.OUTPUT_GROUND], np.full(13, 1.5, np.float32))
 
 
 def test_split_response_refuses_a_wrong_shape():
   with pytest.raises(ValueError, match='expected \\[3, 4\\]'):
-    sh.split_response(_answer(np.zeros((2, 4), np.float32), np.zeros((2, 13), np.float32),
-                              tf.make_tensor_proto), 3)
+    protocol.split_response(_answer(np.zeros((2, 4), np.float32), np.zeros((2, 13), np.float32),
+                                    tf.make_tensor_proto), 3)
 
 
 def test_transient_codes_and_backoff():
-  assert sh.is_transient(grpc.StatusCode.UNAVAILABLE)
-  assert sh.is_transient(grpc.StatusCode.DEADLINE_EXCEEDED)
-  assert sh.is_transient(grpc.StatusCode.RESOURCE_EXHAUSTED, 'queue full')
-  assert not sh.is_transient(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             'Received message larger than max (5 vs. 4)')
-  assert not sh.is_transient(grpc.StatusCode.INVALID_ARGUMENT)
-  assert not sh.is_transient(grpc.StatusCode.NOT_FOUND)
-  assert sh.may_be_one_image(grpc.StatusCode.INVALID_ARGUMENT)
-  assert not sh.may_be_one_image(grpc.StatusCode.NOT_FOUND)
-  assert not sh.may_be_one_image(grpc.StatusCode.FAILED_PRECONDITION)
-  delays = sh.backoff_delays(0.25, 4.0, random.Random(0))
+  assert serving_retry.is_transient(grpc.StatusCode.UNAVAILABLE)
+  assert serving_retry.is_transient(grpc.StatusCode.DEADLINE_EXCEEDED)
+  assert serving_retry.is_transient(grpc.StatusCode.RESOURCE_EXHAUSTED, 'queue full')
+  assert not serving_retry.is_transient(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        'Received message larger than max (5 vs. 4)')
+  assert not serving_retry.is_transient(grpc.StatusCode.INVALID_ARGUMENT)
+  assert not serving_retry.is_transient(grpc.StatusCode.NOT_FOUND)
+  assert serving_retry.may_be_one_image(grpc.StatusCode.INVALID_ARGUMENT)
+  assert not serving_retry.may_be_one_image(grpc.StatusCode.NOT_FOUND)
+  assert not serving_retry.may_be_one_image(grpc.StatusCode.FAILED_PRECONDITION)
+  delays = serving_retry.backoff_delays(0.25, 4.0, random.Random(0))
   caps = [0.25, 0.5, 1, 2, 4, 4, 4]
   for cap in caps:
     assert cap / 2 <= next(delays) <= cap
 
 
+class _ScriptedThrottler:
+  """Beam's AdaptiveThrottler as the retry policy sees it, throttling the asks numbered `throttled`."""
+
+  throttle_delay_secs = 0.01
+
+  def __init__(self, throttled):
+    self.throttled = set(throttled)
+    self.asks = 0
+    self.successes = 0
+
+  def throttle_request(self, now_ms: float) -> bool:  # pylint: disable=unused-argument
+    self.asks += 1
+    return self.asks in self.throttled
+
+  def successful_request(self, now_ms: float) -> None:  # pylint: disable=unused-argument
+    self.successes += 1
+
+
+class _Unavailable(grpc.RpcError):
+  """What a stub raises when the server is away."""
+
+  def code(self):
+    return grpc.StatusCode.UNAVAILABLE
+
+  def details(self):
+    return 'server away'
+
+
+def test_a_client_throttled_before_any_attempt_waits_then_sends():
+  throttler = _ScriptedThrottler(throttled={1, 2})
+  tally = serving_retry.CallTally()
+  answer = predict_pb2.PredictResponse()
+
+  response = serving_retry.RetryPolicy(retry_budget_secs=0.0).call(
+      lambda request, timeout: answer, predict_pb2.PredictRequest(), throttler=throttler,
+      tally=tally, address='here:8500')
+
+  assert response is answer
+  assert (throttler.asks, throttler.successes, tally.requests, tally.retries) == (3, 1, 1, 0)
+  assert tally.throttled_secs == pytest.approx(2 * throttler.throttle_delay_secs)
+
+
+def test_a_client_throttled_after_a_failure_gives_up_when_the_budget_runs_out():
+  throttler = _ScriptedThrottler(throttled=range(2, 10_000))
+  tally = serving_retry.CallTally()
+
+  def predict(request, timeout):
+    raise _Unavailable()
+
+  policy = serving_retry.RetryPolicy(retry_budget_secs=0.2, initial_backoff_secs=0.01,
+                                     max_backoff_secs=0.01)
+  with pytest.raises(serving_retry.GaveUp, match=r'^here:8500: UNAVAILABLE after 1 attempt\(s\) '
+                     r'over 0\.\ds, then throttled client-side \(retry budget 0\.2s\): '
+                     r'server away$'):
+    policy.call(predict, predict_pb2.PredictRequest(), throttler=throttler, tally=tally,
+                address='here:8500')
+
+  assert (tally.requests, tally.retries, throttler.successes) == (1, 1, 0)
+  assert tally.throttled_secs >= 0.15
+
+
 def signature_map(model_dir: str) -> get_model_metadata_pb2.SignatureDefMap:
   found = get_model_metadata_pb2.SignatureDefMap()
-  for name, signature in serve.read_signature_defs(model_dir + '/1').items():
+  for name, signature in read_signature_defs(model_dir + '/1').items():
     found.signature_def[name].CopyFrom(signature)
   return found
 
@@ -330,7 +398,7 @@ def test_refused_elements_never_reach_the_server(local_server):
 
 
 def test_unavailable_30_percent_every_image_once(local_server):
-  local_server.set_faults(serve.Faults(failure_fraction=0.3, seed=5))
+  local_server.set_faults(Faults(failure_fraction=0.3, seed=5))
   batch = images(60)
   handler = sh.ServingGrpcHandler(local_server.address, max_images_per_request=3, **FAST)
 
@@ -344,7 +412,7 @@ def test_unavailable_30_percent_every_image_once(local_server):
 def test_a_refused_request_is_sent_again_image_by_image(local_server):
   batch = images(6)
   batch[4][0, 0] = (255, 0, 255)
-  local_server.set_faults(serve.Faults(
+  local_server.set_faults(Faults(
       refuse_image=lambda image: tuple(image[0, 0]) == (255, 0, 255)))
   handler = sh.ServingGrpcHandler(local_server.address, **FAST)
 
@@ -370,7 +438,7 @@ def test_a_model_level_refusal_is_not_repeated_per_image(local_server):
 
 
 def test_a_slow_server_meets_the_deadline_and_the_budget(local_server):
-  local_server.set_faults(serve.Faults(latency_secs=0.4))
+  local_server.set_faults(Faults(latency_secs=0.4))
   handler = sh.ServingGrpcHandler(local_server.address, timeout_secs=0.1, retry_budget_secs=0.3,
                                   **FAST)
 
@@ -381,7 +449,7 @@ def test_a_slow_server_meets_the_deadline_and_the_budget(local_server):
 
 
 def test_server_restart_of_10_seconds_mid_run(local_server):
-  local_server.set_faults(serve.Faults(latency_secs=0.05))
+  local_server.set_faults(Faults(latency_secs=0.05))
   batch = images(40)
   handler = sh.ServingGrpcHandler(local_server.address, max_images_per_request=1,
                                   max_requests_in_flight=2, **FAST)
@@ -437,7 +505,7 @@ def server_256(tmp_path_factory):
 
 def test_large_batches_stay_under_the_limit(server_256):
   batch = images(64, size=256)   # 12.6 MB
-  with serve.LocalServingServer(server_256) as server:
+  with LocalServingServer(server_256) as server:
     results = run_direct(sh.ServingGrpcHandler(server.address, **FAST), batch)
     sizes = server.predict_request_bytes
   assert_all_predicted(results, batch)
@@ -447,7 +515,7 @@ def test_large_batches_stay_under_the_limit(server_256):
 
 def test_a_server_with_a_smaller_limit_gets_single_images(server_256):
   batch = images(8, size=256)
-  with serve.LocalServingServer(server_256, max_receive_message_bytes=1024 * 1024) as server:
+  with LocalServingServer(server_256, max_receive_message_bytes=1024 * 1024) as server:
     started = time.monotonic()
     results = run_direct(sh.ServingGrpcHandler(server.address, **FAST), batch)
     elapsed = time.monotonic() - started
@@ -485,7 +553,7 @@ def test_tls_with_a_self_signed_certificate(model_dir, tmp_path):
   key, certificate = make_self_signed_certificate()
   (tmp_path / 'ca.pem').write_bytes(certificate)
   roots = sh.read_root_certificates(str(tmp_path / 'ca.pem'))
-  with serve.LocalServingServer(model_dir, ssl_key=key, ssl_cert=certificate) as server:
+  with LocalServingServer(model_dir, ssl_key=key, ssl_cert=certificate) as server:
     for host in ['127.0.0.1', 'localhost']:
       address = f'{host}:{server.port}'
       assert sh.check_serving_model(address, use_tls=True, root_certificates=roots) == (
@@ -538,7 +606,7 @@ def test_pipeline_predicts_every_image_once(server):
 
 
 def test_pipeline_with_30_percent_unavailable(local_server):
-  local_server.set_faults(serve.Faults(failure_fraction=0.3, seed=7))
+  local_server.set_faults(Faults(failure_fraction=0.3, seed=7))
   handler = sh.ServingGrpcHandler(local_server.address, min_batch_size=8, max_batch_size=8,
                                   max_images_per_request=2, **FAST)
 

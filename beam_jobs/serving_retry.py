@@ -1,0 +1,164 @@
+"""How the gRPC prediction client retries: transient codes, jittered backoff, a budget, throttling.
+
+A Predict call that fails with a transient code (UNAVAILABLE, RESOURCE_EXHAUSTED,
+DEADLINE_EXCEEDED) is retried with jittered exponential backoff until `retry_budget_secs` after
+its first failure, and every attempt first waits while Beam's client-side throttler
+(`AdaptiveThrottler`, the SRE book's adaptive throttling) says the server is overloaded.
+
+Usage:
+  policy = RetryPolicy(timeout_secs=30, retry_budget_secs=30)
+  response = policy.call(stub.Predict, request, throttler=handler.throttler, tally=CallTally(),
+                         address='tfserving:8500')   # or GaveUp, or the non-transient RpcError
+"""
+import dataclasses
+import random
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import grpc
+
+__all__ = ['CallTally', 'GaveUp', 'RetryPolicy', 'TRANSIENT_CODES', 'backoff_delays',
+           'is_transient', 'may_be_one_image']
+
+TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             grpc.StatusCode.DEADLINE_EXCEEDED})
+# Beam's AdaptiveThrottler keeps plain lists; the sub-requests of a batch run on several threads.
+_THROTTLE_LOCK = threading.Lock()
+
+
+def is_transient(code: grpc.StatusCode, details: str = '') -> bool:
+  """Worth retrying: the server may answer later. An over-size refusal never will."""
+  if code == grpc.StatusCode.RESOURCE_EXHAUSTED and 'larger than max' in (details or ''):
+    return False
+  return code in TRANSIENT_CODES
+
+
+def may_be_one_image(code: grpc.StatusCode) -> bool:
+  """Whether a refused request is worth re-sending image by image: the fault may lie in one input.
+
+  NOT_FOUND, FAILED_PRECONDITION, PERMISSION_DENIED and the like concern the model or the caller,
+  and would only be repeated once per image.
+  """
+  return code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL,
+                  grpc.StatusCode.UNKNOWN, grpc.StatusCode.OUT_OF_RANGE,
+                  grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def backoff_delays(initial_secs: float, max_secs: float, rng: random.Random) -> Iterator[float]:
+  """Endless exponential delays (x2, capped), each jittered down by up to half so workers spread out."""
+  delay = initial_secs
+  while True:
+    yield delay * rng.uniform(0.5, 1.0)
+    delay = min(max_secs, delay * 2)
+
+
+class GaveUp(Exception):
+  """Transient failures outlasted the retry budget."""
+
+
+@dataclasses.dataclass
+class CallTally:
+  """What the calls for one batch did; counted on the bundle's thread (Beam metrics are per thread)."""
+  requests: int = 0
+  retries: int = 0
+  single_image_requests: int = 0
+  throttled_secs: float = 0.0
+  request_bytes: list[int] = dataclasses.field(default_factory=list)
+
+  def add(self, other: 'CallTally') -> None:
+    self.requests += other.requests
+    self.retries += other.retries
+    self.single_image_requests += other.single_image_requests
+    self.throttled_secs += other.throttled_secs
+    self.request_bytes.extend(other.request_bytes)
+
+
+def _wait_while_throttled(throttler, give_up_at: float | None) -> tuple[float, bool]:
+  """Beam's throttle(), with its bookkeeping under a lock and the sleep outside it.
+
+  Returns (seconds waited, whether `give_up_at` (monotonic) passed while still throttled).
+  """
+  waited = 0.0
+  while True:
+    with _THROTTLE_LOCK:
+      throttled = throttler.throttle_request(time.time() * 1000)
+    if not throttled:
+      return waited, False
+    if give_up_at is not None and time.monotonic() >= give_up_at:
+      return waited, True
+    time.sleep(throttler.throttle_delay_secs)
+    waited += throttler.throttle_delay_secs
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+  """The deadline of each call and how long, and how often, a transient failure is retried.
+
+  Attributes:
+    timeout_secs: the deadline of every call.
+    retry_budget_secs: how long after its first transient failure a request is retried.
+    initial_backoff_secs, max_backoff_secs: the backoff between retries (doubling, jittered).
+  """
+  timeout_secs: float = 30.0
+  retry_budget_secs: float = 30.0
+  initial_backoff_secs: float = 0.25
+  max_backoff_secs: float = 4.0
+
+  def call(self, predict: Callable[..., Any], request: Any, *, throttler, tally: CallTally,
+           address: str) -> Any:
+    """`predict(request, timeout=...)`, retried on transient codes until the budget runs out.
+
+    Args:
+      predict: the stub method (`PredictionServiceStub.Predict`).
+      request: its request; its size is added to `tally` once per attempt.
+      throttler: Beam's `AdaptiveThrottler` (the handler's), told of every success.
+      tally: counts attempts, retries, time throttled and bytes sent.
+      address: the server, for messages.
+
+    Raises:
+      GaveUp: transient failures (then throttling) outlasted `retry_budget_secs`.
+      grpc.RpcError: a failure that is not transient, at once.
+    """
+    size = request.ByteSize()
+    delays = backoff_delays(self.initial_backoff_secs, self.max_backoff_secs, random.Random())
+    first_failure_at = None
+    last_failure: grpc.RpcError | None = None
+    attempts = 0
+    while True:
+      # The budget runs from the first failure: before one, a throttled client only waits.
+      give_up_at = None if first_failure_at is None else first_failure_at + self.retry_budget_secs
+      waited, throttled = _wait_while_throttled(throttler, give_up_at)
+      tally.throttled_secs += waited
+      if throttled:
+        raise GaveUp(self._gave_up_message(address, last_failure, attempts, first_failure_at,
+                                           'then throttled client-side'))
+      attempts += 1
+      tally.requests += 1
+      tally.request_bytes.append(size)
+      sent_at = time.time()
+      try:
+        response = predict(request, timeout=self.timeout_secs)
+      except grpc.RpcError as failure:
+        if not is_transient(failure.code(), failure.details()):
+          raise
+        last_failure = failure
+        now = time.monotonic()
+        if first_failure_at is None:
+          first_failure_at = now
+        delay = next(delays)
+        if now + delay - first_failure_at > self.retry_budget_secs:
+          raise GaveUp(self._gave_up_message(address, failure, attempts,
+                                             first_failure_at)) from None
+        tally.retries += 1
+        time.sleep(delay)
+        continue
+      with _THROTTLE_LOCK:
+        throttler.successful_request(sent_at * 1000)
+      return response
+
+  def _gave_up_message(self, address: str, failure: grpc.RpcError, attempts: int,
+                       first_failure_at: float, note: str = '') -> str:
+    return (f'{address}: {failure.code().name} after {attempts} attempt(s) over '
+            f'{time.monotonic() - first_failure_at:.1f}s{", " + note if note else ""} (retry '
+            f'budget {self.retry_budget_secs:g}s): {failure.details()}')

@@ -1,0 +1,170 @@
+"""A TensorFlow Serving-compatible gRPC server, for development and tests without TF Serving installed.
+
+It speaks TF Serving's gRPC API on the official `tensorflow_serving.apis` protos:
+`tensorflow.serving.PredictionService` (`Predict`, `GetModelMetadata`) and
+`tensorflow.serving.ModelService` (`GetModelStatus`), with TF Serving's version-folder rules (the
+highest integer-named folder under the base path, polled every second: the default "latest"
+policy), its status codes and messages, and its `model_spec` in every answer. A client cannot tell
+it from the real server for the calls the project makes, so the gRPC prediction backend is tested
+against it, with faults injected on purpose (latency, a share of UNAVAILABLE or RESOURCE_EXHAUSTED
+answers, stop and restart on the same port).
+
+Production runs TensorFlow Serving itself (`tensorflow_model_server`, or the `tensorflow/serving`
+container image); see the README. One deliberate difference: this server refuses requests over the
+gRPC default of 4 MiB (`max_receive_message_bytes`), where `tensorflow_model_server` raises its own
+limit to 2 GiB; proxies and servers started with `--grpc_channel_arguments` keep lower limits, and
+a client that stays under 4 MiB works with all of them, so the tests hold clients to it.
+
+Usage:
+  with LocalServingServer('EXPORT/PlanetModel', port=0) as server:
+    stub = ...(grpc.insecure_channel(server.address))
+"""
+import concurrent.futures
+import logging
+import threading
+
+import grpc
+from tensorflow_serving.apis import model_service_pb2_grpc
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+from model import schema
+from model.serving.faults import FaultInjector
+from model.serving.faults import Faults
+from model.serving.protocol import GRPC_DEFAULT_MAX_MESSAGE_BYTES
+from model.serving.repository import ModelRepository
+from model.serving.services import ModelService
+from model.serving.services import PredictionService
+from model.serving.services import RequestStats
+
+__all__ = ['DEFAULT_POLL_SECONDS', 'LocalServingServer']
+
+_log = logging.getLogger('planet.serve')
+
+# TF Serving's --file_system_poll_wait_seconds default.
+DEFAULT_POLL_SECONDS = 1.0
+
+
+class LocalServingServer:
+  """The local server: a repository, a poller thread, and a gRPC server that can stop and start again.
+
+  Usage:
+    server = LocalServingServer('EXPORT/PlanetModel', port=0, faults=Faults(failure_fraction=0.3))
+    port = server.start()          # the model is loaded before it listens, as TF Serving does
+    server.stop(); server.start()  # the same port again; the loaded model is kept
+    server.close()
+
+  Args:
+    model_base_path: the folder holding the numbered versions (EXPORT/PlanetModel).
+    port: the port to listen on; 0 picks a free one (kept for restarts).
+    model_name: the name clients ask for.
+    host: the interface; the default serves this machine only.
+    poll_seconds: how often to look for a new version.
+    max_receive_message_bytes: the largest request accepted (gRPC's default 4 MiB).
+    ssl_key, ssl_cert: PEM bytes; with both, the server speaks TLS only.
+    faults: faults to inject (see `Faults`); `set_faults` changes them while running.
+    max_workers: threads answering calls.
+  """
+
+  def __init__(self, model_base_path: str, port: int = 0, *, model_name: str = schema.MODEL_NAME,
+               host: str = '127.0.0.1', poll_seconds: float = DEFAULT_POLL_SECONDS,
+               max_receive_message_bytes: int = GRPC_DEFAULT_MAX_MESSAGE_BYTES,
+               ssl_key: bytes | None = None, ssl_cert: bytes | None = None,
+               faults: Faults | None = None, max_workers: int = 8):
+    if (ssl_key is None) != (ssl_cert is None):
+      raise ValueError('TLS needs both ssl_key and ssl_cert')
+    self.repository = ModelRepository(model_base_path, model_name)
+    self.host = host
+    self.port = port
+    self._poll_seconds = poll_seconds
+    self._max_receive = max_receive_message_bytes
+    self._ssl = (ssl_key, ssl_cert) if ssl_key is not None else None
+    self._faults = FaultInjector(faults or Faults())
+    self._stats = RequestStats()
+    self._max_workers = max_workers
+    self._server: grpc.Server | None = None
+    self._stop_polling = threading.Event()
+    self._poller: threading.Thread | None = None
+
+  @property
+  def address(self) -> str:
+    return f'{self.host}:{self.port}'
+
+  @property
+  def predict_request_bytes(self) -> list[int]:
+    """The serialized size of every Predict request received so far."""
+    return list(self._stats.predict_request_bytes)
+
+  @property
+  def served_version(self) -> int | None:
+    current = self.repository.current
+    return current.version if current else None
+
+  def set_faults(self, faults: Faults) -> None:
+    self._faults.set(faults)
+
+  def start(self) -> int:
+    """Loads the newest complete version (when there is one), listens, and returns the port."""
+    if self._server is not None:
+      raise RuntimeError(f'already serving on {self.address}')
+    self.repository.poll()
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=self._max_workers,
+                                              thread_name_prefix='serve'),
+        options=[('grpc.max_receive_message_length', self._max_receive),
+                 ('grpc.max_send_message_length', -1),
+                 # Two servers must never share a port by accident (a restart must find it free).
+                 ('grpc.so_reuseport', 0)])
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionService(self.repository, self._faults, self._stats), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self.repository), server)
+    target = f'{self.host}:{self.port}'
+    try:
+      if self._ssl:
+        credentials = grpc.ssl_server_credentials([self._ssl])
+        bound = server.add_secure_port(target, credentials)
+      else:
+        bound = server.add_insecure_port(target)
+    except RuntimeError as error:
+      raise OSError(f'cannot listen on {target}: {error}') from error
+    if not bound:
+      raise OSError(f'cannot listen on {target}')
+    self.port = bound
+    server.start()
+    self._server = server
+    self._stop_polling.clear()
+    self._poller = threading.Thread(target=self._poll_loop, name='serve-poller', daemon=True)
+    self._poller.start()
+    _log.info('serve: listening on %s (%s)', self.address, 'TLS' if self._ssl else 'plaintext')
+    return self.port
+
+  def _poll_loop(self) -> None:
+    while not self._stop_polling.wait(self._poll_seconds):
+      try:
+        self.repository.poll()
+      except Exception as error:  # pylint: disable=broad-except
+        # A file system hiccup must not stop the server from following new versions.
+        _log.warning('serve: polling %s failed: %s', self.repository.base_path, error)
+
+  def stop(self, grace: float | None = None) -> None:
+    """Stops listening (in-flight calls end after `grace` seconds, at once by default)."""
+    self._stop_polling.set()
+    if self._poller is not None:
+      self._poller.join()
+      self._poller = None
+    if self._server is not None:
+      self._server.stop(grace).wait()
+      self._server = None
+
+  close = stop
+
+  def wait(self) -> None:
+    """Blocks until the server stops."""
+    if self._server is not None:
+      self._server.wait_for_termination()
+
+  def __enter__(self) -> 'LocalServingServer':
+    self.start()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.stop()
