@@ -129,10 +129,11 @@ run_flow() {
   local f2
   f2=$("$py" -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["evaluation"]["f2"], 4))' "$work/predict_local/summary.json")
   stage "done in $((SECONDS - started)) s"
+  # The file names of model/schema.py (REPORT_FILE, SUBMISSION_FILE, DEAD_LETTERS_DIR).
   echo "F2 on $predict_dir (Kaggle's metric, averaged over images): $f2"
   echo "report:       $work/predict_local/report.html"
   echo "submission:   $work/predict_local/submission.csv"
-  echo "dead letters: $work/prep/dead_letters/ and $work/predict_local/dead_letters-*.jsonl"
+  echo "dead letters: $work/prep/dead_letters/ and $work/predict_local/dead_letters/"
 }
 
 ensure_venv

@@ -13,6 +13,11 @@ from apache_beam.io.filesystems import FileSystems
 
 from model import schema
 
+__all__ = ['compare_outputs', 'main']
+
+PREDICTIONS = f'{schema.PREDICTIONS_PREFIX}-*.jsonl'
+DEAD_LETTERS = f'{schema.DEAD_LETTERS_DIR}/*.jsonl'
+
 
 def _read_jsonl(pattern: str) -> list[dict]:
   records = []
@@ -24,8 +29,8 @@ def _read_jsonl(pattern: str) -> list[dict]:
 
 def compare_outputs(out_a: str, out_b: str, tolerance: float = 1e-5) -> tuple[list[str], dict]:
   """Returns (differences, counts); no differences means the outputs agree."""
-  rows_a = {r['image_name']: r for r in _read_jsonl(FileSystems.join(out_a, 'predictions-*.jsonl'))}
-  rows_b = {r['image_name']: r for r in _read_jsonl(FileSystems.join(out_b, 'predictions-*.jsonl'))}
+  rows_a = {r['image_name']: r for r in _read_jsonl(FileSystems.join(out_a, PREDICTIONS))}
+  rows_b = {r['image_name']: r for r in _read_jsonl(FileSystems.join(out_b, PREDICTIONS))}
   differences = [f'{name}: predicted only in {out_a}' for name in sorted(rows_a.keys() - rows_b.keys())]
   differences += [f'{name}: predicted only in {out_b}' for name in sorted(rows_b.keys() - rows_a.keys())]
   largest = 0.0
@@ -41,7 +46,7 @@ def compare_outputs(out_a: str, out_b: str, tolerance: float = 1e-5) -> tuple[li
 
   def dead(out):
     return sorted((d['image_name'], d['reason']) for d in _read_jsonl(
-        FileSystems.join(out, 'dead_letters-*.jsonl')))
+        FileSystems.join(out, DEAD_LETTERS)))
   dead_a, dead_b = dead(out_a), dead(out_b)
   if dead_a != dead_b:
     differences.append(f'dead letters differ: {sorted(set(dead_a) ^ set(dead_b))[:10]}')

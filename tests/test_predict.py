@@ -11,10 +11,14 @@ from model import metrics, schema
 from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO
 from tests.conftest import PREDICT_IMAGE_SIZE as IMAGE_SIZE, read_jsonl as _read_jsonl
 
+PREDICTIONS = f'{schema.PREDICTIONS_PREFIX}-*.jsonl'
+DEAD_LETTERS = f'{schema.DEAD_LETTERS_DIR}/*.jsonl'
+
+
 def test_every_image_is_a_prediction_or_a_dead_letter(predict_job):
   out, summary = predict_job
-  predictions = _read_jsonl(f'{out}/predictions-*.jsonl')
-  dead = _read_jsonl(f'{out}/dead_letters-*.jsonl')
+  predictions = _read_jsonl(f'{out}/{PREDICTIONS}')
+  dead = _read_jsonl(f'{out}/{DEAD_LETTERS}')
   # 24 chips + 1 duplicate + 6 real + 4 refused inputs; readme.txt is not an image.
   assert summary['counts'] == {'images_matched': 35, 'predictions': 30, 'dead_letters': 5}
   assert len(predictions) == 30 and len(dead) == 5
@@ -26,14 +30,14 @@ def test_every_image_is_a_prediction_or_a_dead_letter(predict_job):
   duplicate = next(d for d in dead if d['reason'] == 'DUPLICATE_NAME')
   assert duplicate['image_name'] == 'chip_2' and 'chip_2' in names
   assert all(d['message'] and d['stage'] == 'predict' and d['path'] for d in dead)
-  manifest = json.loads((out / 'manifest.json').read_text())
+  manifest = json.loads((out / schema.MANIFEST_FILE).read_text())
   assert manifest['counts']['predictions'] == 30 and manifest['model']['version'] == '1'
 
 
 def test_predictions_equal_the_saved_model_on_the_decoders_pixels(predict_job, export_base):
   import tensorflow as tf
   out, _ = predict_job
-  predictions = {p['image_name']: p for p in _read_jsonl(f'{out}/predictions-*.jsonl')}
+  predictions = {p['image_name']: p for p in _read_jsonl(f'{out}/{PREDICTIONS}')}
   paths = [predictions[n]['path'] for n in sorted(predictions)]
   pixels = np.stack([decode_image(open(p, 'rb').read(), IMAGE_SIZE) for p in paths])
   loaded = tf.saved_model.load(str(export_base / 'PlanetModel' / '1'))
@@ -55,7 +59,7 @@ def test_summary_f2_equals_an_independent_computation(predict_job, mixed_folder)
   for line in labels_csv.read_text().splitlines()[1:]:
     name, tags = line.split(',')
     truth[name] = set(tags.split())
-  lines = (out / 'submission.csv').read_text().splitlines()
+  lines = (out / schema.SUBMISSION_FILE).read_text().splitlines()
   assert lines[0] == 'image_name,tags' and len(lines) == 31
   submitted = {l.split(',')[0]: set(l.split(',')[1].split()) for l in lines[1:]}
   y_true = np.array([[label in truth[n] for label in schema.ALL_LABELS] for n in submitted])
@@ -67,7 +71,7 @@ def test_summary_f2_equals_an_independent_computation(predict_job, mixed_folder)
 
 def test_report_is_written(predict_job):
   out, _ = predict_job
-  html = (out / 'report.html').read_text()
+  html = (out / schema.REPORT_FILE).read_text()
   assert html.lstrip().lower().startswith('<!doctype html') and 'chip_' in html
 
 
@@ -118,8 +122,8 @@ def test_too_many_bad_images_fail_the_job_without_a_manifest(tmp_path, capsys, e
   _run_expecting(capsys, ['--input', str(images), '--output_dir', str(out),
                           '--model_dir', str(export_base / 'PlanetModel'),
                           '--max_bad_fraction', '0.05'],
-                 '5 of 35 images', 'dead_letters')
-  assert not (out / 'manifest.json').exists()
+                 '5 of 35 images', f'{out}/{schema.DEAD_LETTERS_DIR}')
+  assert not (out / schema.MANIFEST_FILE).exists()
 
 
 @pytest.mark.slow
@@ -150,7 +154,7 @@ def test_multi_processing_gives_the_same_outputs(tmp_path, predict_job, export_b
 
   def keyed(pattern):
     return {r['image_name'] + r.get('reason', ''): r for r in _read_jsonl(pattern)}
-  multi_rows, rows = keyed(f'{tmp_path}/multi/predictions-*.jsonl'), keyed(f'{out}/predictions-*.jsonl')
+  multi_rows, rows = keyed(f'{tmp_path}/multi/{PREDICTIONS}'), keyed(f'{out}/{PREDICTIONS}')
   assert multi_rows.keys() == rows.keys()
   for name, row in rows.items():
     other = multi_rows[name]
@@ -160,6 +164,7 @@ def test_multi_processing_gives_the_same_outputs(tmp_path, predict_job, export_b
                     np.array(list(other[head].values()))).max() < 1e-6
     assert {k: v for k, v in row.items() if k not in ('weather', 'ground', 'path')} == {
         k: v for k, v in other.items() if k not in ('weather', 'ground', 'path')}
-  dead = {k: {f: v for f, v in r.items()} for k, r in keyed(f'{out}/dead_letters-*.jsonl').items()}
-  assert keyed(f'{tmp_path}/multi/dead_letters-*.jsonl') == dead
-  assert (tmp_path / 'multi' / 'submission.csv').read_text() == (out / 'submission.csv').read_text()
+  dead = {k: {f: v for f, v in r.items()} for k, r in keyed(f'{out}/{DEAD_LETTERS}').items()}
+  assert keyed(f'{tmp_path}/multi/{DEAD_LETTERS}') == dead
+  assert ((tmp_path / 'multi' / schema.SUBMISSION_FILE).read_text()
+          == (out / schema.SUBMISSION_FILE).read_text())

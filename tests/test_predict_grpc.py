@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 
 from beam_jobs import compare_predictions, predict
+from model import schema
 from model.serving.faults import Faults
 from model.serving.local_server import LocalServingServer
 from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO, read_jsonl
+
+PREDICTIONS = f'{schema.PREDICTIONS_PREFIX}-*.jsonl'
 
 
 @pytest.fixture(scope='module')
@@ -35,8 +38,8 @@ def test_grpc_backend_equals_in_process(tmp_path, server, export_base, mixed_fol
   in_process_out, in_process = predict_job
   summary = _grpc_job(tmp_path / 'grpc', server, export_base, mixed_folder)
   assert summary['backend'] == 'grpc' and summary['counts'] == in_process['counts']
-  grpc_rows = _by_name(tmp_path / 'grpc' / 'predictions-*.jsonl')
-  rows = _by_name(in_process_out / 'predictions-*.jsonl')
+  grpc_rows = _by_name(tmp_path / 'grpc' / PREDICTIONS)
+  rows = _by_name(in_process_out / PREDICTIONS)
   assert grpc_rows.keys() == rows.keys() and len(rows) == 30
   for name, row in rows.items():
     for head in ('weather', 'ground'):
@@ -48,14 +51,14 @@ def test_grpc_backend_equals_in_process(tmp_path, server, export_base, mixed_fol
 
   def dead(out):
     return sorted((d['image_name'], d['reason'], d['message']) for d in read_jsonl(
-        out / 'dead_letters-*.jsonl'))
+        out / schema.DEAD_LETTERS_DIR / '*.jsonl'))
   assert dead(tmp_path / 'grpc') == dead(in_process_out)
   assert summary['evaluation']['f2'] == pytest.approx(in_process['evaluation']['f2'], abs=1e-9)
   # The check run_local.sh prints agrees, and sees a difference when there is one.
   assert compare_predictions.compare_outputs(str(tmp_path / 'grpc'), str(in_process_out))[0] == []
   tampered = tmp_path / 'tampered'
   shutil.copytree(tmp_path / 'grpc', tampered)
-  shard = next(tampered.glob('predictions-*.jsonl'))
+  shard = next(tampered.glob(PREDICTIONS))
   lines = shard.read_text().splitlines()
   row = json.loads(lines[0])
   row['weather']['clear'] += 1e-3
@@ -70,7 +73,7 @@ def test_grpc_job_survives_30_percent_unavailable(tmp_path, export_base, mixed_f
     summary = _grpc_job(tmp_path / 'flaky', flaky, export_base, mixed_folder, '--batch_size', '4')
   assert summary['counts'] == {'images_matched': 35, 'predictions': 30, 'dead_letters': 5}
   assert 'UNAVAILABLE' not in summary['dead_letter_reasons']
-  names = [r['image_name'] for r in read_jsonl(tmp_path / 'flaky' / 'predictions-*.jsonl')]
+  names = [r['image_name'] for r in read_jsonl(tmp_path / 'flaky' / PREDICTIONS)]
   assert len(names) == len(set(names)) == 30
 
 

@@ -218,7 +218,7 @@ def test_5000_images_through_faults_and_a_restart(tmp_path, chips, export_base, 
 
   # Every image exactly once: predicted, or dead-lettered with a reason; the counts add up.
   rows = read_jsonl(tmp_path / 'out' / 'predictions-*.jsonl')
-  dead = read_jsonl(tmp_path / 'out' / 'dead_letters-*.jsonl')
+  dead = read_jsonl(tmp_path / 'out' / schema.DEAD_LETTERS_DIR / '*.jsonl')
   predicted = [r['image_name'] for r in rows]
   refused = [d['image_name'] for d in dead]
   assert len(predicted) == len(set(predicted)) and len(refused) == len(set(refused))

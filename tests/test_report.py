@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from beam_jobs import make_sample
-from beam_jobs.report import MAX_THUMBNAILS, make_thumbnail, render_report
+from beam_jobs.predict.report_html import render_report
+from beam_jobs.predict.thumbnails import MAX_THUMBNAILS, make_thumbnail
 from model import metrics, schema
 
 HOSTILE_NAME = '<script>alert(1)</script>'
@@ -305,7 +306,7 @@ def chromium() -> str:
 def _open_in_chromium(binary: str, page: str,
                       tmp_path: pathlib.Path) -> tuple[str, str, pathlib.Path]:
   """Loads the page from a file as a person would; returns (DOM, log lines, screenshot path)."""
-  page_path = tmp_path / 'report.html'
+  page_path = tmp_path / schema.REPORT_FILE
   page_path.write_text(page, encoding='utf-8')
   screenshot = tmp_path / 'screenshot.png'
   command = [

@@ -256,7 +256,8 @@ def test_predict_refuses_what_is_not_an_image_file_in_bounded_time_and_memory(sa
   assert done.returncode == 0, done.stderr[-3000:]
   assert peak < HOSTILE_PEAK_BYTES
   counts = json.loads((out / schema.MANIFEST_FILE).read_text())['counts']
-  letters = {r['image_name']: r['reason'] for r in read_jsonl(out / 'dead_letters-*.jsonl')}
+  letters = {r['image_name']: r['reason']
+             for r in read_jsonl(out / schema.DEAD_LETTERS_DIR / '*.jsonl')}
   assert letters == HOSTILE
   predictions = {r['image_name']: r for r in read_jsonl(out / 'predictions-*.jsonl')}
   assert counts['images_matched'] == 12 + 2 + len(HOSTILE) == len(predictions) + len(letters)
@@ -292,7 +293,7 @@ def test_predict_writes_odd_file_names_as_one_row_each(sample, export_base, tmp_
     (images / f'{name}.jpg').write_bytes(chip)
   out = tmp_path / 'out'
   predict.run(_predict_args(images, out, export_base))
-  with open(out / predict.SUBMISSION_FILE, newline='', encoding='utf-8') as f:
+  with open(out / schema.SUBMISSION_FILE, newline='', encoding='utf-8') as f:
     read = list(csv.reader(f, strict=True))
   assert len(read) == len(ODD_NAMES) + 1
   names = {r['image_name'] for r in read_jsonl(out / 'predictions-*.jsonl')}

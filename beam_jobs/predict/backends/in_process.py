@@ -4,9 +4,8 @@ Beam's own TensorFlow handler cannot load a Keras 3 export (and needs tensorflow
 one loads it with `tf.saved_model.load` and calls `serving_default` on uint8 batches. RunInference
 keeps one loaded model per worker process, shared by its threads.
 
-Result contract (shared with the gRPC handler in serving_handler.py): for each example a
-`PredictionResult` whose `inference` is `{'weather': float32[4], 'ground': float32[13],
-'model_version': str}`, or an `InputRefused` for an example that could not be predicted.
+Results follow the backends' contract (`beam_jobs.predict.backends`): a `prediction(...)` per
+example, or an `InputRefused` for an example that could not be predicted.
 """
 import logging
 from typing import Any, Iterable, Optional, Sequence
@@ -15,13 +14,12 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from beam_jobs.common.progress import METRICS_NAMESPACE, counter
+from beam_jobs.predict.backends import DEFAULT_MAX_BATCH_SIZE, model_id, prediction
 from model import schema
 from model.errors import InputRefused, Reason
 from model.saved_model_info import ExportInfo
 
-# 64 chips at 128 px are 3 MB of uint8: big enough to keep the CPU's matrix units busy, small
-# enough that a worker's threads can each hold a batch.
-DEFAULT_MAX_BATCH_SIZE = 64
+__all__ = ['LoadedExport', 'SavedModelHandler']
 
 
 class LoadedExport:
@@ -38,10 +36,6 @@ class LoadedExport:
     return outputs[schema.OUTPUT_WEATHER].numpy(), outputs[schema.OUTPUT_GROUND].numpy()
 
 
-def prediction(weather: np.ndarray, ground: np.ndarray, version: str) -> dict:
-  return {schema.OUTPUT_WEATHER: weather, schema.OUTPUT_GROUND: ground, 'model_version': version}
-
-
 class SavedModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
   """Runs `serving_default` of one export version on batches of uint8 [H, W, 3] images.
 
@@ -51,7 +45,7 @@ class SavedModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
   def __init__(self, export: ExportInfo, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
     super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
     self._export = export
-    self._model_id = f'{schema.MODEL_NAME}/{export.version}'
+    self._model_id = model_id(schema.MODEL_NAME, export.version)
 
   def load_model(self) -> LoadedExport:
     return LoadedExport(self._export.version_dir)

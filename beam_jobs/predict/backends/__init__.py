@@ -1,0 +1,32 @@
+"""The prediction job's inference backends and the result contract they share.
+
+A backend is a Beam `ModelHandler` over uint8 `[H, W, 3]` images. For each image it yields a
+`PredictionResult` whose `inference` is `prediction(weather, ground, version)`:
+`{'weather': float32[4], 'ground': float32[13], 'model_version': str}`, and whose `model_id` is
+`model_id(name, version)`; or whose `inference` is an `InputRefused` for an image it could not
+predict (the job writes that one to its dead letters).
+
+Backends:
+  in_process.SavedModelHandler   the exported SavedModel, loaded in the worker (`--model_dir`)
+  beam_jobs.serving_handler      TensorFlow Serving over gRPC (`--serving_address`)
+"""
+import numpy as np
+
+from model import schema
+
+__all__ = ['DEFAULT_MAX_BATCH_SIZE', 'model_id', 'prediction']
+
+# 64 chips at 128 px are 3 MB of uint8: big enough to keep the CPU's matrix units busy, small
+# enough that a worker's threads can each hold a batch. The default of --batch_size and of the
+# handlers' max_batch_size.
+DEFAULT_MAX_BATCH_SIZE = 64
+
+
+def prediction(weather: np.ndarray, ground: np.ndarray, version: str) -> dict:
+  """The `inference` of one image's `PredictionResult`, as every backend returns it."""
+  return {schema.OUTPUT_WEATHER: weather, schema.OUTPUT_GROUND: ground, 'model_version': version}
+
+
+def model_id(model_name: str, version: str) -> str:
+  """The `model_id` of a `PredictionResult`: `PlanetModel/<N>`."""
+  return f'{model_name}/{version}'

@@ -1,0 +1,198 @@
+"""The prediction job's configuration: flags, output layout, input checks and the model backend.
+
+Everything here runs before the pipeline starts, so a wrong flag, input or model fails at once
+with a message that says what to do, and no worker ever sees it.
+"""
+import logging
+import os
+from typing import Any, Iterable, NamedTuple
+
+from apache_beam.io.filesystems import FileSystems
+
+from beam_jobs.common import labels, runner_options
+from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS
+from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files
+from beam_jobs.predict.backends import DEFAULT_MAX_BATCH_SIZE
+from beam_jobs.predict.rows import ThresholdsByVersion
+from model import command_line, schema
+from model.output_dir import OutputLayout, with_beam_temporaries
+
+__all__ = ['DEAD_LETTERS_FILE_PREFIX', 'DESCRIPTION', 'IMAGE_EXTENSIONS', 'LAYOUT', 'Backend',
+           'JobConfig', 'check_inputs', 'check_labels_csv', 'image_source', 'make_backend',
+           'parse_args']
+
+DESCRIPTION = ('Bulk prediction: image folders -> predictions, submission.csv, dead letters, '
+               'summary, report.')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+# The dead-letter shards are named as preprocess names its own: DEAD_LETTERS_DIR/dead_letters-*.
+DEAD_LETTERS_FILE_PREFIX = 'dead_letters'
+# Everything this job writes under OUT: only these files are ever deleted by --overwrite.
+LAYOUT = OutputLayout(schema.STAGE_PREDICT, with_beam_temporaries(
+    f'{schema.PREDICTIONS_PREFIX}-?????-of-?????.jsonl',
+    f'{schema.DEAD_LETTERS_DIR}/{DEAD_LETTERS_FILE_PREFIX}-?????-of-?????.jsonl',
+    schema.SUBMISSION_FILE, schema.SUMMARY_FILE, schema.REPORT_FILE))
+
+
+class JobConfig(NamedTuple):
+  """Everything the graph needs, validated before the pipeline starts."""
+  sources: tuple[ImageSource, ...]
+  output_dir: str
+  image_size: int
+  thresholds: ThresholdsByVersion
+  model_name: str
+  backend: str                 # 'in_process' or 'grpc'
+  labels_csv: str | None
+  max_pixels: int
+  started_at: float
+  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+
+  def output_path(self, *relative: str) -> str:
+    """A path under --output_dir."""
+    return FileSystems.join(self.output_dir, *relative)
+
+  @property
+  def dead_letters_dir(self) -> str:
+    return self.output_path(schema.DEAD_LETTERS_DIR)
+
+  @property
+  def dead_letters_prefix(self) -> str:
+    """Where the dead-letter sink writes: DEAD_LETTERS_DIR/dead_letters-SSSSS-of-NNNNN.jsonl."""
+    return self.output_path(schema.DEAD_LETTERS_DIR, DEAD_LETTERS_FILE_PREFIX)
+
+
+class Backend(NamedTuple):
+  """The model backend `make_backend` checked: what the graph runs and what the manifest says."""
+  handler: Any                 # a Beam ModelHandler that keeps the backends' result contract
+  image_size: int              # pixels of the model's input, the decoder's output size
+  thresholds: ThresholdsByVersion
+  name: str                    # 'in_process' or 'grpc'
+  model_facts: dict            # for the manifest's `model`
+
+
+def image_source(given: str) -> ImageSource:
+  """A folder means every image below it, recursively (its name taken literally when it
+  exists, glob characters and all); a glob or a file is used as it is."""
+  return ImageSource.of(given, IMAGE_EXTENSIONS)
+
+
+def parse_args(argv) -> tuple[Any, list[str]]:
+  """The job's own flags, checked together; returns (flags, Beam's flags)."""
+  parser = command_line.ArgumentParser(
+      prog='python -m beam_jobs.predict', description=DESCRIPTION,
+      epilog='Any other flag is passed to Beam (e.g. --runner, --direct_num_workers).')
+  parser.add_argument('--input', action='append', required=True,
+                      help='a folder (every .jpg/.jpeg/.png below it), a glob or a file; repeatable')
+  parser.add_argument('--output_dir', required=True)
+  parser.add_argument('--model_dir',
+                      help='EXPORT/PlanetModel (highest version) or one version folder; with '
+                           '--serving_address, only where the thresholds are read')
+  parser.add_argument('--serving_address', help='HOST:PORT of TensorFlow Serving (gRPC)')
+  parser.add_argument('--model_name', default=schema.MODEL_NAME)
+  parser.add_argument('--model_version', type=int, help='gRPC: a fixed version (default: latest)')
+  parser.add_argument('--tls', action='store_true', help='gRPC over TLS')
+  parser.add_argument('--root_cert', help='gRPC TLS: a PEM root certificate file')
+  parser.add_argument('--allow_insecure', action='store_true',
+                      help='gRPC without TLS to a host that is not loopback')
+  parser.add_argument('--max_request_bytes', type=int, help='gRPC: the largest request sent')
+  parser.add_argument('--request_timeout_secs', type=float,
+                      help='gRPC: the deadline of every Predict call (default 30)')
+  parser.add_argument('--retry_budget_secs', type=float,
+                      help='gRPC: how long after its first transient failure a request is retried '
+                           'before its images are dead-lettered UNAVAILABLE (default 30)')
+  parser.add_argument('--labels_csv', help='score the predictions against these labels')
+  parser.add_argument('--max_bad_fraction', type=float, default=0.05)
+  parser.add_argument('--batch_size', type=int, default=DEFAULT_MAX_BATCH_SIZE)
+  parser.add_argument('--max_pixels', type=int, default=DEFAULT_MAX_PIXELS)
+  parser.add_argument('--max_file_bytes', type=int, default=DEFAULT_MAX_FILE_BYTES,
+                      help='refuse image files larger than this without reading them '
+                           '(default %(default)s)')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='delete an earlier run of this job in OUTPUT_DIR (only its own files)')
+  args, pipeline_args = parser.parse_known_args(argv)
+  try:
+    runner_options.check_beam_flags(pipeline_args, command_line.own_flags(parser))
+  except ValueError as e:
+    parser.error(str(e))
+  if not args.model_dir and not args.serving_address:
+    parser.error('give --model_dir (in-process) or --serving_address (TF Serving over gRPC)')
+  grpc_values = (args.root_cert, args.model_version, args.max_request_bytes,
+                 args.request_timeout_secs, args.retry_budget_secs)
+  if (args.tls or args.allow_insecure or any(v is not None for v in grpc_values)) and not (
+      args.serving_address):
+    parser.error('--tls, --root_cert, --allow_insecure, --model_version, --max_request_bytes, '
+                 '--request_timeout_secs and --retry_budget_secs go with --serving_address')
+  if args.request_timeout_secs is not None and args.request_timeout_secs <= 0:
+    parser.error('--request_timeout_secs must be positive')
+  if args.retry_budget_secs is not None and args.retry_budget_secs < 0:
+    parser.error('--retry_budget_secs must be 0 or more')
+  if not 0 <= args.max_bad_fraction <= 1:
+    parser.error('--max_bad_fraction must be between 0 and 1')
+  if args.batch_size < 1:
+    parser.error('--batch_size must be at least 1')
+  for name in ('max_pixels', 'max_file_bytes'):
+    if getattr(args, name) < 1:
+      parser.error(f'--{name} must be at least 1')
+  return args, pipeline_args
+
+
+def check_inputs(sources: Iterable[ImageSource]) -> None:
+  """Fails before the pipeline starts when an --input holds no image."""
+  for source in sources:
+    if next(iter(list_image_files(source, IMAGE_EXTENSIONS)), None) is None:
+      raise FileNotFoundError(f'--input {source.path} matches no .jpg/.jpeg/.png file; check '
+                              'the path')
+
+
+def check_labels_csv(path: str) -> None:
+  """A wrong header or a file without rows fails here, not on a worker."""
+  labels.read_label_lines(path)
+  if not labels.has_data_rows(path):
+    raise ValueError(f'--labels_csv {path} has a header but no rows: nothing to score against')
+
+
+def make_backend(args) -> Backend:
+  """The checked backend: in-process (--model_dir) or TF Serving (--serving_address).
+
+  Everything that can be wrong with the model is found here, before the pipeline starts.
+
+  Raises:
+    ExportError: the export is incomplete, tampered or has the wrong signature (a ValueError).
+    ValueError: no server answers, or it serves another model, version or input.
+  """
+  # TensorFlow and gRPC are imported only once the flags are known to be right.
+  from model.saved_model_info import inspect_export  # pylint: disable=import-outside-toplevel
+  export = inspect_export(args.model_dir) if args.model_dir else None
+  if not args.serving_address:
+    from beam_jobs.predict.backends.in_process import SavedModelHandler  # pylint: disable=import-outside-toplevel
+    thresholds = ThresholdsByVersion(export.ground_thresholds,
+                                     known={export.version: export.ground_thresholds})
+    return Backend(SavedModelHandler(export, max_batch_size=args.batch_size), export.image_size,
+                   thresholds, 'in_process',
+                   {'model_dir': args.model_dir, 'version_dir': export.version_dir,
+                    'version': export.version})
+
+  from beam_jobs import serving_handler  # pylint: disable=import-outside-toplevel
+  transport = {'use_tls': args.tls, 'allow_insecure': args.allow_insecure,
+               'root_certificates': (serving_handler.read_root_certificates(args.root_cert)
+                                     if args.root_cert else None)}
+  image_size, version = serving_handler.check_serving_model(
+      args.serving_address, args.model_name, args.model_version,
+      image_size=export.image_size if export else None, **transport)
+  limits = {key: value for key, value in (('max_request_bytes', args.max_request_bytes),
+                                          ('timeout_secs', args.request_timeout_secs),
+                                          ('retry_budget_secs', args.retry_budget_secs))
+            if value is not None}
+  handler = serving_handler.ServingGrpcHandler(
+      args.serving_address, model_name=args.model_name, model_version=args.model_version,
+      image_size=image_size, max_batch_size=args.batch_size, **limits, **transport)
+  if export:
+    versions_dir = os.path.dirname(export.version_dir.rstrip('/'))
+    thresholds = ThresholdsByVersion(export.ground_thresholds, versions_dir)
+  else:
+    logging.warning('no --model_dir: ground labels are decided at the default threshold %s; '
+                    'give the export folder TF Serving serves to use its tuned thresholds',
+                    schema.DEFAULT_GROUND_THRESHOLD)
+    thresholds = ThresholdsByVersion((schema.DEFAULT_GROUND_THRESHOLD,) * schema.NUM_GROUND)
+  return Backend(handler, image_size, thresholds, 'grpc',
+                 {'serving_address': args.serving_address, 'version_at_start': str(version),
+                  'model_dir': args.model_dir})

@@ -1,0 +1,93 @@
+"""The prediction job's driver: flags -> checks -> the pipeline -> the bad-input check -> manifest.
+
+Usage:
+  summary = run(['--input', 'images/', '--output_dir', 'out/', '--model_dir', 'export/PlanetModel'])
+  main()   # the command: one-line refusals (exit 1), Ctrl-C (exit 130)
+"""
+import json
+import time
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_jobs.common import dead_letters, runner_options
+from beam_jobs.common.progress import show_progress_logs
+from beam_jobs.predict.config import (DEAD_LETTERS_FILE_PREFIX, LAYOUT, JobConfig, check_inputs,
+                                      check_labels_csv, image_source, make_backend, parse_args)
+from beam_jobs.predict.pipeline import build_pipeline
+from model import command_line, manifest, schema
+from model.output_dir import check_outputs_apart, claim_output_dir, list_files
+
+__all__ = ['main', 'run']
+
+STAGE = schema.STAGE_PREDICT
+# What the last line names, in the order a user looks for them.
+_WRITTEN = (f'{schema.PREDICTIONS_PREFIX}-*.jsonl', schema.SUBMISSION_FILE,
+            f'{schema.DEAD_LETTERS_DIR}/{DEAD_LETTERS_FILE_PREFIX}-*.jsonl', schema.SUMMARY_FILE,
+            schema.REPORT_FILE, schema.MANIFEST_FILE)
+
+
+def run(argv=None) -> dict:
+  """Runs the job; returns the summary (for a Dataflow dry run, what was translated)."""
+  started_at = time.time()
+  args, pipeline_args = parse_args(argv)
+  options = PipelineOptions(pipeline_args)
+  dry_run = runner_options.is_dataflow_dry_run(options)
+  sources = tuple(dict.fromkeys(image_source(i) for i in args.input))
+  inputs = [('--input', s.root) for s in sources]
+  inputs += [('--model_dir', args.model_dir), ('--labels_csv', args.labels_csv)]
+  if not dry_run:
+    check_outputs_apart({'--output_dir': args.output_dir}, inputs)
+  check_inputs(sources)
+  if args.labels_csv:
+    check_labels_csv(args.labels_csv)
+  backend = make_backend(args)
+  if not dry_run:
+    claim_output_dir(args.output_dir, LAYOUT, args.overwrite, inputs=inputs)
+  config = JobConfig(sources, args.output_dir, backend.image_size, backend.thresholds,
+                     args.model_name, backend.name, args.labels_csv, args.max_pixels, started_at,
+                     args.max_file_bytes)
+  patterns = [s.path for s in sources]
+  print(f'{STAGE}: {", ".join(patterns)} -> {args.output_dir} ({backend.name}, '
+        f'{backend.image_size}px, model {backend.model_facts})', flush=True)
+  show_progress_logs()
+  pipeline = beam.Pipeline(runner=runner_options.local_runner(options), options=options)
+  build_pipeline(pipeline, config, backend.handler)
+  result = pipeline.run()
+  result.wait_until_finish()
+  if dry_run:
+    return runner_options.dry_run_description(result)
+
+  with FileSystems.open(config.output_path(schema.SUMMARY_FILE)) as f:
+    summary = json.loads(f.read())
+  counts = summary['counts']
+  print(f'{STAGE}: {counts["images_matched"]} images matched, {counts["predictions"]} predicted, '
+        f'{counts["dead_letters"]} dead letters ({summary["dead_letter_reasons"]}), '
+        f'{summary["images_per_second"]} images/s'
+        + (f', F2 {summary["evaluation"]["f2"]:.4f}' if 'evaluation' in summary else ''),
+        flush=True)
+  dead_letters.check_bad_fraction(counts['dead_letters'], counts['images_matched'],
+                                  args.max_bad_fraction, 'images', config.dead_letters_dir)
+  manifest.write_manifest(args.output_dir, {
+      'stage': STAGE,
+      'inputs': {'patterns': patterns, 'labels_csv': args.labels_csv,
+                 'labels_csv_sha256': (manifest.sha256_of_file(args.labels_csv)
+                                       if args.labels_csv else None)},
+      'model': {**backend.model_facts, 'name': args.model_name, 'image_size': backend.image_size,
+                'ground_thresholds': {v: list(backend.thresholds(v))
+                                      for v in summary['model_versions']},
+                'versions_seen': summary['model_versions']},
+      'options': {k: v for k, v in vars(args).items() if k not in ('input', 'output_dir')},
+      'counts': {**counts, 'dead_letter_reasons': summary['dead_letter_reasons']},
+      # Relative to OUT, sub-folders included: the dead letters are in DEAD_LETTERS_DIR.
+      'outputs': list_files(args.output_dir),
+  })
+  print(f'{STAGE}: wrote {args.output_dir}/({", ".join(_WRITTEN)})', flush=True)
+  return summary
+
+
+def main(argv=None) -> None:
+  """The command: a refused configuration or input is one line and exit 1."""
+  command_line.run_command(STAGE, lambda: run(argv), refusals=(
+      ValueError, FileNotFoundError, FileExistsError, dead_letters.TooManyBadInputs))

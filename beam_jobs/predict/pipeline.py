@@ -1,0 +1,226 @@
+"""The prediction graph: thin DoFns around the row logic, and `build_pipeline` that wires them.
+
+Usage:
+  with TestPipeline() as p:
+    build_pipeline(p, config, SavedModelHandler(inspect_export(model_dir)))
+"""
+import collections
+import concurrent.futures
+import json
+from typing import Iterable
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.utils.windowed_value import WindowedValue
+
+from beam_jobs.common import dead_letters, labels
+from beam_jobs.common.image_decoder import decode_image
+from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, list_image_files, read_image_file
+from beam_jobs.common.progress import LogProgress, counter
+from beam_jobs.predict import report_html, thumbnails
+from beam_jobs.predict.config import IMAGE_EXTENSIONS, JobConfig
+from beam_jobs.predict.rows import (ThresholdsByVersion, image_name, pick_path, result_row,
+                                    submission_fields, submission_text, thumbnail_key)
+from beam_jobs.predict.stats import DeadLetterStatsFn, PredictionStatsFn, build_summary
+from model import schema
+from model.errors import InputRefused, Reason
+
+__all__ = ['AttachTruth', 'ReadAndDecode', 'ToResultRow', 'build_pipeline',
+           'failed_batch_to_dead_letters', 'one_path_per_name',
+           'read_and_decode']
+
+STAGE = schema.STAGE_PREDICT
+
+
+# ----------------------------------------------------------------------------- DoFns
+
+
+def read_and_decode(name: str, path: str, image_size: int, max_pixels: int,
+                    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
+  """One image file -> ('decoded', ((name, path), pixels)) or ('refused', dead letter)."""
+  try:
+    data = read_image_file(path, max_file_bytes)
+    return 'decoded', ((name, path), decode_image(data, image_size, max_pixels))
+  except InputRefused as e:
+    return 'refused', dead_letters.from_refusal(name, e, STAGE, path)
+
+
+class ReadAndDecode(beam.DoFn):
+  """(name, path) -> ((name, path), uint8 pixels), or a dead letter on the 'refused' output.
+
+  Reads and decodes ahead, in a small thread pool: RunInference runs the model on the thread that
+  calls this DoFn, so without lookahead decoding and inference take turns. Pillow and TensorFlow
+  both release the GIL, so the next images decode while the model runs on the last batch.
+  """
+  LOOKAHEAD = 128   # images decoded ahead: 2 batches, 6 MB at 128 px
+
+  def __init__(self, image_size: int, max_pixels: int, threads: int = 2,
+               max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
+    self._size = image_size
+    self._max_pixels = max_pixels
+    self._max_file_bytes = max_file_bytes
+    self._threads = threads
+    self._pool = None
+    self._pending = collections.deque()
+
+  def setup(self):
+    self._pool = concurrent.futures.ThreadPoolExecutor(self._threads,
+                                                       thread_name_prefix='decode')
+
+  def start_bundle(self):
+    self._pending = collections.deque()
+
+  def _emit(self, windowed: bool):
+    future, window, timestamp = self._pending.popleft()
+    kind, value = future.result()
+    # Counters on the bundle's thread: Beam keeps metrics per thread.
+    counter('images_decoded' if kind == 'decoded' else 'images_refused').inc()
+    if windowed:
+      value = WindowedValue(value, timestamp, [window])
+    return value if kind == 'decoded' else beam.pvalue.TaggedOutput('refused', value)
+
+  def process(self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
+    name, path = element
+    self._pending.append((self._pool.submit(read_and_decode, name, path, self._size,
+                                            self._max_pixels, self._max_file_bytes),
+                          window, timestamp))
+    while len(self._pending) > self.LOOKAHEAD or (self._pending and self._pending[0][0].done()):
+      yield self._emit(windowed=False)
+
+  def finish_bundle(self):
+    while self._pending:
+      yield self._emit(windowed=True)
+
+  def teardown(self):
+    if self._pool:
+      self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ToResultRow(beam.DoFn):
+  """PredictionResult -> result row, or a dead letter when the backend refused the image."""
+
+  def __init__(self, thresholds: ThresholdsByVersion, model_name: str):
+    self._thresholds = thresholds
+    self._model_name = model_name
+
+  def process(self, element):
+    (name, path), result = element
+    if isinstance(result.inference, InputRefused):
+      yield beam.pvalue.TaggedOutput('refused', dead_letters.from_refusal(
+          name, result.inference, STAGE, path))
+      return
+    counter('predictions').inc()
+    yield result_row(name, path, result.inference, self._thresholds, self._model_name)
+
+
+def one_path_per_name(element):
+  """(name, paths) -> (name, the path predicted), and a DUPLICATE_NAME dead letter per other."""
+  name, paths = element
+  kept, duplicates = pick_path(name, paths)
+  yield name, kept
+  for path in duplicates:
+    yield beam.pvalue.TaggedOutput('duplicate', dead_letters.dead_letter(
+        name, Reason.DUPLICATE_NAME, f'another file has the same image name: {kept}; '
+        'only that one is predicted (rename one of them)', STAGE, path))
+
+
+def failed_batch_to_dead_letters(failure) -> Iterable[dict]:
+  """RunInference's own failures (a whole batch raised): one dead letter per image of the batch."""
+  batch, error = failure  # error: (type, value, traceback text), as ParDo's exception handling gives
+  message = error[1] if isinstance(error, tuple) and len(error) > 1 else error
+  for (name, path), _ in batch:
+    yield dead_letters.dead_letter(name, Reason.INFERENCE_FAILED,
+                                   f'inference failed for its batch: {message}', STAGE, path)
+
+
+class AttachTruth(beam.DoFn):
+  """row -> (row, 17-vector of true labels or None), from the labels CSV loaded once per worker."""
+
+  def __init__(self, labels_csv: str):
+    self._labels_csv = labels_csv
+    self._truth = None
+
+  def setup(self):
+    rows, _ = labels.parse_label_file(self._labels_csv)
+    self._truth = {name: np.array(r.weather + r.ground, dtype=bool) for name, r in rows.items()}
+
+  def process(self, row):
+    yield row, self._truth.get(row['image_name'])
+
+
+# ----------------------------------------------------------------------------- the graph
+
+
+def _write_one_file(pcoll, path: str, label: str, trailing_newline: bool = True):
+  """Writes a PCollection holding one string as exactly `path` (no shard suffix)."""
+  return pcoll | label >> beam.io.WriteToText(path, num_shards=1, shard_name_template='',
+                                              append_trailing_newlines=trailing_newline)
+
+
+def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler) -> None:
+  """Builds the prediction graph on `p`; `model_handler` keeps the backends' result contract."""
+  matched = (p
+             | 'Inputs' >> beam.Create(config.sources)
+             | 'ListImages' >> beam.FlatMap(list_image_files, IMAGE_EXTENSIONS)
+             | 'OncePerPath' >> beam.Distinct()   # overlapping --input folders
+             | 'KeyByName' >> beam.Map(lambda path: (image_name(path), path)))
+  matched_count = matched | 'CountMatched' >> beam.combiners.Count.Globally()
+  unique = (matched
+            | 'GroupByName' >> beam.GroupByKey()
+            | 'OnePathPerName' >> beam.FlatMap(one_path_per_name).with_outputs(
+                'duplicate', main='unique'))
+  decoded = (unique.unique
+             | 'SpreadReads' >> beam.Reshuffle()
+             | 'ReadAndDecode' >> beam.ParDo(ReadAndDecode(
+                 config.image_size, config.max_pixels, max_file_bytes=config.max_file_bytes))
+             .with_outputs('refused', main='decoded'))
+  inferred, failed = (decoded.decoded
+                      | 'Progress' >> beam.ParDo(LogProgress(f'{STAGE}: images decoded'))
+                      | 'RunInference' >> RunInference(KeyedModelHandler(model_handler))
+                      .with_exception_handling())
+  rows = inferred | 'ToResultRow' >> beam.ParDo(
+      ToResultRow(config.thresholds, config.model_name)).with_outputs('refused', main='rows')
+
+  refused = ((unique.duplicate, decoded.refused, rows.refused,
+              failed.failed_inferences | 'FailedBatches' >> beam.FlatMap(failed_batch_to_dead_letters))
+             | 'AllDeadLetters' >> beam.Flatten())
+  _ = refused | 'WriteDeadLetters' >> dead_letters.WriteDeadLetters(config.dead_letters_prefix)
+
+  _ = (rows.rows
+       | 'PredictionToJson' >> beam.Map(lambda row: json.dumps(row, sort_keys=True))
+       | 'WritePredictions' >> beam.io.WriteToText(
+           config.output_path(schema.PREDICTIONS_PREFIX), file_name_suffix='.jsonl'))
+  _ = _write_one_file(
+      rows.rows
+      | 'SubmissionFields' >> beam.Map(submission_fields)
+      | 'AllSubmissionRows' >> beam.combiners.ToList()
+      | 'SubmissionText' >> beam.Map(submission_text),
+      config.output_path(schema.SUBMISSION_FILE), 'WriteSubmission', trailing_newline=False)
+
+  if config.labels_csv:
+    with_truth = rows.rows | 'AttachTruth' >> beam.ParDo(AttachTruth(config.labels_csv))
+  else:
+    with_truth = rows.rows | 'NoTruth' >> beam.Map(lambda row: (row, None))
+  stats = with_truth | 'PredictionStats' >> beam.CombineGlobally(PredictionStatsFn())
+  dead_stats = refused | 'DeadLetterStats' >> beam.CombineGlobally(DeadLetterStatsFn())
+  summary = (p
+             | 'SummaryTrigger' >> beam.Create([None])
+             | 'BuildSummary' >> beam.Map(
+                 build_summary, config,
+                 matched=beam.pvalue.AsSingleton(matched_count),
+                 stats=beam.pvalue.AsSingleton(stats),
+                 dead=beam.pvalue.AsSingleton(dead_stats)))
+  _ = _write_one_file(summary | 'SummaryJson' >> beam.Map(json.dumps, indent=2, sort_keys=True),
+                      config.output_path(schema.SUMMARY_FILE), 'WriteSummary')
+
+  sampled = (inferred
+             | 'Predicted' >> beam.Filter(lambda item: not isinstance(item[1].inference, InputRefused))
+             | 'SampleThumbnails' >> beam.combiners.Top.Of(
+                 thumbnails.MAX_THUMBNAILS, key=thumbnail_key, reverse=True))
+  _ = _write_one_file(
+      summary | 'RenderReport' >> beam.Map(
+          lambda s, sample: report_html.render_report(
+              s, thumbnails.make_thumbnails(sample, config.thresholds, config.model_name)),
+          sample=beam.pvalue.AsSingleton(sampled)),
+      config.output_path(schema.REPORT_FILE), 'WriteReport')

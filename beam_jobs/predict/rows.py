@@ -1,0 +1,125 @@
+"""The prediction job's pure row logic: image names, result rows, thresholds, submission.csv.
+
+No Beam here: every function takes and returns plain values, so each is tested on its own.
+"""
+import csv
+import hashlib
+import io
+import logging
+import os
+from typing import Iterable
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+
+from model import metrics, schema
+
+__all__ = ['FORMULA_PREFIXES', 'ThresholdsByVersion', 'image_name', 'pick_path', 'result_row',
+           'row_decisions', 'spreadsheet_safe', 'submission_fields', 'submission_text',
+           'thumbnail_key']
+
+# A cell starting with one of these is run as a formula by spreadsheets (OWASP's CSV injection).
+FORMULA_PREFIXES = ('=', '+', '-', '@', '\t', '\r')
+
+
+class ThresholdsByVersion:
+  """The ground thresholds of each model version, read from the export's planet.json.
+
+  The in-process backend runs one version; through TF Serving a new version can appear mid-job,
+  and its rows must be decided with its own thresholds. Without a readable export (gRPC without
+  --model_dir) every version gets `default`.
+  """
+
+  def __init__(self, default: tuple[float, ...], versions_dir: str | None = None,
+               known: dict[str, tuple[float, ...]] | None = None):
+    self._default = tuple(default)
+    self._versions_dir = versions_dir
+    self._known = dict(known or {})
+
+  def __call__(self, version: str) -> tuple[float, ...]:
+    if version not in self._known:
+      self._known[version] = self._read(version)
+    return self._known[version]
+
+  def _read(self, version: str) -> tuple[float, ...]:
+    if not self._versions_dir:
+      return self._default
+    # saved_model_info imports TensorFlow: only a worker that meets a new version pays for it.
+    from model.saved_model_info import ExportError, inspect_export  # pylint: disable=import-outside-toplevel
+    try:
+      return inspect_export(FileSystems.join(self._versions_dir, version), verify=False).ground_thresholds
+    except (ExportError, OSError) as e:
+      logging.warning('no thresholds for version %s (%s); using %s', version, e, self._default)
+      return self._default
+
+
+def image_name(path: str) -> str:
+  """The key of an image from first read to last write: its file stem."""
+  return os.path.splitext(path.rstrip('/').rsplit('/', 1)[-1])[0]
+
+
+def pick_path(name: str, paths: Iterable[str]) -> tuple[str, list[str]]:
+  """One file per image name: the first path in sort order; the others are duplicates.
+
+  A path listed twice (overlapping --input folders) is one file, never a duplicate of itself.
+  """
+  ordered = sorted(set(paths))
+  return ordered[0], ordered[1:]
+
+
+def result_row(name: str, path: str, inference: dict, thresholds: ThresholdsByVersion,
+               model_name: str) -> dict:
+  """One prediction row: probabilities by label name and the tags after its version's thresholds."""
+  version = str(inference['model_version'])
+  weather = np.asarray(inference[schema.OUTPUT_WEATHER], dtype=float)
+  ground = np.asarray(inference[schema.OUTPUT_GROUND], dtype=float)
+  decisions = metrics.decide(weather[None], ground[None], thresholds(version))[0]
+  return {
+      'image_name': name,
+      'path': path,
+      'weather': {label: float(p) for label, p in zip(schema.WEATHER_LABELS, weather)},
+      'ground': {label: float(p) for label, p in zip(schema.GROUND_LABELS, ground)},
+      'tags': metrics.tags_of(decisions),
+      'model_name': model_name,
+      'model_version': version,
+  }
+
+
+def row_decisions(row: dict) -> np.ndarray:
+  """The row's tags as a boolean vector in `schema.ALL_LABELS` order."""
+  tags = set(row['tags'])
+  return np.array([label in tags for label in schema.ALL_LABELS])
+
+
+def spreadsheet_safe(cell: str) -> str:
+  """A cell a spreadsheet shows as text: a leading formula character gets an apostrophe.
+
+  The rule of submission.csv only (see the README): `=cmd` is written `'=cmd`. Every other output
+  (predictions-*.jsonl, summary.json, the report) keeps the name exactly.
+  """
+  return "'" + cell if cell.startswith(FORMULA_PREFIXES) else cell
+
+
+def submission_fields(row) -> dict:
+  """What submission.csv needs of a prediction row: only the name and the tags travel on.
+
+  `row` is left unannotated: Beam would check it against ToResultRow's tagged outputs.
+  """
+  return {'image_name': row['image_name'], 'tags': row['tags']}
+
+
+def submission_text(rows: Iterable[dict]) -> str:
+  """submission.csv: a header and one row per prediction, sorted by name, quoted as RFC 4180
+  says (a name with a comma, a quote or a line break stays one field)."""
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator='\r\n')   # CRLF: then CR and LF in names are quoted
+  writer.writerow(['image_name', 'tags'])
+  for row in sorted(rows, key=lambda r: r['image_name']):
+    writer.writerow([spreadsheet_safe(row['image_name']), ' '.join(row['tags'])])
+  return buffer.getvalue()
+
+
+def thumbnail_key(item) -> str:
+  """A deterministic, content-independent sample of images for the report."""
+  (name, _), _ = item
+  return hashlib.sha256(name.encode()).hexdigest()

@@ -1,0 +1,128 @@
+"""The prediction job's summary: label and dead-letter statistics combined over all rows.
+
+Usage:
+  stats = rows_with_truth | beam.CombineGlobally(PredictionStatsFn())
+  dead = dead_letters | beam.CombineGlobally(DeadLetterStatsFn())
+  summary = trigger | beam.Map(build_summary, config, matched=..., stats=..., dead=...)
+"""
+import collections
+import time
+
+import apache_beam as beam
+import numpy as np
+
+from beam_jobs.predict.config import JobConfig
+from beam_jobs.predict.rows import row_decisions
+from model import manifest, metrics, schema
+
+__all__ = ['DeadLetterStatsFn', 'PredictionStatsFn', 'build_summary']
+
+
+class PredictionStatsFn(beam.CombineFn):
+  """Counts predicted labels and versions; with labels, the sums Kaggle's F2 and the rest need."""
+
+  def create_accumulator(self):
+    zeros = np.zeros(len(schema.ALL_LABELS), dtype=np.int64)
+    return {'predictions': 0, 'predicted': zeros.copy(), 'versions': collections.Counter(),
+            'labelled': 0, 'unlabelled': 0, 'f2_sum': 0.0, 'tp': zeros.copy(), 'fp': zeros.copy(),
+            'fn': zeros.copy(), 'confusion': np.zeros((schema.NUM_WEATHER,) * 2, dtype=np.int64)}
+
+  def add_input(self, acc, element):
+    row, truth = element
+    decided = row_decisions(row)
+    acc['predictions'] += 1
+    acc['predicted'] += decided
+    acc['versions'][row['model_version']] += 1
+    if truth is None:
+      acc['unlabelled'] += 1
+      return acc
+    acc['labelled'] += 1
+    acc['f2_sum'] += float(metrics.f2_per_image(truth[None], decided[None])[0])
+    acc['tp'] += truth & decided
+    acc['fp'] += ~truth & decided
+    acc['fn'] += truth & ~decided
+    if truth[:schema.NUM_WEATHER].any():
+      acc['confusion'][truth[:schema.NUM_WEATHER].argmax(), decided[:schema.NUM_WEATHER].argmax()] += 1
+    return acc
+
+  def merge_accumulators(self, accumulators):
+    merged = self.create_accumulator()
+    for acc in accumulators:
+      for key, value in acc.items():
+        merged[key] = merged[key] + value
+    return merged
+
+  def extract_output(self, acc):
+    return acc
+
+
+class DeadLetterStatsFn(beam.CombineFn):
+  """Counts dead letters by reason and keeps a few examples of each."""
+  EXAMPLES_PER_REASON = 3
+
+  def create_accumulator(self):
+    return collections.Counter(), {}
+
+  def add_input(self, acc, record):
+    counts, examples = acc
+    counts[record['reason']] += 1
+    kept = examples.setdefault(record['reason'], [])
+    if len(kept) < self.EXAMPLES_PER_REASON:
+      kept.append(record)
+    return acc
+
+  def merge_accumulators(self, accumulators):
+    counts, examples = collections.Counter(), {}
+    for c, e in accumulators:
+      counts.update(c)
+      for reason, records in e.items():
+        kept = examples.setdefault(reason, [])
+        kept.extend(records[:self.EXAMPLES_PER_REASON - len(kept)])
+    return counts, examples
+
+  def extract_output(self, acc):
+    counts, examples = acc
+    return dict(counts), sorted((r for rs in examples.values() for r in rs),
+                                key=lambda r: (r['reason'], r['image_name']))
+
+
+def build_summary(_, config: JobConfig, matched: int, stats: dict, dead) -> dict:
+  """The job's summary.json: counts, label distribution, versions, and the evaluation.
+
+  Args:
+    _: the one element of the trigger that runs this once the side inputs are complete.
+    config: the job's configuration.
+    matched: images matched by --input.
+    stats: `PredictionStatsFn`'s output.
+    dead: `DeadLetterStatsFn`'s output, (counts by reason, examples).
+  """
+  dead_counts, dead_examples = dead
+  elapsed = time.time() - config.started_at
+  predicted = {label: int(n) for label, n in zip(schema.ALL_LABELS, stats['predicted'])}
+  summary = {
+      'model_name': config.model_name,
+      'model_versions': sorted(stats['versions']),
+      'predictions_per_version': dict(sorted(stats['versions'].items())),
+      'backend': config.backend,
+      'image_size': config.image_size,
+      'started_at': manifest.utc_timestamp(config.started_at),
+      'elapsed_seconds': round(elapsed, 3),
+      'images_per_second': round(stats['predictions'] / elapsed, 2) if elapsed > 0 else 0.0,
+      'counts': {'images_matched': matched, 'predictions': stats['predictions'],
+                 'dead_letters': sum(dead_counts.values())},
+      'dead_letter_reasons': dict(sorted(dead_counts.items())),
+      'dead_letter_examples': dead_examples,
+      'predicted_label_counts': predicted,
+  }
+  if config.labels_csv:
+    n = stats['labelled']
+    summary['evaluation'] = {
+        'labels_csv': config.labels_csv,
+        'labelled_images': n,
+        'unlabelled_images': stats['unlabelled'],
+        'f2': stats['f2_sum'] / n if n else 0.0,
+        'per_label': metrics.scores_from_counts(stats['tp'], stats['fp'], stats['fn']),
+        'weather_labels': list(schema.WEATHER_LABELS),
+        'weather_confusion': stats['confusion'].tolist(),
+    }
+  return summary

@@ -1,0 +1,56 @@
+"""The report's sample of predicted images: how many, and each as a small inline JPEG.
+
+Usage:
+  sampled = inferred | beam.combiners.Top.Of(MAX_THUMBNAILS, key=rows.thumbnail_key)
+  page = report_html.render_report(summary, make_thumbnails(sampled, thresholds, model_name))
+"""
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+
+from beam_jobs.predict.rows import ThresholdsByVersion, result_row
+
+__all__ = ['MAX_THUMBNAILS', 'THUMBNAIL_QUALITY', 'make_thumbnail', 'make_thumbnails']
+
+# A few dozen chips give a feel for the predictions; hundreds would make a multi-megabyte page.
+# The job samples this many and the report shows at most this many.
+MAX_THUMBNAILS = 36
+THUMBNAIL_QUALITY = 85
+
+
+def make_thumbnail(pixels: np.ndarray, side: int = 96) -> str:
+  """Shrinks an RGB image to a small JPEG and returns it as a `data:` URI for an <img src>.
+
+  Usage: `src = make_thumbnail(decode_image(data, 128))`
+
+  Args:
+    pixels: `uint8` array of shape `[height, width, 3]`, as `image_decoder.decode_image` returns.
+    side: the longer side of the thumbnail in pixels; the aspect ratio is kept.
+
+  Returns:
+    `'data:image/jpeg;base64,...'`.
+
+  Raises:
+    ValueError: the array is not `uint8` RGB, or `side` is not positive.
+  """
+  pixels = np.asarray(pixels)
+  if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3 or 0 in pixels.shape:
+    raise ValueError(f'expected uint8 [height, width, 3] pixels, got {pixels.dtype} {pixels.shape}')
+  if side < 1:
+    raise ValueError(f'side must be at least 1, got {side}')
+  image = Image.fromarray(pixels, 'RGB')
+  image.thumbnail((side, side), Image.Resampling.LANCZOS)
+  buffer = io.BytesIO()
+  image.save(buffer, 'JPEG', quality=THUMBNAIL_QUALITY)
+  return 'data:image/jpeg;base64,' + base64.b64encode(buffer.getvalue()).decode('ascii')
+
+
+def make_thumbnails(sampled, thresholds: ThresholdsByVersion, model_name: str) -> list[dict]:
+  """((name, path), PredictionResult) pairs -> the report's thumbnails, by name, with their tags."""
+  thumbs = []
+  for (name, path), result in sorted(sampled, key=lambda item: item[0]):
+    row = result_row(name, path, result.inference, thresholds, model_name)
+    thumbs.append({'image_name': name, 'tags': row['tags'], 'src': make_thumbnail(result.example)})
+  return thumbs
