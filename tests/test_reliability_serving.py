@@ -22,7 +22,8 @@ import pytest
 import tensorflow as tf
 
 from beam_jobs.common import progress
-from beam_jobs import make_sample, predict, serving_handler
+from beam_jobs import make_sample, predict
+from beam_jobs.predict.backends import tf_serving as serving_handler
 from beam_jobs.common.image_decoder import decode_image
 from model import schema
 from model.export import export_model

@@ -34,8 +34,8 @@ from apache_beam.testing.util import equal_to
 from tensorflow_serving.apis import get_model_metadata_pb2
 
 from beam_jobs.common import progress
-from beam_jobs import serving_handler as sh
-from beam_jobs import serving_retry
+from beam_jobs.predict.backends import tf_serving as sh
+from beam_jobs.predict.backends import retry_policy as serving_retry
 from model import schema
 from model.errors import InputRefused
 from model.errors import Reason

@@ -1,15 +1,27 @@
 """Dead letters: every input a job cannot use, with its name, reason code, message and stage.
 
-Both jobs write them as JSON lines through a Beam sink, count them by reason, and fail the job
-after the run (before publishing a manifest) when they exceed `--max_bad_fraction`.
+Both jobs write them as JSON lines through a Beam sink into one place,
+OUT/dead_letters/dead_letters-SSSSS-of-NNNNN.jsonl, count them by reason, and fail the job after
+the run (before publishing a manifest) when they exceed `--max_bad_fraction`.
 """
 import json
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.common.progress import counter
+from model import schema
 from model.errors import InputRefused, Reason
+
+FILE_PREFIX = 'dead_letters'
+# Relative to a job's output folder: for its output layout and for readers.
+FILE_PATTERN = f'{schema.DEAD_LETTERS_DIR}/{FILE_PREFIX}-?????-of-?????.jsonl'
+
+
+def file_path_prefix(output_dir: str) -> str:
+  """What `WriteDeadLetters` takes: OUT/dead_letters/dead_letters (+ -SSSSS-of-NNNNN.jsonl)."""
+  return FileSystems.join(output_dir, schema.DEAD_LETTERS_DIR, FILE_PREFIX)
 
 
 def dead_letter(image_name: str, reason: Reason | str, message: str, stage: str,

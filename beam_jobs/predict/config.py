@@ -9,7 +9,7 @@ from typing import Any, Iterable, NamedTuple
 
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs.common import labels, runner_options
+from beam_jobs.common import dead_letters, labels, runner_options
 from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS
 from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files
 from beam_jobs.predict.backends import DEFAULT_MAX_BATCH_SIZE
@@ -17,19 +17,17 @@ from beam_jobs.predict.rows import ThresholdsByVersion
 from model import command_line, schema
 from model.output_dir import OutputLayout, with_beam_temporaries
 
-__all__ = ['DEAD_LETTERS_FILE_PREFIX', 'DESCRIPTION', 'IMAGE_EXTENSIONS', 'LAYOUT', 'Backend',
+__all__ = ['DESCRIPTION', 'IMAGE_EXTENSIONS', 'LAYOUT', 'Backend',
            'JobConfig', 'check_inputs', 'check_labels_csv', 'image_source', 'make_backend',
            'parse_args']
 
 DESCRIPTION = ('Bulk prediction: image folders -> predictions, submission.csv, dead letters, '
                'summary, report.')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-# The dead-letter shards are named as preprocess names its own: DEAD_LETTERS_DIR/dead_letters-*.
-DEAD_LETTERS_FILE_PREFIX = 'dead_letters'
 # Everything this job writes under OUT: only these files are ever deleted by --overwrite.
 LAYOUT = OutputLayout(schema.STAGE_PREDICT, with_beam_temporaries(
     f'{schema.PREDICTIONS_PREFIX}-?????-of-?????.jsonl',
-    f'{schema.DEAD_LETTERS_DIR}/{DEAD_LETTERS_FILE_PREFIX}-?????-of-?????.jsonl',
+    dead_letters.FILE_PATTERN,
     schema.SUBMISSION_FILE, schema.SUMMARY_FILE, schema.REPORT_FILE))
 
 
@@ -57,7 +55,7 @@ class JobConfig(NamedTuple):
   @property
   def dead_letters_prefix(self) -> str:
     """Where the dead-letter sink writes: DEAD_LETTERS_DIR/dead_letters-SSSSS-of-NNNNN.jsonl."""
-    return self.output_path(schema.DEAD_LETTERS_DIR, DEAD_LETTERS_FILE_PREFIX)
+    return dead_letters.file_path_prefix(self.output_dir)
 
 
 class Backend(NamedTuple):
@@ -171,18 +169,18 @@ def make_backend(args) -> Backend:
                    {'model_dir': args.model_dir, 'version_dir': export.version_dir,
                     'version': export.version})
 
-  from beam_jobs import serving_handler  # pylint: disable=import-outside-toplevel
+  from beam_jobs.predict.backends import tf_serving  # pylint: disable=import-outside-toplevel
   transport = {'use_tls': args.tls, 'allow_insecure': args.allow_insecure,
-               'root_certificates': (serving_handler.read_root_certificates(args.root_cert)
+               'root_certificates': (tf_serving.read_root_certificates(args.root_cert)
                                      if args.root_cert else None)}
-  image_size, version = serving_handler.check_serving_model(
+  image_size, version = tf_serving.check_serving_model(
       args.serving_address, args.model_name, args.model_version,
       image_size=export.image_size if export else None, **transport)
   limits = {key: value for key, value in (('max_request_bytes', args.max_request_bytes),
                                           ('timeout_secs', args.request_timeout_secs),
                                           ('retry_budget_secs', args.retry_budget_secs))
             if value is not None}
-  handler = serving_handler.ServingGrpcHandler(
+  handler = tf_serving.ServingGrpcHandler(
       args.serving_address, model_name=args.model_name, model_version=args.model_version,
       image_size=image_size, max_batch_size=args.batch_size, **limits, **transport)
   if export:

@@ -13,7 +13,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs.common import dead_letters, runner_options
 from beam_jobs.common.progress import show_progress_logs
-from beam_jobs.predict.config import (DEAD_LETTERS_FILE_PREFIX, LAYOUT, JobConfig, check_inputs,
+from beam_jobs.predict.config import (LAYOUT, JobConfig, check_inputs,
                                       check_labels_csv, image_source, make_backend, parse_args)
 from beam_jobs.predict.pipeline import build_pipeline
 from model import command_line, manifest, schema
@@ -24,7 +24,7 @@ __all__ = ['main', 'run']
 STAGE = schema.STAGE_PREDICT
 # What the last line names, in the order a user looks for them.
 _WRITTEN = (f'{schema.PREDICTIONS_PREFIX}-*.jsonl', schema.SUBMISSION_FILE,
-            f'{schema.DEAD_LETTERS_DIR}/{DEAD_LETTERS_FILE_PREFIX}-*.jsonl', schema.SUMMARY_FILE,
+            dead_letters.FILE_PATTERN, schema.SUMMARY_FILE,
             schema.REPORT_FILE, schema.MANIFEST_FILE)
 
 

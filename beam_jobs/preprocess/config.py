@@ -5,14 +5,14 @@ import os
 
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs.common import labels, runner_options
+from beam_jobs.common import dead_letters, labels, runner_options
 from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS
 from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files
 from beam_jobs.preprocess.rules import estimate_num_shards
 from model import command_line, schema
 from model.manifest import sha256_of_file
 
-__all__ = ['ConfigError', 'CsvFacts', 'DEAD_LETTERS_FILE_PREFIX', 'DEFAULT_EVAL_FRACTION',
+__all__ = ['ConfigError', 'CsvFacts', 'DEFAULT_EVAL_FRACTION',
            'DESCRIPTION', 'IMAGE_EXTENSION', 'PreprocessConfig', 'SHARD_FILE_PREFIX',
            'check_images_dir', 'inspect_labels_csv', 'parse_args', 'validate_config']
 
@@ -22,7 +22,6 @@ IMAGE_EXTENSION = '.jpg'
 # Names inside --output_dir: <split>/part-SSSSS-of-NNNNN.tfrecord[.gz] and
 # dead_letters/dead_letters-SSSSS-of-NNNNN.jsonl.
 SHARD_FILE_PREFIX = 'part'
-DEAD_LETTERS_FILE_PREFIX = 'dead_letters'
 DEFAULT_EVAL_FRACTION = 0.2
 _READ_CHUNK_BYTES = 1 << 20
 
@@ -50,7 +49,7 @@ class PreprocessConfig:
 
   @property
   def dead_letters_prefix(self) -> str:
-    return FileSystems.join(self.output_dir, schema.DEAD_LETTERS_DIR, DEAD_LETTERS_FILE_PREFIX)
+    return dead_letters.file_path_prefix(self.output_dir)
 
   @property
   def counts_path(self) -> str:

@@ -3,8 +3,9 @@ import json
 
 from apache_beam.io.filesystems import FileSystems
 
+from beam_jobs.common import dead_letters
 from beam_jobs.common.tfrecord_sink import shard_glob
-from beam_jobs.preprocess.config import (DEAD_LETTERS_FILE_PREFIX, SHARD_FILE_PREFIX, CsvFacts,
+from beam_jobs.preprocess.config import (SHARD_FILE_PREFIX, CsvFacts,
                                          PreprocessConfig)
 from beam_jobs.preprocess.rules import (CSV_ROWS, DEAD_LETTERED_ROWS, DEAD_LETTERS, EXAMPLES,
                                         ROWS_WITHOUT_WEATHER, counts_from_tally)
@@ -18,7 +19,7 @@ __all__ = ['LAYOUT', 'build_manifest', 'list_dead_letters', 'list_shards', 'prep
 # Everything this job writes under OUT: only these files are ever deleted by --overwrite.
 LAYOUT = OutputLayout(schema.STAGE_PREPROCESS, with_beam_temporaries(
     schema.COUNTS_FILE,
-    f'{schema.DEAD_LETTERS_DIR}/{DEAD_LETTERS_FILE_PREFIX}-?????-of-?????.jsonl',
+    dead_letters.FILE_PATTERN,
     *(shard_glob(f'{split}/{SHARD_FILE_PREFIX}', compression) for split in schema.SPLITS
       for compression in schema.COMPRESSIONS)))
 

@@ -8,7 +8,8 @@ predict (the job writes that one to its dead letters).
 
 Backends:
   in_process.SavedModelHandler   the exported SavedModel, loaded in the worker (`--model_dir`)
-  beam_jobs.serving_handler      TensorFlow Serving over gRPC (`--serving_address`)
+  tf_serving.ServingGrpcHandler  TensorFlow Serving over gRPC (`--serving_address`), with the retry
+                                 and throttling rules of retry_policy
 """
 import numpy as np
 

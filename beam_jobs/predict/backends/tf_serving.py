@@ -10,7 +10,7 @@ re-sent image by image, so one bad image never takes its batch down. Nothing is 
 image that cannot be predicted: it comes back as an `InputRefused` (UNAVAILABLE when the server
 stayed away past the budget, INFERENCE_FAILED when the server refused it), which the job writes to
 its dead letters. The messages are `model.serving.protocol`'s, which the local test server speaks
-too; the retry rules are `beam_jobs.serving_retry`'s.
+too; the retry rules are `beam_jobs.predict.backends.retry_policy`'s.
 
 Results match the in-process handler's: one `PredictionResult` per image, in order, with
 `inference={'weather': float32 [4], 'ground': float32 [13], 'model_version': '<N>'}` and
@@ -38,10 +38,11 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from beam_jobs.common import progress
-from beam_jobs.serving_retry import CallTally
-from beam_jobs.serving_retry import GaveUp
-from beam_jobs.serving_retry import RetryPolicy
-from beam_jobs.serving_retry import may_be_one_image
+from beam_jobs.predict.backends import DEFAULT_MAX_BATCH_SIZE, model_id, prediction
+from beam_jobs.predict.backends.retry_policy import CallTally
+from beam_jobs.predict.backends.retry_policy import GaveUp
+from beam_jobs.predict.backends.retry_policy import RetryPolicy
+from beam_jobs.predict.backends.retry_policy import may_be_one_image
 from model import schema
 from model.errors import InputRefused
 from model.errors import Reason
@@ -252,7 +253,7 @@ class ServingGrpcHandler(RemoteModelHandler[np.ndarray, PredictionResult, Servin
                max_images_per_request: int = 32, max_requests_in_flight: int = 4,
                timeout_secs: float = 30.0, retry_budget_secs: float = 30.0,
                initial_backoff_secs: float = 0.25, max_backoff_secs: float = 4.0,
-               min_batch_size: int = 1, max_batch_size: int = 128,
+               min_batch_size: int = 1, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                max_batch_duration_secs: int | None = None,
                throttle_delay_secs: float = 1.0, overload_ratio: float = 2.0):
     check_transport(address, use_tls=use_tls, allow_insecure=allow_insecure)
@@ -365,8 +366,9 @@ class ServingGrpcHandler(RemoteModelHandler[np.ndarray, PredictionResult, Servin
       # The answer breaks the output contract: no image of this request can be trusted.
       message = f'{client.address}: unusable answer: {error}'
       return [(InputRefused(Reason.INFERENCE_FAILED, message), None)] * len(images), tally
-    model_id = f'{self._model_name}/{version}'
-    return [({**row, 'model_version': str(version)}, model_id) for row in rows], tally
+    answered_by = model_id(self._model_name, str(version))
+    return [(prediction(row[schema.OUTPUT_WEATHER], row[schema.OUTPUT_GROUND], str(version)),
+             answered_by) for row in rows], tally
 
   def _call(self, client: ServingClient, request: predict_pb2.PredictRequest,
             tally: CallTally) -> predict_pb2.PredictResponse:
