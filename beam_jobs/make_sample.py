@@ -17,6 +17,11 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from model import schema
 
+__all__ = [
+    'CHIP_SIZE', 'CMYK_SHARE', 'draw_chip', 'encode_chip', 'main', 'make_sample', 'REAL_ROWS',
+    'REAL_TAG_COUNTS', 'sample_tags', 'strip_adobe_marker'
+]
+
 CHIP_SIZE = 256
 CMYK_SHARE = 0.1
 

@@ -23,6 +23,13 @@ from model import manifest as manifest_lib
 from model import schema
 from model.tf_example import feature_spec
 
+__all__ = [
+    'augment_batch', 'AUTOTUNE', 'check_shard', 'check_split_count', 'combine_summaries',
+    'CorruptShard', 'DEFAULT_SHUFFLE_BUFFER', 'find_corrupt_shard', 'load_prepared',
+    'make_dataset', 'parse_batch', 'PreparedData', 'SPLITS', 'SplitSummary', 'steps_per_epoch',
+    'verify_shards'
+]
+
 AUTOTUNE = tf.data.AUTOTUNE
 SPLITS = schema.SPLITS
 

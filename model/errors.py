@@ -5,6 +5,8 @@ the message says what the user can do about it. Codes are stable strings; the RE
 """
 import enum
 
+__all__ = ['InputRefused', 'Reason']
+
 
 class Reason(str, enum.Enum):
   # Image decoding.

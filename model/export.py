@@ -17,6 +17,10 @@ import tensorflow as tf
 from model import command_line, schema
 from model.output_dir import OutputRefused
 
+__all__ = [
+    'check_export_base', 'export_model', 'info_from_metrics', 'list_versions', 'main', 'model_dir'
+]
+
 _VERSION_RE = re.compile(r'^\d+$')
 # A version being written; TF Serving skips names that are not numbers.
 _TEMPORARY_PREFIX = '.tmp-'

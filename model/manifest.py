@@ -11,6 +11,11 @@ from apache_beam.io.filesystems import FileSystems
 
 from model import schema
 
+__all__ = [
+    'claim_output_dir', 'manifest_path', 'ManifestMissing', 'read_manifest', 'sha256_of_file',
+    'utc_timestamp', 'write_json_atomic', 'write_manifest'
+]
+
 
 class ManifestMissing(FileNotFoundError):
   """The folder has no manifest: its stage did not finish."""

@@ -7,6 +7,11 @@ import numpy as np
 
 from model import schema
 
+__all__ = [
+    'best_ground_thresholds', 'BETA', 'decide', 'f2_per_image', 'mean_f2', 'per_label_scores',
+    'scores_from_counts', 'tags_of', 'weather_confusion'
+]
+
 BETA = 2.0
 
 

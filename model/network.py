@@ -11,6 +11,8 @@ import keras
 
 from model import schema
 
+__all__ = ['build_model', 'CORE_NAME', 'tutorial_cnn']
+
 CORE_NAME = 'planet_core'
 
 

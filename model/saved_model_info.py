@@ -16,6 +16,11 @@ from tensorflow.core.protobuf import saved_model_pb2
 from model import schema
 from model.export import list_versions
 
+__all__ = [
+    'ExportError', 'ExportInfo', 'incomplete_reason', 'inspect_export', 'read_signature_defs',
+    'resolve_version_dir', 'signature_image_size', 'verify_checksums'
+]
+
 
 class ExportError(ValueError):
   """An export that cannot be served: missing, partial, tampered, or with the wrong signature."""

@@ -4,6 +4,17 @@ Plain Python on purpose (no TensorFlow import): Beam workers, the training modul
 server and the tests all import this one module, so every fact below is written exactly once.
 """
 
+__all__ = [
+    'ALL_LABELS', 'CHANNELS', 'COMPRESSIONS', 'COUNTS_FILE', 'DEAD_LETTERS_DIR',
+    'DEFAULT_GROUND_THRESHOLD', 'DEFAULT_IMAGE_SIZE', 'EXPORT_CHECKSUMS_FILE', 'EXPORT_INFO_FILE',
+    'FLOAT_SIGNATURE', 'GROUND_LABELS', 'INPUT_FLOAT', 'INPUT_IMAGES', 'KEY_GROUND', 'KEY_NAME',
+    'KEY_PIXELS', 'KEY_SHA256', 'KEY_SHAPE', 'KEY_WEATHER', 'MANIFEST_FILE', 'MODEL_NAME',
+    'NUM_GROUND', 'NUM_WEATHER', 'OUTPUT_GROUND', 'OUTPUT_NAMES', 'OUTPUT_WEATHER',
+    'PREDICTIONS_PREFIX', 'REPORT_FILE', 'SERVING_SIGNATURE', 'SHARD_SUFFIXES', 'SPLITS',
+    'STAGE_PREDICT', 'STAGE_PREPROCESS', 'STAGE_TRAIN', 'SUBMISSION_FILE', 'SUMMARY_FILE',
+    'TIMESTAMP_FORMAT', 'WEATHER_LABELS'
+]
+
 # The original tutorial's label order, so its label CSV (KagglePlanetMCML.csv) stays usable.
 # `artisinal_mine` is the real (misspelt) Kaggle tag.
 WEATHER_LABELS = ('clear', 'cloudy', 'haze', 'partly_cloudy')

@@ -34,6 +34,13 @@ from model import schema
 from model.output_dir import (OutputLayout, OutputRefused, check_outputs_apart,
                               refuse_unknown_files)
 
+__all__ = [
+    'BASELINE_MIN_FREQUENCY', 'check_output_folders', 'checkpoint_dir', 'CHECKPOINT_PATTERN',
+    'compile_model', 'DEFAULT_ARCHITECTURE', 'EpochHistory', 'EpochSummaries', 'evaluate',
+    'JOB_LAYOUT', 'list_checkpoints', 'load_architecture', 'main', 'parse_args', 'predict_split',
+    'prior_baseline', 'read_history', 'restore_or_build', 'ResumableEarlyStopping', 'train'
+]
+
 DEFAULT_ARCHITECTURE = 'model.network:tutorial_cnn'
 CHECKPOINT_PATTERN = 'epoch_{epoch:03d}.keras'
 _CHECKPOINT_RE = re.compile(r'^epoch_(\d+)\.keras$')

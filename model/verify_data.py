@@ -23,6 +23,8 @@ import tensorflow as tf
 from model import dataset as dataset_lib
 from model import manifest as manifest_lib
 
+__all__ = ['main', 'PROG', 'Report', 'ShardCheck', 'verify_data']
+
 PROG = 'python -m model.verify_data'
 
 

@@ -20,6 +20,8 @@ from PIL import Image, ImageFile
 
 from model.errors import InputRefused, Reason
 
+__all__ = ['decode_image', 'DEFAULT_MAX_PIXELS', 'RESIZE_FILTER']
+
 # A truncated file must be refused, never padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 

@@ -21,6 +21,12 @@ from apache_beam.io.filesystems import FileSystems
 from model import schema
 from model.errors import InputRefused, Reason
 
+__all__ = [
+    'CsvFormat', 'detect_format', 'has_data_rows', 'LabelRow', 'MAX_HEADER_BYTES',
+    'MAX_LINE_CHARS', 'MAX_NAME_CHARS', 'parse_label_file', 'parse_label_line',
+    'read_label_lines', 'resolve_duplicates', 'validate_image_name'
+]
+
 # A real row is under 200 characters; a longer one is garbage or an attack on the parser.
 # Read from a file, a record is bounded in bytes (what parse_label_line measures for bytes).
 MAX_LINE_CHARS = 10_000

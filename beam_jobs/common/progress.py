@@ -7,6 +7,8 @@ import uuid
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+__all__ = ['counter', 'LogProgress', 'METRICS_NAMESPACE', 'query_counters', 'show_progress_logs']
+
 METRICS_NAMESPACE = 'planet'
 _log = logging.getLogger('planet.progress')
 

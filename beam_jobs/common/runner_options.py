@@ -1,7 +1,12 @@
 """Facts about how a job was asked to run, shared by both Beam jobs."""
+import argparse
 import difflib
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
+
+__all__ = [
+    'beam_flags', 'check_beam_flags', 'dry_run_description', 'is_dataflow_dry_run', 'local_runner'
+]
 
 
 def is_dataflow_dry_run(options: PipelineOptions) -> bool:
@@ -50,11 +55,11 @@ def _option_classes(cls=PipelineOptions):
 
 def beam_flags() -> set[str]:
   """Every flag that Beam's pipeline options define (all runners' options, Dataflow's too)."""
-  # pylint: disable=import-outside-toplevel,protected-access
-  from apache_beam.options.pipeline_options import _BeamArgumentParser
-  parser = _BeamArgumentParser(add_help=False, conflict_handler='resolve')
+  # Each options class adds its flags to a parser (Beam's own protocol for PipelineOptions
+  # subclasses); 'resolve', since several classes declare the same flag.
+  parser = argparse.ArgumentParser(add_help=False, conflict_handler='resolve')
   for cls in set(_option_classes()):
-    cls._add_argparse_args(parser)
+    cls._add_argparse_args(parser)  # pylint: disable=protected-access
   return {flag for action in parser._actions for flag in action.option_strings}
 
 
