@@ -9,6 +9,11 @@ REQUIRED_PACKAGES = [
     # TF Serving's generated protos need >=6.31.1; Beam 2.77 needs <7.
     'protobuf>=6.31.1,<7',
     'pillow',
+    # The local server's REST API (TF Serving's JSON API): aiohttp serves HTTP, orjson reads and
+    # writes the JSON tensors (numpy arrays, float32 written exactly); the REST backend's client.
+    'aiohttp>=3.9',
+    'orjson>=3.9',
+    'requests>=2.31',
 ]
 
 setuptools.setup(

@@ -5,7 +5,8 @@ matches TF Serving and where it deliberately does not); this command adds TLS fr
 fault injection from flags. Production runs TensorFlow Serving itself (README).
 
 Usage:
-  python -m model.serve --model_base_path EXPORT/PlanetModel --port 8500 [--model_name PlanetModel]
+  python -m model.serve --model_base_path EXPORT/PlanetModel --port 8500 [--rest_api_port 8501]
+      [--model_name PlanetModel]
 """
 import argparse
 import logging
@@ -33,27 +34,36 @@ def _read_file(path: str | None) -> bytes | None:
 def main(argv=None) -> None:
   """Parses the flags, serves until interrupted."""
   parser = argparse.ArgumentParser(
-      description='A TF Serving-compatible gRPC server for development and tests '
+      description='A TF Serving-compatible gRPC and REST server for development and tests '
                   '(production: tensorflow_model_server).')
   parser.add_argument('--model_base_path', required=True, help='EXPORT/PlanetModel: numbered versions')
-  parser.add_argument('--port', type=int, default=8500)
+  parser.add_argument('--port', type=int, default=8500, help='the gRPC API\'s port')
+  parser.add_argument('--rest_api_port', type=int, default=0,
+                      help='the REST API\'s port (TF Serving\'s JSON API); 0: no REST API, as '
+                           'with tensorflow_model_server')
   parser.add_argument('--model_name', default=schema.MODEL_NAME)
   parser.add_argument('--host', default='127.0.0.1',
                       help='interface to listen on (0.0.0.0: every interface, as TF Serving does)')
   parser.add_argument('--file_system_poll_wait_seconds', type=float, default=DEFAULT_POLL_SECONDS)
-  parser.add_argument('--ssl_cert_file', help='PEM certificate; with --ssl_key_file, serve TLS only')
+  parser.add_argument('--ssl_cert_file', help='PEM certificate; with --ssl_key_file, serve TLS '
+                                               'only (HTTPS for REST)')
   parser.add_argument('--ssl_key_file', help='PEM private key of --ssl_cert_file')
   parser.add_argument('--inject_latency_secs', type=float, default=0.0,
-                      help='fault injection: delay every Predict answer')
+                      help='fault injection: delay every Predict answer (gRPC and REST)')
   parser.add_argument('--inject_failure_fraction', type=float, default=0.0,
-                      help='fault injection: answer this share of Predict calls with an error')
+                      help='fault injection: answer this share of Predict calls with an error '
+                           '(over REST, with the HTTP status TF Serving gives its code: 503 for '
+                           'UNAVAILABLE)')
   parser.add_argument('--inject_failure_code', default='UNAVAILABLE',
                       choices=['UNAVAILABLE', 'RESOURCE_EXHAUSTED', 'DEADLINE_EXCEEDED', 'INTERNAL'])
   parser.add_argument('--seed', type=int, default=0, help='fault injection: random seed')
   args = parser.parse_args(argv)
+  if args.rest_api_port < 0 or (args.rest_api_port and args.rest_api_port == args.port):
+    parser.error('--rest_api_port must be 0 (no REST API) or a port other than --port')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
   server = LocalServingServer(
-      args.model_base_path, args.port, model_name=args.model_name, host=args.host,
+      args.model_base_path, args.port, rest_api_port=args.rest_api_port or None,
+      model_name=args.model_name, host=args.host,
       poll_seconds=args.file_system_poll_wait_seconds,
       ssl_key=_read_file(args.ssl_key_file), ssl_cert=_read_file(args.ssl_cert_file),
       faults=Faults(args.inject_latency_secs, args.inject_failure_fraction,

@@ -38,7 +38,7 @@ class JobConfig(NamedTuple):
   image_size: int
   thresholds: ThresholdsByVersion
   model_name: str
-  backend: str                 # 'in_process' or 'grpc'
+  backend: str                 # 'in_process', 'grpc' or 'rest'
   labels_csv: str | None
   max_pixels: int
   started_at: float
@@ -63,7 +63,7 @@ class Backend(NamedTuple):
   handler: Any                 # a Beam ModelHandler that keeps the backends' result contract
   image_size: int              # pixels of the model's input, the decoder's output size
   thresholds: ThresholdsByVersion
-  name: str                    # 'in_process' or 'grpc'
+  name: str                    # 'in_process', 'grpc' or 'rest'
   model_facts: dict            # for the manifest's `model`
 
 
@@ -84,19 +84,26 @@ def parse_args(argv) -> tuple[Any, list[str]]:
   parser.add_argument('--model_dir',
                       help='EXPORT/PlanetModel (highest version) or one version folder; with '
                            '--serving_address, only where the thresholds are read')
-  parser.add_argument('--serving_address', help='HOST:PORT of TensorFlow Serving (gRPC)')
+  parser.add_argument('--serving_address',
+                      help='HOST:PORT of TensorFlow Serving: its gRPC port, or its REST port with '
+                           '--serving_protocol rest')
+  parser.add_argument('--serving_protocol', choices=('grpc', 'rest'), default='grpc',
+                      help="TF Serving's API to use: gRPC (default) or REST (its JSON API)")
   parser.add_argument('--model_name', default=schema.MODEL_NAME)
-  parser.add_argument('--model_version', type=int, help='gRPC: a fixed version (default: latest)')
-  parser.add_argument('--tls', action='store_true', help='gRPC over TLS')
-  parser.add_argument('--root_cert', help='gRPC TLS: a PEM root certificate file')
+  parser.add_argument('--model_version', type=int,
+                      help='serving: a fixed version (default: latest)')
+  parser.add_argument('--tls', action='store_true',
+                      help='serving over TLS (gRPC, or HTTPS for REST)')
+  parser.add_argument('--root_cert', help='serving TLS: a PEM root certificate file')
   parser.add_argument('--allow_insecure', action='store_true',
-                      help='gRPC without TLS to a host that is not loopback')
-  parser.add_argument('--max_request_bytes', type=int, help='gRPC: the largest request sent')
+                      help='serving without TLS to a host that is not loopback')
+  parser.add_argument('--max_request_bytes', type=int,
+                      help='serving: the largest request sent (REST: its JSON body)')
   parser.add_argument('--request_timeout_secs', type=float,
-                      help='gRPC: the deadline of every Predict call (default 30)')
+                      help='serving: the deadline of every Predict call (default 30)')
   parser.add_argument('--retry_budget_secs', type=float,
-                      help='gRPC: how long after its first transient failure a request is retried '
-                           'before its images are dead-lettered UNAVAILABLE (default 30)')
+                      help='serving: how long after its first transient failure a request is '
+                           'retried before its images are dead-lettered UNAVAILABLE (default 30)')
   parser.add_argument('--labels_csv', help='score the predictions against these labels')
   parser.add_argument('--max_bad_fraction', type=float, default=0.05)
   parser.add_argument('--batch_size', type=int, default=DEFAULT_MAX_BATCH_SIZE)
@@ -112,13 +119,14 @@ def parse_args(argv) -> tuple[Any, list[str]]:
   except ValueError as e:
     parser.error(str(e))
   if not args.model_dir and not args.serving_address:
-    parser.error('give --model_dir (in-process) or --serving_address (TF Serving over gRPC)')
+    parser.error('give --model_dir (in-process) or --serving_address (TF Serving)')
   grpc_values = (args.root_cert, args.model_version, args.max_request_bytes,
                  args.request_timeout_secs, args.retry_budget_secs)
-  if (args.tls or args.allow_insecure or any(v is not None for v in grpc_values)) and not (
-      args.serving_address):
-    parser.error('--tls, --root_cert, --allow_insecure, --model_version, --max_request_bytes, '
-                 '--request_timeout_secs and --retry_budget_secs go with --serving_address')
+  if (args.tls or args.allow_insecure or args.serving_protocol != 'grpc' or
+      any(v is not None for v in grpc_values)) and not args.serving_address:
+    parser.error('--serving_protocol, --tls, --root_cert, --allow_insecure, --model_version, '
+                 '--max_request_bytes, --request_timeout_secs and --retry_budget_secs go with '
+                 '--serving_address')
   if args.request_timeout_secs is not None and args.request_timeout_secs <= 0:
     parser.error('--request_timeout_secs must be positive')
   if args.retry_budget_secs is not None and args.retry_budget_secs < 0:
@@ -149,7 +157,7 @@ def check_labels_csv(path: str) -> None:
 
 
 def make_backend(args) -> Backend:
-  """The checked backend: in-process (--model_dir) or TF Serving (--serving_address).
+  """The checked backend: in-process (--model_dir) or TF Serving (--serving_address, gRPC or REST).
 
   Everything that can be wrong with the model is found here, before the pipeline starts.
 
@@ -170,17 +178,23 @@ def make_backend(args) -> Backend:
                     'version': export.version})
 
   from beam_jobs.predict.backends import tf_serving  # pylint: disable=import-outside-toplevel
+  if args.serving_protocol == 'rest':
+    # pylint: disable-next=import-outside-toplevel
+    from beam_jobs.predict.backends import tf_serving_rest as protocol
+    handler_class = protocol.ServingRestHandler
+  else:
+    protocol, handler_class = tf_serving, tf_serving.ServingGrpcHandler
   transport = {'use_tls': args.tls, 'allow_insecure': args.allow_insecure,
                'root_certificates': (tf_serving.read_root_certificates(args.root_cert)
                                      if args.root_cert else None)}
-  image_size, version = tf_serving.check_serving_model(
+  image_size, version = protocol.check_serving_model(
       args.serving_address, args.model_name, args.model_version,
       image_size=export.image_size if export else None, **transport)
   limits = {key: value for key, value in (('max_request_bytes', args.max_request_bytes),
                                           ('timeout_secs', args.request_timeout_secs),
                                           ('retry_budget_secs', args.retry_budget_secs))
             if value is not None}
-  handler = tf_serving.ServingGrpcHandler(
+  handler = handler_class(
       args.serving_address, model_name=args.model_name, model_version=args.model_version,
       image_size=image_size, max_batch_size=args.batch_size, **limits, **transport)
   if export:
@@ -191,6 +205,6 @@ def make_backend(args) -> Backend:
                     'give the export folder TF Serving serves to use its tuned thresholds',
                     schema.DEFAULT_GROUND_THRESHOLD)
     thresholds = ThresholdsByVersion((schema.DEFAULT_GROUND_THRESHOLD,) * schema.NUM_GROUND)
-  return Backend(handler, image_size, thresholds, 'grpc',
+  return Backend(handler, image_size, thresholds, args.serving_protocol,
                  {'serving_address': args.serving_address, 'version_at_start': str(version),
                   'model_dir': args.model_dir})

@@ -1,4 +1,4 @@
-"""A TensorFlow Serving-compatible gRPC server, for development and tests without TF Serving installed.
+"""A TF Serving-compatible server (gRPC and REST), for development and tests without TF Serving.
 
 It speaks TF Serving's gRPC API on the official `tensorflow_serving.apis` protos:
 `tensorflow.serving.PredictionService` (`Predict`, `GetModelMetadata`) and
@@ -7,17 +7,21 @@ highest integer-named folder under the base path, polled every second: the defau
 policy), its status codes and messages, and its `model_spec` in every answer. A client cannot tell
 it from the real server for the calls the project makes, so the gRPC prediction backend is tested
 against it, with faults injected on purpose (latency, a share of UNAVAILABLE or RESOURCE_EXHAUSTED
-answers, stop and restart on the same port).
+answers, stop and restart on the same port). With `rest_api_port`, it also speaks TF Serving's REST
+API (`model.serving.rest_api`) on a second port, answered by the same services, so the same models,
+versions, signatures, messages and injected faults apply to both.
 
 Production runs TensorFlow Serving itself (`tensorflow_model_server`, or the `tensorflow/serving`
 container image); see the README. One deliberate difference: this server refuses requests over the
 gRPC default of 4 MiB (`max_receive_message_bytes`), where `tensorflow_model_server` raises its own
 limit to 2 GiB; proxies and servers started with `--grpc_channel_arguments` keep lower limits, and
-a client that stays under 4 MiB works with all of them, so the tests hold clients to it.
+a client that stays under 4 MiB works with all of them, so the tests hold clients to it. The REST
+port holds request bodies to the same limit (TF Serving sets none there).
 
 Usage:
-  with LocalServingServer('EXPORT/PlanetModel', port=0) as server:
+  with LocalServingServer('EXPORT/PlanetModel', port=0, rest_api_port=0) as server:
     stub = ...(grpc.insecure_channel(server.address))
+    requests.post(f'http://{server.rest_address}/v1/models/PlanetModel:predict', json=...)
 """
 import concurrent.futures
 import logging
@@ -32,6 +36,8 @@ from model.serving.faults import FaultInjector
 from model.serving.faults import Faults
 from model.serving.protocol import GRPC_DEFAULT_MAX_MESSAGE_BYTES
 from model.serving.repository import ModelRepository
+from model.serving.rest_api import RestApi
+from model.serving.rest_server import RestServer
 from model.serving.services import ModelService
 from model.serving.services import PredictionService
 from model.serving.services import RequestStats
@@ -45,7 +51,7 @@ DEFAULT_POLL_SECONDS = 1.0
 
 
 class LocalServingServer:
-  """The local server: a repository, a poller thread, and a gRPC server that can stop and start again.
+  """The local server: a repository, a poller, gRPC and REST servers that can stop and start again.
 
   Usage:
     server = LocalServingServer('EXPORT/PlanetModel', port=0, faults=Faults(failure_fraction=0.3))
@@ -56,16 +62,18 @@ class LocalServingServer:
   Args:
     model_base_path: the folder holding the numbered versions (EXPORT/PlanetModel).
     port: the port to listen on; 0 picks a free one (kept for restarts).
+    rest_api_port: the REST API's port (0 picks a free one, kept for restarts); None: no REST API.
     model_name: the name clients ask for.
     host: the interface; the default serves this machine only.
     poll_seconds: how often to look for a new version.
-    max_receive_message_bytes: the largest request accepted (gRPC's default 4 MiB).
-    ssl_key, ssl_cert: PEM bytes; with both, the server speaks TLS only.
+    max_receive_message_bytes: the largest request accepted (gRPC's default 4 MiB), either API.
+    ssl_key, ssl_cert: PEM bytes; with both, the server speaks TLS only (HTTPS on the REST port).
     faults: faults to inject (see `Faults`); `set_faults` changes them while running.
     max_workers: threads answering calls.
   """
 
-  def __init__(self, model_base_path: str, port: int = 0, *, model_name: str = schema.MODEL_NAME,
+  def __init__(self, model_base_path: str, port: int = 0, *, rest_api_port: int | None = None,
+               model_name: str = schema.MODEL_NAME,
                host: str = '127.0.0.1', poll_seconds: float = DEFAULT_POLL_SECONDS,
                max_receive_message_bytes: int = GRPC_DEFAULT_MAX_MESSAGE_BYTES,
                ssl_key: bytes | None = None, ssl_cert: bytes | None = None,
@@ -82,6 +90,10 @@ class LocalServingServer:
     self._stats = RequestStats()
     self._max_workers = max_workers
     self._server: grpc.Server | None = None
+    self._rest = None if rest_api_port is None else RestServer(
+        host, rest_api_port, max_body_bytes=max_receive_message_bytes, ssl_key=ssl_key,
+        ssl_cert=ssl_cert, threads=max_workers)
+    self._rest_body_bytes: list[int] = []
     self._stop_polling = threading.Event()
     self._poller: threading.Thread | None = None
 
@@ -90,8 +102,22 @@ class LocalServingServer:
     return f'{self.host}:{self.port}'
 
   @property
+  def rest_api_port(self) -> int | None:
+    return self._rest.port if self._rest else None
+
+  @property
+  def rest_address(self) -> str | None:
+    """host:port of the REST API (None without one)."""
+    return f'{self.host}:{self._rest.port}' if self._rest else None
+
+  @property
+  def rest_predict_body_bytes(self) -> list[int]:
+    """The size of every REST `:predict` body received so far."""
+    return list(self._rest_body_bytes)
+
+  @property
   def predict_request_bytes(self) -> list[int]:
-    """The serialized size of every Predict request received so far."""
+    """The serialized size of every Predict request received so far (a REST call's counts too)."""
     return list(self._stats.predict_request_bytes)
 
   @property
@@ -114,9 +140,11 @@ class LocalServingServer:
                  ('grpc.max_send_message_length', -1),
                  # Two servers must never share a port by accident (a restart must find it free).
                  ('grpc.so_reuseport', 0)])
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(self.repository, self._faults, self._stats), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self.repository), server)
+    # One set of services answers both APIs: the same checks, messages and faults.
+    predictions = PredictionService(self.repository, self._faults, self._stats)
+    models = ModelService(self.repository)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(predictions, server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(models, server)
     target = f'{self.host}:{self.port}'
     try:
       if self._ssl:
@@ -130,11 +158,19 @@ class LocalServingServer:
       raise OSError(f'cannot listen on {target}')
     self.port = bound
     server.start()
+    if self._rest is not None:
+      try:
+        self._rest.start(RestApi(self.repository, predictions, models, self._rest_body_bytes))
+      except OSError:
+        server.stop(None).wait()
+        raise
     self._server = server
     self._stop_polling.clear()
     self._poller = threading.Thread(target=self._poll_loop, name='serve-poller', daemon=True)
     self._poller.start()
     _log.info('serve: listening on %s (%s)', self.address, 'TLS' if self._ssl else 'plaintext')
+    if self._rest is not None:
+      _log.info('serve: REST API on %s://%s', 'https' if self._ssl else 'http', self.rest_address)
     return self.port
 
   def _poll_loop(self) -> None:
@@ -151,6 +187,8 @@ class LocalServingServer:
     if self._poller is not None:
       self._poller.join()
       self._poller = None
+    if self._rest is not None:
+      self._rest.stop()
     if self._server is not None:
       self._server.stop(grace).wait()
       self._server = None

@@ -17,6 +17,12 @@ __all__ = ['ModelServerProcess']
 _State = get_model_status_pb2.ModelVersionStatus.State
 
 
+def _free_port() -> int:
+  with socket.socket() as probe:
+    probe.bind(('127.0.0.1', 0))
+    return probe.getsockname()[1]
+
+
 class ModelServerProcess:
   """The real `tensorflow_model_server` as a child process, behind `LocalServingServer`'s API.
 
@@ -29,17 +35,20 @@ class ModelServerProcess:
   Args:
     model_base_path: the folder holding the numbered versions (EXPORT/PlanetModel).
     port: the port to listen on; 0 picks a free one.
+    rest_api_port: the REST API's port (0 picks a free one); None: no REST API.
     model_name: the name clients ask for.
     poll_seconds: the server's --file_system_poll_wait_seconds (whole seconds, at least 1).
     binary: the server's executable.
     startup_timeout_secs: how long `start` waits for a version to become AVAILABLE.
   """
 
-  def __init__(self, model_base_path: str, port: int = 0, *, model_name: str = schema.MODEL_NAME,
+  def __init__(self, model_base_path: str, port: int = 0, *, rest_api_port: int | None = None,
+               model_name: str = schema.MODEL_NAME,
                poll_seconds: int = 1, binary: str = 'tensorflow_model_server',
                startup_timeout_secs: float = 60.0):
     self._base_path = os.path.abspath(model_base_path)
     self.port = port
+    self.rest_api_port = rest_api_port
     self.host = '127.0.0.1'
     self._model_name = model_name
     self._poll_seconds = max(1, int(poll_seconds))
@@ -52,19 +61,24 @@ class ModelServerProcess:
   def address(self) -> str:
     return f'{self.host}:{self.port}'
 
+  @property
+  def rest_address(self) -> str | None:
+    return None if self.rest_api_port is None else f'{self.host}:{self.rest_api_port}'
+
   def start(self) -> int:
     """Starts the binary and waits until a version is AVAILABLE; returns the port."""
     if not self.port:
-      with socket.socket() as probe:
-        probe.bind(('127.0.0.1', 0))
-        self.port = probe.getsockname()[1]
+      self.port = _free_port()
+    if self.rest_api_port == 0:
+      self.rest_api_port = _free_port()
+    rest_flags = [] if self.rest_api_port is None else [f'--rest_api_port={self.rest_api_port}']
     log = tempfile.NamedTemporaryFile('w+b', prefix='tensorflow_model_server-', suffix='.log',
                                       delete=False)
     self._log_path = log.name
     self._process = subprocess.Popen(
         [self._binary, f'--port={self.port}', f'--model_name={self._model_name}',
          f'--model_base_path={self._base_path}',
-         f'--file_system_poll_wait_seconds={self._poll_seconds}'],
+         f'--file_system_poll_wait_seconds={self._poll_seconds}', *rest_flags],
         stdout=log, stderr=subprocess.STDOUT)
     log.close()
     channel = open_channel(self.address)
