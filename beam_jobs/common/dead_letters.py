@@ -14,12 +14,14 @@ from beam_jobs.common.progress import counter
 from model import schema
 from model.errors import InputRefused, Reason
 
-__all__ = [
+__all__ = ['DEFAULT_MAX_BAD_FRACTION', 
     'check_bad_fraction', 'dead_letter', 'file_path_prefix', 'FILE_PATTERN', 'FILE_PREFIX',
     'from_refusal', 'TooManyBadInputs', 'WriteDeadLetters'
 ]
 
 FILE_PREFIX = 'dead_letters'
+# The share of inputs a job may refuse before it fails unpublished (--max_bad_fraction).
+DEFAULT_MAX_BAD_FRACTION = 0.05
 # Relative to a job's output folder: for its output layout and for readers.
 FILE_PATTERN = f'{schema.DEAD_LETTERS_DIR}/{FILE_PREFIX}-?????-of-?????.jsonl'
 

@@ -105,7 +105,8 @@ def parse_args(argv) -> tuple[Any, list[str]]:
                       help='serving: how long after its first transient failure a request is '
                            'retried before its images are dead-lettered UNAVAILABLE (default 30)')
   parser.add_argument('--labels_csv', help='score the predictions against these labels')
-  parser.add_argument('--max_bad_fraction', type=float, default=0.05)
+  parser.add_argument('--max_bad_fraction', type=float,
+                      default=dead_letters.DEFAULT_MAX_BAD_FRACTION)
   parser.add_argument('--batch_size', type=int, default=DEFAULT_MAX_BATCH_SIZE)
   parser.add_argument('--max_pixels', type=int, default=DEFAULT_MAX_PIXELS)
   parser.add_argument('--max_file_bytes', type=int, default=DEFAULT_MAX_FILE_BYTES,

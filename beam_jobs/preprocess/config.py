@@ -40,7 +40,7 @@ class PreprocessConfig:
   eval_fraction: float = DEFAULT_EVAL_FRACTION
   num_shards: tuple[tuple[str, int], ...] = tuple((split, 1) for split in schema.SPLITS)
   compression: str = 'none'
-  max_bad_fraction: float = 0.05
+  max_bad_fraction: float = dead_letters.DEFAULT_MAX_BAD_FRACTION
   max_pixels: int = DEFAULT_MAX_PIXELS
   max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
@@ -128,7 +128,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                       help='TFRecord shards per split (default: ~100-200 MB a shard)')
   parser.add_argument('--compression', choices=sorted(schema.COMPRESSIONS), default='none',
                       help='TFRecord compression (default %(default)s)')
-  parser.add_argument('--max_bad_fraction', type=float, default=0.05,
+  parser.add_argument('--max_bad_fraction', type=float,
+                      default=dead_letters.DEFAULT_MAX_BAD_FRACTION,
                       help='fail when dead-lettered CSV rows exceed this share of rows '
                            '(default %(default)s)')
   parser.add_argument('--max_pixels', type=int, default=DEFAULT_MAX_PIXELS,
