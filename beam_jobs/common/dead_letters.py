@@ -14,8 +14,9 @@ from beam_jobs.common.progress import counter
 from model import schema
 from model.errors import InputRefused, Reason
 
-__all__ = ['DEFAULT_MAX_BAD_FRACTION', 
-    'check_bad_fraction', 'dead_letter', 'file_path_prefix', 'FILE_PATTERN', 'FILE_PREFIX',
+__all__ = [
+    'check_bad_fraction', 'dead_letter', 'DEFAULT_MAX_BAD_FRACTION', 'file_path_prefix',
+    'FILE_PATTERN', 'FILE_PREFIX',
     'from_refusal', 'TooManyBadInputs', 'WriteDeadLetters'
 ]
 
