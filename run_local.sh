@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole flow on DirectRunner on sample data (no argument), or the test suite (`test`).
 # Creates .venv and installs the package into it when missing or out of date.
+# Every command hides TensorFlow's, absl's, CUDA's and Beam's chatter itself; PLANET_VERBOSE=1
+# (read by each command) shows it again.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
-export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}   # TensorFlow's start-up chatter hides our output
 
 ensure_venv() {
   if [ ! -x "$VENV/bin/python" ]; then
@@ -103,7 +104,7 @@ run_flow() {
   else
     rm -rf "$work/job"   # a new training run; model.train refuses to mix with old checkpoints
     run_stage train "$py" -m model.train --data_dir "$work/prep" --job_dir "$work/job" \
-      --export_base "$work/export" --epochs "$epochs" --verbose 2
+      --export_base "$work/export" --epochs "$epochs"
   fi
 
   stage "3/4 predict in-process: $predict_dir -> $work/predict_local"

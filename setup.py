@@ -14,6 +14,8 @@ REQUIRED_PACKAGES = [
     'aiohttp>=3.9',
     'orjson>=3.9',
     'requests>=2.31',
+    # The live progress bar of a stage on a terminal (beam_jobs/common/progress.py).
+    'rich>=13',
 ]
 
 setuptools.setup(

@@ -5,13 +5,12 @@ Usage: python -m beam_jobs.compare_predictions OUT_A OUT_B [--tolerance 1e-5]
 run_local.sh uses it to show that the in-process and the TF Serving backends give the same
 results; exits 1 and lists the differences otherwise.
 """
-import argparse
 import json
 import sys
 
 from apache_beam.io.filesystems import FileSystems
 
-from model import schema
+from model import command_line, schema
 
 __all__ = ['compare_outputs', 'main']
 
@@ -55,7 +54,8 @@ def compare_outputs(out_a: str, out_b: str, tolerance: float = 1e-5) -> tuple[li
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = command_line.ArgumentParser(prog='python -m beam_jobs.compare_predictions',
+                                       description=__doc__.split('\n')[0])
   parser.add_argument('out_a')
   parser.add_argument('out_b')
   parser.add_argument('--tolerance', type=float, default=1e-5)
@@ -72,4 +72,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  command_line.quiet_third_party()
   main()

@@ -7,7 +7,6 @@ follow the real label frequencies; the pixels are drawn from the labels (canopy 
 roads, rivers, haze, clouds...) so a small CNN can learn them. About one chip in ten is a
 4-component JPEG with no colour marker, as the real chips are, so every stage meets that case.
 """
-import argparse
 import io
 import logging
 
@@ -15,7 +14,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageDraw, ImageFilter
 
-from model import schema
+from model import command_line, schema
 
 __all__ = [
     'CHIP_SIZE', 'CMYK_SHARE', 'draw_chip', 'encode_chip', 'main', 'make_sample', 'REAL_ROWS',
@@ -186,7 +185,8 @@ def make_sample(output_dir: str, count: int, seed: int, prefix: str = 'train') -
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = command_line.ArgumentParser(prog='python -m beam_jobs.make_sample',
+                                       description=__doc__.split('\n')[0])
   parser.add_argument('--output_dir', required=True)
   parser.add_argument('--count', type=int, default=500)
   parser.add_argument('--seed', type=int, default=0)
@@ -201,4 +201,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  command_line.quiet_third_party()
   main()

@@ -1,7 +1,10 @@
-"""What every command does alike: one-line configuration errors, and a clean Ctrl-C.
+"""What every command does alike: a quiet terminal, one-line configuration errors, a clean Ctrl-C.
 
 Usage:
-  parser = command_line.ArgumentParser(prog='python -m model.train', ...)
+  if __name__ == '__main__':
+    command_line.quiet_third_party()   # first, before TensorFlow loads
+  ...
+  parser = command_line.ArgumentParser(prog='python -m model.train', ...)   # has --verbose
   if __name__ == '__main__':
     command_line.run_command('train', main)
 """
@@ -12,11 +15,37 @@ import sys
 import threading
 from typing import Callable
 
-__all__ = ['ArgumentParser', 'INTERRUPTED_EXIT_CODE', 'own_flags', 'run_command', 'short']
+from model import third_party_logs
+
+__all__ = ['ArgumentParser', 'INTERRUPTED_EXIT_CODE', 'VERBOSE_ENV', 'VERBOSE_FLAG', 'own_flags',
+           'quiet_third_party', 'run_command', 'short', 'verbose_requested']
 
 # What a shell reports for a command ended by SIGINT (128 + 2).
 INTERRUPTED_EXIT_CODE = 130
 _MAX_QUOTED_CHARS = 300
+VERBOSE_FLAG = '--verbose'
+# For run_local.sh and other scripts: set once, every command they start shows everything.
+VERBOSE_ENV = 'PLANET_VERBOSE'
+
+
+def verbose_requested(argv: list[str] | None = None) -> bool:
+  """`--verbose` among a command's arguments (default: sys.argv), or PLANET_VERBOSE=1."""
+  argv = sys.argv[1:] if argv is None else argv
+  return VERBOSE_FLAG in argv or os.environ.get(VERBOSE_ENV, '') not in ('', '0')
+
+
+def quiet_third_party(argv: list[str] | None = None) -> bool:
+  """Hides TensorFlow's, absl's, CUDA's and Beam's chatter unless --verbose; returns verbose.
+
+  The first thing a command does, before TensorFlow loads: its C++ libraries log as they load.
+  The arguments are scanned before they are parsed for that reason. Real warnings and errors
+  still show (model/third_party_logs.py says what is hidden and how). Only commands call it:
+  tests and library users keep their own stderr.
+  """
+  verbose = verbose_requested(argv)
+  if not verbose:
+    third_party_logs.hide_third_party_logs()
+  return verbose
 
 
 def short(text: object, limit: int = _MAX_QUOTED_CHARS) -> str:
@@ -29,12 +58,16 @@ class ArgumentParser(argparse.ArgumentParser):
   """argparse whose errors are one line (`prog: error: ...`), without the usage block above it.
 
   Abbreviations are off: `--max_bad` must not silently mean `--max_bad_fraction`, and a prefix
-  of one of our flags must not swallow a Beam flag.
+  of one of our flags must not swallow a Beam flag. Every command has `--verbose`, which
+  `quiet_third_party` has already acted on by the time the flags are parsed.
   """
 
   def __init__(self, *args, **kwargs):
     kwargs.setdefault('allow_abbrev', False)
     super().__init__(*args, **kwargs)
+    self.add_argument(VERBOSE_FLAG, action='store_true',
+                      help='also show what TensorFlow, absl, CUDA and Beam log (hidden by default; '
+                           f'{VERBOSE_ENV}=1 does the same)')
 
   def error(self, message):
     self.exit(2, f'{self.prog}: error: {short(message)}\n')

@@ -6,6 +6,13 @@ complete, because TF Serving (and our handlers) pick up any new numbered folder 
 Usage: python -m model.export --checkpoint JOB/checkpoints/epoch_003.keras --export_base EXPORT \
          [--info_json JOB/metrics.json]
 """
+from model import command_line
+
+if __name__ == '__main__':
+  # Before TensorFlow loads: its C++ libraries log as they load (model/command_line.py).
+  command_line.quiet_third_party()
+
+# pylint: disable=wrong-import-position,wrong-import-order
 import hashlib
 import json
 import os
@@ -14,8 +21,9 @@ import uuid
 
 import tensorflow as tf
 
-from model import command_line, schema
+from model import schema
 from model.output_dir import OutputRefused
+# pylint: enable=wrong-import-position,wrong-import-order
 
 __all__ = [
     'check_export_base', 'export_model', 'info_from_metrics', 'list_versions', 'main', 'model_dir'

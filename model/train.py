@@ -10,12 +10,20 @@ JOB/history.json (per-epoch losses, kept across --resume), JOB/metrics.json (eva
 scores, tuned ground thresholds, the prior-only baseline), the next EXPORT/PlanetModel/<N>/, and
 JOB/manifest.json last.
 """
+from model import command_line
+
+if __name__ == '__main__':
+  # Before TensorFlow loads: its C++ libraries log as they load (model/command_line.py).
+  command_line.quiet_third_party()
+
+# pylint: disable=wrong-import-position,wrong-import-order
 import argparse
 import importlib
 import json
 import logging
 import os
 import re
+import sys
 import time
 from typing import Callable
 
@@ -29,15 +37,15 @@ from model import dataset as dataset_lib
 from model import manifest as manifest_lib
 from model import metrics as metrics_lib
 from model import network
-from model import command_line
 from model import schema
 from model.output_dir import (OutputLayout, OutputRefused, check_outputs_apart,
                               refuse_unknown_files)
+# pylint: enable=wrong-import-position,wrong-import-order
 
 __all__ = [
     'BASELINE_MIN_FREQUENCY', 'check_output_folders', 'checkpoint_dir', 'CHECKPOINT_PATTERN',
     'compile_model', 'DEFAULT_ARCHITECTURE', 'EpochHistory', 'EpochSummaries', 'evaluate',
-    'JOB_LAYOUT', 'list_checkpoints', 'load_architecture', 'main', 'parse_args', 'predict_split',
+    'FIT_VERBOSITY', 'fit_verbosity', 'JOB_LAYOUT', 'list_checkpoints', 'load_architecture', 'main', 'parse_args', 'predict_split',
     'prior_baseline', 'read_history', 'restore_or_build', 'ResumableEarlyStopping', 'train'
 ]
 
@@ -46,11 +54,21 @@ CHECKPOINT_PATTERN = 'epoch_{epoch:03d}.keras'
 _CHECKPOINT_RE = re.compile(r'^epoch_(\d+)\.keras$')
 # The prior-only baseline predicts every label at least this common in the training labels.
 BASELINE_MIN_FREQUENCY = 0.2
+# --progress -> Keras' fit verbosity ('auto' is decided by `fit_verbosity`).
+FIT_VERBOSITY = {'auto': None, 'bar': 1, 'epoch': 2, 'none': 0}
 # Everything model.train writes in JOB: a JOB holding anything else is refused.
 JOB_LAYOUT = OutputLayout(schema.STAGE_TRAIN, (
     'checkpoints/epoch_???.keras', 'history.json', 'history.json.tmp', 'metrics.json',
     'metrics.json.tmp', 'logs/train/events.out.tfevents.*',
     'logs/validation/events.out.tfevents.*'))
+
+
+def fit_verbosity(progress: str) -> int:
+  """Keras' verbosity for --progress: 'auto' is a live bar on a terminal, a line per epoch in a
+  log, where a bar would be thousands of carriage returns."""
+  if FIT_VERBOSITY[progress] is None:
+    return 1 if sys.stdout.isatty() else 2
+  return FIT_VERBOSITY[progress]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,8 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                            '(ignored on --resume: the checkpoint holds the network)')
   parser.add_argument('--shuffle_buffer', type=int, default=dataset_lib.DEFAULT_SHUFFLE_BUFFER)
   parser.add_argument('--seed', type=int, help='seed every random draw (weights, shuffle, augment)')
-  parser.add_argument('--verbose', type=int, default=1, choices=(0, 1, 2),
-                      help='Keras fit verbosity: 1 a progress bar, 2 a line per epoch')
+  parser.add_argument('--progress', choices=sorted(FIT_VERBOSITY), default='auto',
+                      help="Keras' progress: a live bar, a line per epoch, or none (default: a bar "
+                           'on a terminal, a line per epoch otherwise, e.g. in CI logs)')
   args = parser.parse_args(argv)
   for name in ('epochs', 'batch_size'):
     if getattr(args, name) < 1:
@@ -346,7 +365,8 @@ def train(args: argparse.Namespace) -> dict:
   if initial_epoch < args.epochs:
     try:
       model.fit(train_data, validation_data=eval_data, epochs=args.epochs,
-                initial_epoch=initial_epoch, callbacks=callbacks, verbose=args.verbose,
+                initial_epoch=initial_epoch, callbacks=callbacks,
+                verbose=fit_verbosity(args.progress),
                 steps_per_epoch=steps,
                 shuffle=False)
     except tf.errors.DataLossError:

@@ -12,7 +12,13 @@ each, then compares each split's example count with the manifest's.
 Exit status: 0 and a one-line summary when everything matches; 1 when the folder or any shard is
 bad (each named on stderr); 2 for a usage error.
 """
-import argparse
+from model import command_line
+
+if __name__ == '__main__':
+  # Before TensorFlow loads: its C++ libraries log as they load (model/command_line.py).
+  command_line.quiet_third_party()
+
+# pylint: disable=wrong-import-position,wrong-import-order
 import concurrent.futures
 import dataclasses
 import sys
@@ -22,6 +28,7 @@ import tensorflow as tf
 
 from model import dataset as dataset_lib
 from model import manifest as manifest_lib
+# pylint: enable=wrong-import-position,wrong-import-order
 
 __all__ = ['main', 'PROG', 'Report', 'ShardCheck', 'verify_data']
 
@@ -101,7 +108,7 @@ def verify_data(data_dir: str, image_size: int | None = None, max_workers: int =
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n')[0])
+  parser = command_line.ArgumentParser(prog=PROG, description=__doc__.split('\n')[0])
   parser.add_argument('data_dir', help='a beam_jobs.preprocess output folder (local or gs://)')
   parser.add_argument('--image_size', type=int,
                       help='also refuse data prepared at another size (default: the manifest\'s)')

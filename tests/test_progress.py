@@ -1,44 +1,78 @@
-"""Progress lines: counted per pipeline, rate included, shown without Beam's own logging."""
-import logging
+"""Progress: counted per pipeline and per process, added up by the driver, shown as lines with
+done / total, percent, rate and time left on a stream that is not a terminal."""
+import io
+import os
+import pathlib
+import re
 
-import pytest
+import apache_beam as beam
+from apache_beam.testing import test_pipeline
 
-from beam_jobs.common.progress import LogProgress, show_progress_logs
+from beam_jobs.common.progress import CountProgress, ProgressTally, ShowProgress, progress_line
 
-
-class _Lines(logging.Handler):
-  def __init__(self):
-    super().__init__(logging.INFO)
-    self.lines = []
-
-  def emit(self, record):
-    self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def progress_lines():
-  """Lines of the progress logger, whether or not a job turned its propagation off."""
-  show_progress_logs()
-  handler = _Lines()
-  logger = logging.getLogger('planet.progress')
-  logger.addHandler(handler)
-  yield lambda: handler.lines
-  logger.removeHandler(handler)
+# done/total unit (percent), rate, time left: what a person reading a log needs.
+PROGRESS_LINE = re.compile(
+    r'^(?P<what>\w+): (?P<done>[\d,]+)/(?P<total>[\d,]+) (?P<unit>[\w ]+) \((?P<percent>\d+)%\), '
+    r'(?P<rate>[\d,.]+|-)/s, (?P<left>\d+:\d\d:\d\d|-:--:--) left$')
 
 
-def test_progress_lines_count_each_pipeline_separately(progress_lines):
-  first, second = LogProgress('job a', every_seconds=0), LogProgress('job a', every_seconds=0)
-  for element in range(3):
-    assert list(first.process(element)) == [element]
-  list(second.process('x'))
-  lines = progress_lines()
-  assert [line.split(',')[0] for line in lines] == [
-      'job a: 1 done', 'job a: 2 done', 'job a: 3 done', 'job a: 1 done']
-  assert all(line.endswith('/s') for line in lines)
+def test_a_progress_line_says_done_total_percent_rate_and_time_left():
+  line = progress_line('predict', 1234, 10000, 'images', 100.0)
+  assert line == 'predict: 1,234/10,000 images (12%), 100.0/s, 0:01:28 left'
+  assert PROGRESS_LINE.match(line)
+  before_any_rate = progress_line('preprocess', 0, 240, 'CSV rows', None)
+  assert before_any_rate == 'preprocess: 0/240 CSV rows (0%), -/s, -:--:-- left'
+  assert PROGRESS_LINE.match(before_any_rate)
+  assert progress_line('predict', 7, 7, 'images', 3.5).endswith('(100%), 3.5/s, 0:00:00 left')
+  assert progress_line('predict', 3_600, 7_200, 'images', 1.0).endswith('1:00:00 left')
 
 
-def test_progress_is_quiet_between_intervals(progress_lines):
-  quiet = LogProgress('job b', every_seconds=3600)
-  for element in range(100):
-    list(quiet.process(element))
-  assert progress_lines() == []
+def test_counts_are_per_pipeline_and_added_up_across_processes():
+  first, second = ProgressTally.create(), ProgressTally.create()
+  try:
+    counting = CountProgress(first.folder)
+    counting.setup()
+    assert [list(counting.process(e)) for e in range(3)] == [[0], [1], [2]]
+    counting.finish_bundle()
+    other = CountProgress(second.folder)
+    other.setup()
+    list(other.process('x'))
+    other.finish_bundle()
+    # Another worker process of the same run (multi_processing) writes its own file.
+    (pathlib.Path(first.folder) / '999999').write_text('5')
+    assert first.done() == 3 + 5 and second.done() == 1
+  finally:
+    first.remove()
+    second.remove()
+
+
+def test_without_a_folder_nothing_is_counted():
+  counting = CountProgress(None)   # a test pipeline, or a Dataflow worker
+  counting.setup()
+  assert list(counting.process('x')) == ['x']
+  missing = CountProgress('/nonexistent/planet-progress-folder')
+  missing.setup()
+  assert list(missing.process('y')) == ['y']
+
+
+def test_a_pipeline_counts_into_the_tally_the_driver_shows():
+  tally = ProgressTally.create()
+  stream = io.StringIO()   # not a terminal: plain lines
+  with ShowProgress('job', 50, 'things', tally, stream=stream, every_seconds=0.05,
+                    poll_seconds=0.01):
+    with test_pipeline.TestPipeline() as p:
+      _ = p | beam.Create(range(50)) | beam.ParDo(CountProgress(tally.folder))
+    folder = tally.folder
+  lines = stream.getvalue().splitlines()
+  assert lines and all(PROGRESS_LINE.match(line) for line in lines), lines
+  last = PROGRESS_LINE.match(lines[-1])
+  assert (last['done'], last['total'], last['percent'], last['left']) == (
+      '50', '50', '100', '0:00:00')
+  assert not os.path.exists(folder)   # the driver's folder is gone with the run
+
+
+def test_no_tally_shows_nothing():
+  stream = io.StringIO()
+  with ShowProgress('job', 10, 'things', None, stream=stream, every_seconds=0):
+    pass
+  assert stream.getvalue() == ''

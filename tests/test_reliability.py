@@ -199,7 +199,7 @@ def test_a_damaged_shard_stops_training_in_bounded_time_naming_the_file(damage, 
     shard.write_bytes(shard.read_bytes()[:len(shard.read_bytes()) // 2])
   job = tmp_path / 'job'
   args = train.parse_args(['--data_dir', str(data), '--job_dir', str(job), '--export_base',
-                           str(tmp_path / 'export'), '--epochs', '1', '--verbose', '0'])
+                           str(tmp_path / 'export'), '--epochs', '1', '--progress', 'none'])
   started = time.monotonic()
   with pytest.raises(dataset_lib.CorruptShard, match=re.escape(str(shard))) as refused:
     train.train(args)

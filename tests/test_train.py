@@ -22,7 +22,7 @@ BATCH = 32
 def _args(data_dir, job_dir, export_base, *extra):
   return train.parse_args(['--data_dir', str(data_dir), '--job_dir', str(job_dir),
                            '--export_base', str(export_base), '--batch_size', str(BATCH),
-                           '--seed', '0', '--verbose', '0', *map(str, extra)])
+                           '--seed', '0', '--progress', 'none', *map(str, extra)])
 
 
 def pooled_features(inputs):

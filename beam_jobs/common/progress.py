@@ -1,16 +1,41 @@
-"""Beam counters under one namespace, and progress lines a person watching a local run can read."""
+"""Counters under one namespace, and a stage's progress line with its total on a local run.
+
+A local run shows one line per stage: done / total, percent, rate and time left. `ShowProgress`
+draws it in the driver, a live bar on a terminal (rich) and a plain line every 10 s otherwise
+(CI logs), and a last line when the stage ends. The elements are counted where they are
+processed, by `CountProgress`, which may be in Beam's worker processes (multi_processing): each
+process writes its count to a small file in a folder the driver made (`ProgressTally`), and the
+driver adds them up. Beam's own metrics would be the natural channel, but the local runners
+report them only when a bundle ends, and locally a bundle is most of a stage. On Dataflow there
+is no such folder: the counters in its UI are the progress.
+
+Usage:
+  tally = ProgressTally.create()
+  ... | 'Progress' >> beam.ParDo(CountProgress(tally.folder))     # in build_pipeline
+  with ShowProgress('predict', total=500, unit='images', tally=tally):
+    pipeline.run().wait_until_finish()
+"""
+import collections
 import logging
+import os
+import pathlib
+import sys
+import tempfile
 import threading
 import time
-import uuid
+from typing import TextIO
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-__all__ = ['counter', 'LogProgress', 'METRICS_NAMESPACE', 'query_counters', 'show_progress_logs']
+__all__ = ['counter', 'CountProgress', 'METRICS_NAMESPACE', 'progress_line', 'ProgressTally',
+           'query_counters', 'ShowProgress', 'show_progress_logs']
 
 METRICS_NAMESPACE = 'planet'
-_log = logging.getLogger('planet.progress')
+_PART_SUFFIX = '.part'
+_WRITE_EVERY_SECONDS = 0.5
+# The rate is measured over the last half minute: start-up does not drag it down for long.
+_RATE_WINDOW_SECONDS = 30.0
 
 
 def show_progress_logs() -> None:
@@ -29,40 +54,6 @@ def counter(name: str):
   return Metrics.counter(METRICS_NAMESPACE, name)
 
 
-class LogProgress(beam.DoFn):
-  """Passes elements through and logs '<what>: N done, R/s' at most every `every_seconds`.
-
-  The tally is per worker process (class-level, shared by its threads), which is what a person
-  watching DirectRunner wants; on Dataflow the counters in the UI are the real progress.
-  """
-  _lock = threading.Lock()
-  _done: dict[str, int] = {}
-  _started: dict[str, float] = {}
-  _last_log: dict[str, float] = {}
-
-  def __init__(self, what: str, every_seconds: float = 10.0):
-    self._what = what
-    self._every = every_seconds
-    # One tally per pipeline built, so two jobs in one process (tests) never add up.
-    self._key = f'{what}#{uuid.uuid4().hex}'
-
-  def setup(self):
-    # Worker processes (multi_processing, Dataflow) start without our handler.
-    show_progress_logs()
-
-  def process(self, element):
-    now = time.monotonic()
-    cls = LogProgress
-    key = self._key
-    with cls._lock:
-      done = cls._done[key] = cls._done.get(key, 0) + 1
-      started = cls._started.setdefault(key, now)
-      if now - cls._last_log.get(key, started) >= self._every:
-        cls._last_log[key] = now
-        _log.info('%s: %d done, %.1f/s', self._what, done, done / max(now - started, 1e-9))
-    yield element
-
-
 def query_counters(result) -> dict[str, int]:
   """All the project's counters of a finished pipeline, by name (committed values)."""
   metrics = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(METRICS_NAMESPACE))
@@ -70,3 +61,196 @@ def query_counters(result) -> dict[str, int]:
   for item in metrics['counters']:
     totals[item.key.metric.name] = totals.get(item.key.metric.name, 0) + item.committed
   return totals
+
+
+class ProgressTally:
+  """A folder on this machine where each process of a local run writes how many elements it
+  has counted (a file named by its process id), for the driver to add up.
+
+  The folder is made by `create` in the system's temporary folder, never on a user's path.
+  """
+
+  def __init__(self, folder: str):
+    self.folder = folder
+
+  @classmethod
+  def create(cls) -> 'ProgressTally':
+    return cls(tempfile.mkdtemp(prefix='planet-progress-'))
+
+  def done(self) -> int:
+    """Elements counted so far, by every process."""
+    total = 0
+    for path in pathlib.Path(self.folder).iterdir():
+      if path.suffix == _PART_SUFFIX:
+        continue   # being written; its last complete version is still there
+      try:
+        total += int(path.read_text() or 0)
+      except (OSError, ValueError):
+        pass       # replaced while we read it: counted on the next look
+    return total
+
+  def remove(self) -> None:
+    """Deletes the files the processes wrote, then the folder (nothing else is ever in it)."""
+    for path in pathlib.Path(self.folder).iterdir():
+      path.unlink(missing_ok=True)
+    os.rmdir(self.folder)
+
+
+class CountProgress(beam.DoFn):
+  """Passes elements through, counting them into a `ProgressTally` folder (None: no counting).
+
+  The count is per process (class-level, shared by the process's threads) and per folder, so two
+  pipelines in one process never add up. It is written at most every half second and at the end
+  of each bundle. A worker on another machine (Dataflow) has no such folder and counts nothing.
+  """
+  _lock = threading.Lock()
+  _done: dict[str, int] = {}
+  _written: dict[str, float] = {}
+
+  def __init__(self, tally_folder: str | None):
+    self._folder = tally_folder
+    self._active = False
+
+  def setup(self):
+    self._active = bool(self._folder) and os.path.isdir(self._folder)
+
+  def process(self, element):
+    if self._active:
+      self._count(1, write_now=False)
+    yield element
+
+  def finish_bundle(self):
+    if self._active:
+      self._count(0, write_now=True)
+
+  def _count(self, added: int, write_now: bool) -> None:
+    cls = CountProgress
+    now = time.monotonic()
+    with cls._lock:
+      done = cls._done[self._folder] = cls._done.get(self._folder, 0) + added
+      if not write_now and now - cls._written.get(self._folder, 0.0) < _WRITE_EVERY_SECONDS:
+        return
+      cls._written[self._folder] = now
+      # Written whole, then renamed: the driver never reads half a number.
+      part = pathlib.Path(self._folder, f'{os.getpid()}{_PART_SUFFIX}')
+      part.write_text(str(done))
+      os.replace(part, part.with_suffix(''))
+
+
+def _clock(seconds: float | None) -> str:
+  if seconds is None:
+    return '-:--:--'
+  minutes, secs = divmod(int(seconds + 0.5), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}:{minutes:02d}:{secs:02d}'
+
+
+def progress_line(what: str, done: int, total: int, unit: str, rate: float | None) -> str:
+  """One progress line: 'predict: 1,234/10,000 images (12%), 456.7/s, 0:00:19 left'.
+
+  Args:
+    what: the stage, the line's first word.
+    done: elements done so far; total: all of them (0 is shown as 100%).
+    unit: what the elements are ('images', 'CSV rows').
+    rate: elements per second lately, None before there is one.
+  """
+  percent = 100 * done // total if total else 100
+  left = (total - done) / rate if rate else None
+  if done >= total:
+    left = 0.0
+  rate_text = f'{rate:,.1f}/s' if rate is not None else '-/s'
+  return (f'{what}: {done:,}/{total:,} {unit} ({percent}%), {rate_text}, {_clock(left)} left')
+
+
+class _Rate:
+  """Elements per second over the last `_RATE_WINDOW_SECONDS`."""
+
+  def __init__(self, started: float):
+    self._samples = collections.deque([(started, 0)])
+
+  def add(self, now: float, done: int) -> float | None:
+    self._samples.append((now, done))
+    while len(self._samples) > 2 and now - self._samples[1][0] >= _RATE_WINDOW_SECONDS:
+      self._samples.popleft()
+    then, done_then = self._samples[0]
+    if done == 0 or now <= then:
+      return None
+    return (done - done_then) / (now - then)
+
+
+class ShowProgress:
+  """Shows a stage's progress while its block runs, from a `ProgressTally` (None: shows nothing).
+
+  On a terminal, a live bar (rich); otherwise a plain `progress_line` every `every_seconds` and a
+  last one when the block ends, so a log always says how far the stage got and how fast.
+  """
+
+  def __init__(self, what: str, total: int | None, unit: str, tally: ProgressTally | None,
+               stream: TextIO | None = None, every_seconds: float = 10.0,
+               poll_seconds: float = 0.5):
+    self._what, self._total, self._unit, self._tally = what, total or 0, unit, tally
+    self._stream = stream
+    self._every = every_seconds
+    self._poll = poll_seconds
+    self._stop = threading.Event()
+    self._thread = None
+    self._bar = None
+
+  def __enter__(self) -> 'ShowProgress':
+    if self._tally is None:
+      return self
+    self._stream = self._stream or sys.stderr
+    if self._stream.isatty():
+      self._bar = _TerminalBar(self._what, self._total, self._unit, self._stream)
+    self._thread = threading.Thread(target=self._watch, name='progress', daemon=True)
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread.join()
+    self._tally.remove()
+
+  def _watch(self) -> None:
+    started = time.monotonic()
+    rate = _Rate(started)
+    last_line = started
+    while True:
+      stopping = self._stop.wait(self._poll)
+      now = time.monotonic()
+      done = self._tally.done()
+      if self._bar:
+        self._bar.update(done, stopping)
+      else:
+        speed = rate.add(now, done)
+        if stopping or now - last_line >= self._every:
+          last_line = now
+          print(progress_line(self._what, done, self._total, self._unit, speed),
+                file=self._stream, flush=True)
+      if stopping:
+        return
+
+
+class _TerminalBar:
+  """rich's live progress bar, with the same facts as `progress_line`."""
+
+  def __init__(self, what: str, total: int, unit: str, stream: TextIO):
+    # Imported here: only a driver on a terminal draws a bar.
+    from rich import console, progress  # pylint: disable=import-outside-toplevel
+    self._progress = progress.Progress(
+        progress.TextColumn(f'{what}:'), progress.BarColumn(),
+        progress.MofNCompleteColumn(), progress.TextColumn(unit),
+        progress.TaskProgressColumn(), progress.TextColumn('{task.fields[rate]}'),
+        progress.TimeRemainingColumn(), progress.TextColumn('left'),
+        console=console.Console(file=stream), redirect_stdout=False, redirect_stderr=False)
+    self._task = self._progress.add_task(what, total=total, rate='-/s')
+    self._progress.start()
+
+  def update(self, done: int, finished: bool) -> None:
+    speed = self._progress.tasks[0].speed
+    self._progress.update(self._task, completed=done,
+                          rate=f'{speed:,.1f}/s' if speed else '-/s')
+    if finished:
+      self._progress.stop()

@@ -4,6 +4,7 @@ Usage:
   summary = run(['--input', 'images/', '--output_dir', 'out/', '--model_dir', 'export/PlanetModel'])
   main()   # the command: one-line refusals (exit 1), Ctrl-C (exit 130)
 """
+import itertools
 import json
 import time
 
@@ -12,8 +13,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs.common import dead_letters, runner_options
-from beam_jobs.common.progress import show_progress_logs
-from beam_jobs.predict.config import (LAYOUT, JobConfig, check_inputs,
+from beam_jobs.common.image_files import list_image_files
+from beam_jobs.common.progress import ProgressTally, ShowProgress, show_progress_logs
+from beam_jobs.predict.config import (IMAGE_EXTENSIONS, LAYOUT, JobConfig, check_inputs,
                                       check_labels_csv, image_source, make_backend, parse_args)
 from beam_jobs.predict.pipeline import build_pipeline
 from model import command_line, manifest, schema
@@ -52,10 +54,13 @@ def run(argv=None) -> dict:
   print(f'{STAGE}: {", ".join(patterns)} -> {args.output_dir} ({backend.name}, '
         f'{backend.image_size}px, model {backend.model_facts})', flush=True)
   show_progress_logs()
-  pipeline = beam.Pipeline(runner=runner_options.local_runner(options), options=options)
-  build_pipeline(pipeline, config, backend.handler)
-  result = pipeline.run()
-  result.wait_until_finish()
+  runner = runner_options.local_runner(options)
+  tally = ProgressTally.create() if runner is not None else None   # Dataflow: its counters
+  pipeline = beam.Pipeline(runner=runner, options=options)
+  build_pipeline(pipeline, config, backend.handler, tally.folder if tally else None)
+  with ShowProgress(STAGE, _count_images(sources) if tally else None, 'images', tally):
+    result = pipeline.run()
+    result.wait_until_finish()
   if dry_run:
     return runner_options.dry_run_description(result)
 
@@ -85,6 +90,12 @@ def run(argv=None) -> dict:
   })
   print(f'{STAGE}: wrote {args.output_dir}/({", ".join(_WRITTEN)})', flush=True)
   return summary
+
+
+def _count_images(sources) -> int:
+  """The images the pipeline will match (a path under two --input folders counts once)."""
+  return len(set(itertools.chain.from_iterable(
+      list_image_files(source, IMAGE_EXTENSIONS) for source in sources)))
 
 
 def main(argv=None) -> None:

@@ -17,7 +17,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from beam_jobs.common import dead_letters, labels
 from beam_jobs.common.image_decoder import decode_image
 from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, list_image_files, read_image_file
-from beam_jobs.common.progress import LogProgress, counter
+from beam_jobs.common.progress import CountProgress, counter
 from beam_jobs.predict import report_html, thumbnails
 from beam_jobs.predict.config import IMAGE_EXTENSIONS, JobConfig
 from beam_jobs.predict.rows import (ThresholdsByVersion, image_name, pick_path, result_row,
@@ -158,8 +158,16 @@ def _write_one_file(pcoll, path: str, label: str, trailing_newline: bool = True)
                                               append_trailing_newlines=trailing_newline)
 
 
-def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler) -> None:
-  """Builds the prediction graph on `p`; `model_handler` keeps the backends' result contract."""
+def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
+                   progress_folder: str | None = None) -> None:
+  """Builds the prediction graph on `p`.
+
+  Args:
+    p: the pipeline.
+    config: the validated configuration.
+    model_handler: a backend's handler; it keeps the backends' result contract.
+    progress_folder: a `ProgressTally` folder to count settled images into (a local run).
+  """
   matched = (p
              | 'Inputs' >> beam.Create(config.sources)
              | 'ListImages' >> beam.FlatMap(list_image_files, IMAGE_EXTENSIONS)
@@ -176,7 +184,6 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler) -> None:
                  config.image_size, config.max_pixels, max_file_bytes=config.max_file_bytes))
              .with_outputs('refused', main='decoded'))
   inferred, failed = (decoded.decoded
-                      | 'Progress' >> beam.ParDo(LogProgress(f'{STAGE}: images decoded'))
                       | 'RunInference' >> RunInference(KeyedModelHandler(model_handler))
                       .with_exception_handling())
   rows = inferred | 'ToResultRow' >> beam.ParDo(
@@ -186,6 +193,10 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler) -> None:
               failed.failed_inferences | 'FailedBatches' >> beam.FlatMap(failed_batch_to_dead_letters))
              | 'AllDeadLetters' >> beam.Flatten())
   _ = refused | 'WriteDeadLetters' >> dead_letters.WriteDeadLetters(config.dead_letters_prefix)
+  # An image is settled once it is a prediction or a dead letter: the progress total is matched.
+  _ = ((rows.rows, refused)
+       | 'SettledImages' >> beam.Flatten()
+       | 'Progress' >> beam.ParDo(CountProgress(progress_folder)))
 
   _ = (rows.rows
        | 'PredictionToJson' >> beam.Map(lambda row: json.dumps(row, sort_keys=True))

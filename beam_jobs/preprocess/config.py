@@ -23,7 +23,6 @@ IMAGE_EXTENSION = '.jpg'
 # dead_letters/dead_letters-SSSSS-of-NNNNN.jsonl.
 SHARD_FILE_PREFIX = 'part'
 DEFAULT_EVAL_FRACTION = 0.2
-_READ_CHUNK_BYTES = 1 << 20
 
 
 class ConfigError(ValueError):
@@ -61,24 +60,15 @@ class CsvFacts:
   """What validation learnt about the labels CSV (None where a dry run did not look)."""
   csv_format: str | None
   sha256: str | None
-  lines: int | None
+  rows: int | None    # its data records: the job's csv_rows, and its progress total
 
 
 def _is_local(path: str) -> bool:
   return '://' not in path
 
 
-def _count_lines(path: str) -> int:
-  # Opened as labels.read_label_lines and sha256_of_file open it, so all three see one text.
-  lines = 0
-  with FileSystems.open(path) as f:
-    while chunk := f.read(_READ_CHUNK_BYTES):
-      lines += chunk.count(b'\n')
-  return lines
-
-
 def inspect_labels_csv(path: str) -> CsvFacts:
-  """Checks the CSV exists and has a labels header; hashes it and counts its lines.
+  """Checks the CSV exists and has a labels header; hashes it and counts its data records.
 
   Raises:
     ConfigError: the file is missing, unreadable or not a labels CSV.
@@ -88,13 +78,15 @@ def inspect_labels_csv(path: str) -> CsvFacts:
   if _is_local(path) and not os.path.isfile(path):
     raise ConfigError(f'--labels_csv {path} is not a regular file')
   try:
-    fmt, _ = labels.read_label_lines(path)
+    fmt, records = labels.read_label_lines(path)
   except ValueError as e:
     raise ConfigError(f'--labels_csv {path}: {e}') from None
-  if not labels.has_data_rows(path):
+  # Counted as the job reads them (records, not lines), so the progress total is exact.
+  rows = sum(1 for _ in records)
+  if not rows:
     raise ConfigError(f'--labels_csv {path} has a header but no rows: there is nothing to '
                       'prepare; point it at the labels file of your images')
-  return CsvFacts(fmt.value, sha256_of_file(path), _count_lines(path))
+  return CsvFacts(fmt.value, sha256_of_file(path), rows)
 
 
 def check_images_dir(images_dir: str) -> None:
@@ -164,13 +156,13 @@ def _check_ranges(args: argparse.Namespace) -> None:
     raise ConfigError(f'--max_file_bytes must be at least 1, not {args.max_file_bytes}')
 
 
-def _shards_per_split(args: argparse.Namespace, csv_lines: int | None) -> dict[str, int]:
+def _shards_per_split(args: argparse.Namespace, csv_rows: int | None) -> dict[str, int]:
   if args.num_shards is not None:
     return {split: args.num_shards for split in schema.SPLITS}
-  if csv_lines is None:
+  if csv_rows is None:
     return {split: 0 for split in schema.SPLITS}   # unknown size: the runner decides
   fractions = {'train': 1 - args.eval_fraction, 'eval': args.eval_fraction}
-  return {split: estimate_num_shards(csv_lines, args.image_size, fractions[split])
+  return {split: estimate_num_shards(csv_rows, args.image_size, fractions[split])
           for split in schema.SPLITS}
 
 
@@ -194,7 +186,7 @@ def validate_config(args: argparse.Namespace,
   config = PreprocessConfig(
       labels_csv=args.labels_csv, images_dir=args.images_dir, output_dir=args.output_dir,
       image_size=args.image_size, eval_fraction=args.eval_fraction,
-      num_shards=tuple(_shards_per_split(args, facts.lines).items()),
+      num_shards=tuple(_shards_per_split(args, facts.rows).items()),
       compression=args.compression, max_bad_fraction=args.max_bad_fraction,
       max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes)
   return config, facts

@@ -8,7 +8,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.runners.runner import PipelineState
 
 from beam_jobs.common import dead_letters, runner_options
-from beam_jobs.common.progress import query_counters, show_progress_logs
+from beam_jobs.common.progress import (ProgressTally, ShowProgress, query_counters,
+                                       show_progress_logs)
 from beam_jobs.preprocess.config import ConfigError, parse_args, validate_config
 from beam_jobs.preprocess.pipeline import build_pipeline
 from beam_jobs.preprocess.publish import (build_manifest, list_shards, prepare_output_dir,
@@ -47,10 +48,13 @@ def run(argv: list[str] | None = None) -> RunOutcome:
     prepare_output_dir(config, args.overwrite)
 
   started = time.monotonic()
-  pipeline = beam.Pipeline(runner=runner_options.local_runner(options), options=options)
-  build_pipeline(pipeline, config)
-  result = pipeline.run()
-  result.wait_until_finish()
+  runner = runner_options.local_runner(options)
+  tally = ProgressTally.create() if runner is not None else None   # Dataflow: its counters
+  pipeline = beam.Pipeline(runner=runner, options=options)
+  build_pipeline(pipeline, config, tally.folder if tally else None)
+  with ShowProgress(schema.STAGE_PREPROCESS, facts.rows, 'CSV rows', tally):
+    result = pipeline.run()
+    result.wait_until_finish()
   if not dry_run and result.state != PipelineState.DONE:
     raise RuntimeError(f'the pipeline ended in state {result.state}; nothing was published')
   if dry_run:

@@ -8,10 +8,11 @@ from apache_beam.io.filesystems import FileSystems
 from beam_jobs.common import dead_letters, labels
 from beam_jobs.common.image_files import (DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files,
                                           read_image_file)
-from beam_jobs.common.progress import LogProgress, counter
+from beam_jobs.common.progress import CountProgress, counter
 from beam_jobs.common.tfrecord_sink import WriteSplit
 from beam_jobs.preprocess.config import IMAGE_EXTENSION, PreprocessConfig
-from beam_jobs.preprocess.rules import (CSV_ROWS, DEAD_LETTERS, EncodedExample, LabelledImage,
+from beam_jobs.preprocess.rules import (CSV_ROWS, DEAD_LETTERED_ROWS, DEAD_LETTERS, EncodedExample,
+                                        LabelledImage,
                                         assign_split, counter_name, image_to_example,
                                         join_rows_with_image, raw_image_name, row_dead_letter,
                                         tally_dead_letter, tally_example, tally_key)
@@ -172,10 +173,17 @@ def _split_index(example: EncodedExample, num_partitions: int) -> int:
   return schema.SPLITS.index(example.split)
 
 
-def build_pipeline(p: beam.Pipeline, config: PreprocessConfig) -> PreprocessOutputs:
-  """Builds the whole job on `p` (a Pipeline, or a TestPipeline in tests)."""
+def build_pipeline(p: beam.Pipeline, config: PreprocessConfig,
+                   progress_folder: str | None = None) -> PreprocessOutputs:
+  """Builds the whole job on `p` (a Pipeline, or a TestPipeline in tests).
+
+  Args:
+    p: the pipeline.
+    config: the validated configuration.
+    progress_folder: a `ProgressTally` folder to count settled CSV rows into (a local run).
+  """
   parsed = p | 'ReadLabels' >> ReadLabels(config.labels_csv)
-  rows = parsed.rows | 'LogRows' >> beam.ParDo(LogProgress('preprocess: csv rows read'))
+  rows = parsed.rows
   files = p | 'ListImages' >> ListImages(config.images_dir)
 
   joined = ({'rows': rows, 'refused': parsed[ReadLabelRows.REFUSED_NAMES], 'files': files}
@@ -186,8 +194,7 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig) -> PreprocessOutp
                  config.image_size, config.eval_fraction, config.max_pixels,
                  config.max_file_bytes)).with_outputs(
                      EncodeExample.REFUSED, main='examples'))
-  examples = (encoded.examples
-              | 'LogExamples' >> beam.ParDo(LogProgress('preprocess: images encoded')))
+  examples = encoded.examples
 
   by_split = examples | 'SplitTrainEval' >> beam.Partition(_split_index, len(schema.SPLITS))
   shards = dict(config.num_shards)
@@ -202,6 +209,12 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig) -> PreprocessOutp
               encoded[EncodeExample.REFUSED])
              | 'AllDeadLetters' >> beam.Flatten())
   _ = refused | 'WriteDeadLetters' >> dead_letters.WriteDeadLetters(config.dead_letters_prefix)
+
+  # A CSV row is settled once it is an Example or a dead letter: the progress total is the rows.
+  _ = ((examples, refused | 'DeadLetteredRows' >> beam.Filter(
+      lambda record: DEAD_LETTERED_ROWS in tally_dead_letter(record)))
+       | 'SettledRows' >> beam.Flatten()
+       | 'Progress' >> beam.ParDo(CountProgress(progress_folder)))
 
   tally_keys = ((rows | 'TallyRows' >> beam.Map(lambda _: CSV_ROWS),
                  parsed[ReadLabelRows.REFUSED] | 'TallyRefusedRows' >> beam.Map(
