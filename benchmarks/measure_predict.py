@@ -1,4 +1,4 @@
-"""Prediction: the Beam job (in-process and via gRPC) beside the model's limit and the tutorial's way.
+"""Prediction: the Beam job (in-process, gRPC, REST) beside the model's limit and the tutorial's.
 
 Usage: python -m benchmarks --only predict [--quick] [--work /tmp/planet_bench]
        (the same figures as the prediction part of `python -m benchmarks`)
@@ -15,10 +15,17 @@ weights) at 128 px:
   job_grpc:         the same with --serving_address, against `python -m model.serve` (the
                     project's TF Serving-compatible server, LocalServingServer) in its own process,
                     started once before the runs, as a serving deployment would be.
+  job_rest:         the same with --serving_protocol rest, against the same server's REST port.
   float_client:     the tutorial's client (benchmarks/baselines.py): one float32 image per
                     PredictRequest to `predict_float` of the same server, in turn.
   server_limit:     the same server fed pre-decoded uint8 requests as the gRPC job sends them
                     (32 images each, 4 in flight): what the server itself can take.
+  server_limit_rest: the same over REST: the JSON bodies the REST job sends (as many images as
+                    fit its 4 MiB body, 4 in flight), encoded before the clock starts.
+  wire_bytes_per_image: request bytes per image as each client sends them, from the clients' own
+                    encoders on these chips: the gRPC and REST jobs' requests, the tutorial's
+                    float32 PredictRequest and its REST call (float64 JSON, as `requests`' json=
+                    writes it); in-process sends nothing.
 """
 import concurrent.futures
 import os
@@ -32,11 +39,17 @@ import numpy as np
 from benchmarks import commands, workspace
 from benchmarks.plan import Plan, loop_figures, ratio, two_size_figures
 
-JOBS = ('job_in_process', 'job_grpc')
+JOBS = ('job_in_process', 'job_grpc', 'job_rest')
 MODEL_BATCH = 64
 # ServingGrpcHandler's defaults.
 IMAGES_PER_REQUEST = 32
 REQUESTS_IN_FLIGHT = 4
+
+
+def _free_port() -> int:
+  with socket.socket() as probe:
+    probe.bind(('127.0.0.1', 0))
+    return probe.getsockname()[1]
 
 
 class ServerProcess:
@@ -44,10 +57,9 @@ class ServerProcess:
 
   def __init__(self, model_base_path: str):
     self.model_base_path = model_base_path
-    with socket.socket() as probe:
-      probe.bind(('127.0.0.1', 0))
-      self.port = probe.getsockname()[1]
+    self.port, self.rest_port = _free_port(), _free_port()
     self.address = f'127.0.0.1:{self.port}'
+    self.rest_address = f'127.0.0.1:{self.rest_port}'
     self.process = None
 
   def __enter__(self) -> 'ServerProcess':
@@ -56,7 +68,7 @@ class ServerProcess:
     from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
     self.process = subprocess.Popen(
         commands.python_module('model.serve', '--model_base_path', self.model_base_path,
-                               '--port', str(self.port)),
+                               '--port', str(self.port), '--rest_api_port', str(self.rest_port)),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'})
     request = get_model_status_pb2.GetModelStatusRequest()
@@ -90,9 +102,12 @@ class ServerProcess:
         self.process.wait()
 
 
-def _job_command(job: str, images_dir: str, out: str, export_base: str, address: str) -> list[str]:
+def _job_command(job: str, images_dir: str, out: str, export_base: str,
+                 server: ServerProcess) -> list[str]:
   model_dir = os.path.join(export_base, 'PlanetModel')
-  backend = ('--serving_address', address) if job == 'job_grpc' else ()
+  backend = {'job_in_process': (), 'job_grpc': ('--serving_address', server.address),
+             'job_rest': ('--serving_address', server.rest_address, '--serving_protocol', 'rest'),
+             }[job]
   return commands.python_module('beam_jobs.predict', '--input', images_dir, '--output_dir', out,
                                 '--model_dir', model_dir, '--overwrite', *backend)
 
@@ -113,6 +128,51 @@ def feed_server(address: str, pixels: np.ndarray) -> None:
       list(pool.map(lambda start: send(stub, start), range(0, len(pixels), IMAGES_PER_REQUEST)))
 
 
+def rest_bodies(pixels: np.ndarray) -> list[bytes]:
+  """The JSON bodies the REST job sends for `pixels`: as many images each as fit its limit."""
+  # pylint: disable=import-outside-toplevel
+  from beam_jobs.predict.backends.tf_serving import DEFAULT_MAX_REQUEST_BYTES, plan_requests
+  from beam_jobs.predict.backends.tf_serving_rest import image_bytes_within
+  from model.serving.rest_tensors import columnar_request
+  groups, _ = plan_requests(list(pixels), image_bytes_within(DEFAULT_MAX_REQUEST_BYTES),
+                            IMAGES_PER_REQUEST)
+  return [columnar_request({'images': pixels[group]}, 'serving_default') for group in groups]
+
+
+def feed_server_rest(address: str, bodies: list[bytes]) -> None:
+  """Pre-encoded JSON bodies to the REST API, 4 in flight, as fast as it answers."""
+  import requests  # pylint: disable=import-outside-toplevel
+  url = f'http://{address}/v1/models/PlanetModel:predict'
+  with requests.Session() as session, concurrent.futures.ThreadPoolExecutor(
+      REQUESTS_IN_FLIGHT) as pool:
+    for answer in pool.map(lambda body: session.post(url, data=body, timeout=60), bodies):
+      answer.raise_for_status()
+
+
+def wire_bytes_per_image(pixels: np.ndarray, float_image: np.ndarray) -> dict:
+  """Request bytes per image of each client, from its own encoder (see the module)."""
+  # pylint: disable=import-outside-toplevel
+  import json
+  import tensorflow as tf
+  from tensorflow_serving.apis import predict_pb2
+  from model.serving.protocol import build_predict_request
+  batch = pixels[:IMAGES_PER_REQUEST]
+  tutorial = predict_pb2.PredictRequest()   # as benchmarks/baselines.py sends it
+  tutorial.model_spec.name = 'PlanetModel'
+  tutorial.model_spec.signature_name = 'predict_float'
+  tutorial.inputs['input_image'].CopyFrom(
+      tf.make_tensor_proto(float_image[None], dtype=tf.float32))
+  tutorial_rest = json.dumps({'signature_name': 'predict_float',
+                              'instances': [{'input_image': float_image.tolist()}]})
+  return {
+      'job_in_process': 0,
+      'job_grpc': build_predict_request(list(batch)).ByteSize() / len(batch),
+      'job_rest': sum(len(body) for body in rest_bodies(batch)) / len(batch),
+      'float_client': tutorial.ByteSize(),
+      'tutorial_rest_client': len(tutorial_rest.encode()),
+  }
+
+
 def _timed(function) -> float:
   started = time.perf_counter()
   function()
@@ -122,7 +182,7 @@ def _timed(function) -> float:
 def measure(plan: Plan, work: str, log=print) -> dict:
   # pylint: disable=import-outside-toplevel
   import tensorflow as tf
-  from benchmarks.baselines import predict_one_float_image_per_request
+  from benchmarks.baselines import load_image, predict_one_float_image_per_request
   from beam_jobs.common.image_decoder import decode_image
 
   sets = {'small': workspace.chips(work, plan.small, draw_at_least=plan.big),
@@ -142,12 +202,15 @@ def measure(plan: Plan, work: str, log=print) -> dict:
     for i in range(0, len(pixels), MODEL_BATCH):
       signature(images=tf.constant(pixels[i:i + MODEL_BATCH]))
 
-  seconds = {k: [] for k in ('decode_only', 'plain_model_loop', 'float_client', 'server_limit')}
+  seconds = {k: [] for k in ('decode_only', 'plain_model_loop', 'float_client', 'server_limit',
+                             'server_limit_rest')}
+  bodies = rest_bodies(pixels)
   runs = {j: {'small': [], 'big': []} for j in JOBS}
   server_rss = []
   with ServerProcess(os.path.join(export_base, 'PlanetModel')) as server:
     predict_one_float_image_per_request(server.address, paths[:5], workspace.IMAGE_SIZE)  # warm
     feed_server(server.address, pixels[:IMAGES_PER_REQUEST * REQUESTS_IN_FLIGHT])
+    feed_server_rest(server.rest_address, bodies[:REQUESTS_IN_FLIGHT])
     for repeat in range(plan.repeats):
       seconds['decode_only'].append(_timed(
           lambda: [decode_image(b, workspace.IMAGE_SIZE) for b in blobs]))
@@ -155,6 +218,8 @@ def measure(plan: Plan, work: str, log=print) -> dict:
       seconds['float_client'].append(_timed(lambda: predict_one_float_image_per_request(
           server.address, paths, workspace.IMAGE_SIZE)))
       seconds['server_limit'].append(_timed(lambda: feed_server(server.address, pixels)))
+      seconds['server_limit_rest'].append(_timed(
+          lambda: feed_server_rest(server.rest_address, bodies)))
       log(f'  predict loops run {repeat + 1}: ' + ', '.join(
           f'{name} {len(paths) / values[-1]:.0f}' for name, values in seconds.items())
           + ' images/s')
@@ -163,7 +228,7 @@ def measure(plan: Plan, work: str, log=print) -> dict:
           out = os.path.join(work, 'runs', f'predict_{job}_{size}')
           shutil.rmtree(out, ignore_errors=True)
           run = commands.run_command(
-              _job_command(job, os.path.join(chips, 'train-jpg'), out, export_base, server.address),
+              _job_command(job, os.path.join(chips, 'train-jpg'), out, export_base, server),
               in_process=plan.commands_in_process)
           runs[job][size].append(run)
           shutil.rmtree(out, ignore_errors=True)
@@ -177,6 +242,8 @@ def measure(plan: Plan, work: str, log=print) -> dict:
   figures['serial_limit'] = {'images_per_s': 1 / (1 / decode + 1 / model)}
   figures['model_batch'] = MODEL_BATCH
   figures['server_rss_mb'] = max(server_rss)
+  figures['wire_bytes_per_image'] = wire_bytes_per_image(
+      pixels, load_image(paths[0], workspace.IMAGE_SIZE))
   for job in JOBS:
     figures[job] = two_size_figures(plan, runs[job]['small'], runs[job]['big'])
     figures[job]['peak_rss_growth'] = ratio(figures[job]['peak_rss_mb_big'],
@@ -184,7 +251,8 @@ def measure(plan: Plan, work: str, log=print) -> dict:
   loop = figures['plain_model_loop']['images_per_s']
   client = figures['float_client']['images_per_s']
   server = figures['server_limit']['images_per_s']
-  in_process, grpc = figures['job_in_process'], figures['job_grpc']
+  in_process, grpc, rest = figures['job_in_process'], figures['job_grpc'], figures['job_rest']
+  wire = figures['wire_bytes_per_image']
   figures['ratios'] = {
       'job_in_process_steady_vs_plain_loop': ratio(in_process['images_per_s_steady'], loop),
       'job_in_process_overall_vs_plain_loop': ratio(in_process['images_per_s_overall_big'], loop),
@@ -195,5 +263,10 @@ def measure(plan: Plan, work: str, log=print) -> dict:
       'server_limit_vs_float_client': ratio(server, client),
       'job_grpc_steady_vs_float_client': ratio(grpc['images_per_s_steady'], client),
       'job_grpc_overall_vs_float_client': ratio(grpc['images_per_s_overall_big'], client),
+      'job_rest_steady_vs_grpc': ratio(rest['images_per_s_steady'], grpc['images_per_s_steady']),
+      'job_rest_steady_vs_plain_loop': ratio(rest['images_per_s_steady'], loop),
+      'job_rest_steady_vs_server_limit_rest': ratio(
+          rest['images_per_s_steady'], figures['server_limit_rest']['images_per_s']),
+      'rest_bytes_vs_grpc': ratio(wire['job_rest'], wire['job_grpc']),
   }
   return figures

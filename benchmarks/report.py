@@ -294,6 +294,15 @@ def headline(r: dict) -> list[str]:
                  f'{_n(q["float_client"]["images_per_s"])} (one float32 image per request)',
                  _x(q['ratios']['job_grpc_steady_vs_float_client']), '>= 3x',
                  met.get('grpc_speed', '')])
+    if 'job_rest' in q:   # results from before the REST backend have none
+      wire = q['wire_bytes_per_image']
+      rows.append(['prediction via REST, images/s (steady)',
+                   f'{_n(q["job_rest"]["images_per_s_steady"])} (job, REST)',
+                   f'{_n(q["job_grpc"]["images_per_s_steady"])} (job, gRPC)',
+                   _x(q['ratios']['job_rest_steady_vs_grpc']), '', ''])
+      rows.append(['prediction requests, bytes per image', f'{_n(wire["job_rest"])} (REST, JSON)',
+                   f'{_n(wire["job_grpc"])} (gRPC, uint8)', _x(q['ratios']['rest_bytes_vs_grpc']),
+                   '', ''])
     rows.append([f'prediction peak RSS, MB ({r["plan"]["small"]:,} -> {r["plan"]["big"]:,} chips)',
                  f'{_n(q["job_in_process"]["peak_rss_mb_small"])} -> '
                  f'{_n(q["job_in_process"]["peak_rss_mb_big"])} (in-process)',
@@ -396,10 +405,19 @@ def _predict_section(r: dict) -> list[str]:
        '4 in flight (the gRPC job\'s requests)', _n(q['server_limit']['images_per_s']),
        _x(q['server_limit']['images_per_s'] / loop), _x(q['server_limit']['images_per_s'] / client)],
   ]
+  if 'server_limit_rest' in q:
+    rest_limit = q['server_limit_rest']['images_per_s']
+    loops.append(['the server\'s limit over REST', 'the same server fed the REST job\'s JSON '
+                  'bodies, encoded beforehand, 4 in flight', _n(rest_limit), _x(rest_limit / loop),
+                  _x(rest_limit / client)])
   jobs = []
   for key, name, approach in (
       ('job_in_process', 'job, in-process', '`python -m beam_jobs.predict --model_dir`'),
-      ('job_grpc', 'job, gRPC', '`--serving_address` to `python -m model.serve` (own process)')):
+      ('job_grpc', 'job, gRPC', '`--serving_address` to `python -m model.serve` (own process)'),
+      ('job_rest', 'job, REST', '`--serving_protocol rest` to the same server\'s '
+       '`--rest_api_port`')):
+    if key not in q:
+      continue
     f = q[key]
     steady = f['images_per_s_steady']
     jobs.append(_command_row(name, approach, f, [
@@ -413,7 +431,23 @@ def _predict_section(r: dict) -> list[str]:
           *_table(['contender', 'approach', f'overall, {plan["small"]:,} chips',
                    f'overall, {plan["big"]:,} chips', 'steady', 'start-up s',
                    'steady vs plain loop', 'steady vs tutorial client',
-                   'peak RSS MB (small / big)'], jobs), '']
+                   'peak RSS MB (small / big)'], jobs), '', *_wire_table(q)]
+
+
+def _wire_table(q: dict) -> list[str]:
+  """Request bytes per image on the wire, from each client's own encoder (measure_predict)."""
+  wire = q.get('wire_bytes_per_image')
+  if not wire:
+    return []
+  rows = [[name, what, _n(wire[key]), _x(wire[key] / wire['job_grpc'])] for key, name, what in (
+      ('job_in_process', 'job, in-process', 'nothing: the model runs in the worker'),
+      ('job_grpc', 'job, gRPC', 'raw uint8 `tensor_content`, 32 images per `PredictRequest`'),
+      ('job_rest', 'job, REST', 'JSON integers, columnar `inputs`, as many images as fit 4 MiB'),
+      ('float_client', 'tutorial client, gRPC', 'one float32 image per `PredictRequest`'),
+      ('tutorial_rest_client', 'tutorial client, REST', 'the tutorial\'s `requests.post(..., '
+       'json=...)`: float64 JSON of one float32 image'))]
+  return ['Request bytes per image on the wire (answers add about 250 bytes per image):', '',
+          *_table(['client', 'request', 'bytes per image', 'vs gRPC job'], rows), '']
 
 
 def _decode_section(r: dict) -> list[str]:
@@ -475,8 +509,9 @@ def render(r: dict) -> str:
       f'- The loops (decode, model, the tutorial\'s client, the server\'s limit) run inside the '
       f'benchmark process over the first {plan["loop_images"]:,} chips, with no start-up to pay: '
       'compare them with the commands\' steady rates.',
-      '- gRPC: the job and the tutorial\'s client talk to the same server, the project\'s '
-      '`python -m model.serve` (TF Serving\'s API in Python, no server-side batching) in a '
+      '- gRPC and REST: the jobs and the tutorial\'s client talk to the same server, the '
+      'project\'s `python -m model.serve --rest_api_port` (TF Serving\'s two APIs in Python, no '
+      'server-side batching; JSON read with orjson where TF Serving uses C++ rapidjson) in a '
       'process of its own, started once; `tensorflow_model_server` is not installed here.',
       '- Training steps: two copies of the network with the same seed and compile, one per feed; '
       'a callback times each step, and the warm-up steps (tracing, the shuffle buffer) are left '

@@ -18,6 +18,7 @@ import time
 import grpc
 import keras
 import numpy as np
+import orjson
 import pytest
 import requests
 import tensorflow as tf
@@ -32,6 +33,7 @@ from model import schema
 from model.errors import InputRefused, Reason
 from model.export import export_model
 from model.network import build_model
+from model.serving import rest_arrays
 from model.serving import rest_protocol
 from model.serving.faults import Faults
 from model.serving.local_server import LocalServingServer
@@ -139,6 +141,28 @@ def test_plain_http_only_to_loopback_unless_allowed():
     rest.ServingRestHandler('tfserving:8501')
   with pytest.raises(ValueError, match='contradict'):
     rest.check_rest_transport('localhost:8501', use_tls=True, allow_insecure=True)
+
+
+def test_big_numeric_arrays_are_read_by_numpy_as_a_json_parser_reads_them():
+  rng = np.random.default_rng(0)
+  for array in (rng.integers(0, 256, (6, 40, 40, 3)), rng.random((2, 50, 50, 3)).astype(np.float32),
+                rng.normal(size=(4, 3000)) * 1e-30, -rng.integers(0, 10**17, (9000,))):
+    body = orjson.dumps({'signature_name': 'x', 'inputs': {'a': array, 'b': [1, 2]}},
+                        option=orjson.OPT_SERIALIZE_NUMPY)
+    doc = rest_arrays.loads(body)
+    assert isinstance(doc['inputs']['a'], rest_arrays.NumericSpan) and doc['inputs']['b'] == [1, 2]
+    read = doc['inputs']['a'].array()
+    assert read.dtype.kind == array.dtype.kind and read.shape == array.shape
+    np.testing.assert_array_equal(read, np.array(orjson.loads(body)['inputs']['a']))
+  spaced = json.dumps({'inputs': [[1, 2, 3]] * 20000}, indent=2).encode()
+  assert rest_arrays.loads(spaced)['inputs'].array().shape == (20000, 3)
+  # Anything but a rectangle of numbers is left to the checked reader, with TF Serving's messages.
+  ragged = rest_arrays.loads(json.dumps({'inputs': [[1, 2, 3]] * 20000 + [[1, 2]]}).encode())
+  past_int64 = rest_arrays.loads(b'{"inputs": [' + b'1,' * 40000 + b'12345678901234567890]}')
+  assert ragged['inputs'].array() is None and past_int64['inputs'].array() is None
+  assert past_int64['inputs'].value()[-1] == 12345678901234567890
+  in_a_string = b'{"signature_name": "[' + b'1,' * 40000 + b'1]", "inputs": [1]}'
+  assert rest_arrays.loads(in_a_string)['signature_name'].startswith('[1,1,')
 
 
 # --- The REST API: the tutorial's client, columnar requests, curl ---------------------------------
@@ -267,6 +291,11 @@ ERRORS = [
      'has shape [1,16,16,3], the signature expects [-1,32,32,3]'),
     ('ragged lists', 'POST', PREDICT, {'instances': [[[[1, 2, 3]] * 32] * 31 + [[[1, 2]] * 32]]},
      400, 'Encountered list at unexpected size: 2 at level: 2 expected size: 3'),
+    ('a big ragged body', 'POST', PREDICT,
+     {'instances': pixels(20).tolist() + [np.zeros((32, 32, 2), int).tolist()]}, 400,
+     'Expecting tensor size: 3072 but got: 2048'),
+    ('a big body of floats for uint8', 'POST', PREDICT, {'inputs': (pixels(8) / 255.).tolist()},
+     400, 'is not of expected type: uint8'),
     ('malformed JSON', 'POST', PREDICT, b'{"instances": [1, 2', 400, 'JSON Parse error'),
     ('an empty body', 'POST', PREDICT, b'', 400, 'JSON Parse error: The document is empty'),
     ('neither instances nor inputs', 'POST', PREDICT, {'examples': []}, 400,

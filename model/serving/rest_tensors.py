@@ -27,6 +27,8 @@ import orjson
 from tensorflow.core.framework import types_pb2
 
 from model.serving.refusal import Refusal
+from model.serving.rest_arrays import NumericSpan
+from model.serving.rest_arrays import loads as loads_with_numeric_spans
 
 __all__ = ['columnar_request', 'read_float_outputs', 'read_inputs', 'read_request',
            'signature_name', 'write_answer']
@@ -56,7 +58,7 @@ def _invalid(message: str) -> Refusal:
 
 
 def _quoted(value) -> str:
-  text = json.dumps(value, separators=(',', ':'))
+  text = json.dumps(value, separators=(',', ':'), default=lambda span: span.value())
   return text if len(text) <= _QUOTED_CHARS else text[:_QUOTED_CHARS] + '...'
 
 
@@ -78,11 +80,12 @@ def _shape_text(shape) -> str:
 # Request bodies.
 
 def read_request(body: bytes) -> dict:
-  """The JSON object of a request body, or TF Serving's INVALID_ARGUMENT `Refusal`."""
+  """The JSON object of a request body (big arrays of numbers left as `NumericSpan`s), or TF
+  Serving's INVALID_ARGUMENT `Refusal`."""
   if not body.strip():
     raise _invalid('JSON Parse error: The document is empty')
   try:
-    doc = orjson.loads(body)
+    doc = loads_with_numeric_spans(body)
   except orjson.JSONDecodeError:
     try:  # NaN, Infinity and integers over 64 bits are valid for TF Serving's parser too
       doc = json.loads(body)
@@ -209,6 +212,12 @@ def _tensor(value, info) -> np.ndarray:
     raise Refusal(grpc.StatusCode.UNIMPLEMENTED, f'Conversion of JSON Value: {_quoted(value)} to '
                   f'type: {types_pb2.DataType.Name(info.dtype)}')
   dtype_name, np_dtype = _DTYPES[info.dtype]
+  if isinstance(value, NumericSpan):
+    array = value.array()
+    array = None if array is None else _fast_array(array, np_dtype)
+    if array is not None:
+      return array
+    value = value.value()
   array = _fast_array(value, np_dtype)
   return array if array is not None else _checked_walk(value, dtype_name, np_dtype)
 
@@ -216,6 +225,13 @@ def _tensor(value, info) -> np.ndarray:
 def _read_rows(instances, infos) -> dict[str, np.ndarray]:
   """The row format: one item per example, stacked (FillTensorMapFromInstancesList)."""
   names = sorted(infos)
+  if isinstance(instances, NumericSpan):   # a list of plain items, read whole
+    array = instances.array()
+    if array is not None and len(names) == 1 and infos[names[0]].dtype in _DTYPES:
+      array = _fast_array(array, _DTYPES[infos[names[0]].dtype][1])
+      if array is not None:
+        return {names[0]: array}
+    instances = instances.value()
   if not isinstance(instances[0], dict) and len(names) > 1:
     raise _invalid('instances is a plain list, but expecting list of objects as multiple input '
                    'tensors required as per tensorinfo_map')
@@ -288,7 +304,7 @@ def read_inputs(doc: dict, infos) -> tuple[dict[str, np.ndarray], bool]:
                    "'inputs' or 'instances' keys to exist ")
   if 'instances' in doc:
     instances = doc['instances']
-    if not isinstance(instances, list):
+    if not isinstance(instances, (list, NumericSpan)):
       raise _invalid(f"JSON Value: {_quoted(doc)} Excepting 'instances' to be an list/array")
     if not instances:
       raise _invalid(f"JSON Value: {_quoted(doc)} No values in 'instances' array")

@@ -243,6 +243,8 @@ class ServingGrpcHandler(RemoteModelHandler[np.ndarray, PredictionResult, Servin
     min_batch_size, max_batch_size, max_batch_duration_secs: for Beam's BatchElements.
     throttle_delay_secs, overload_ratio: Beam's client-side throttling (the SRE book's K).
   """
+  # The Beam counters' names: grpc_requests, grpc_retries, ... (the REST handler's: rest_...).
+  COUNTER_PREFIX = 'grpc_'
 
   def __init__(self, address: str, *, model_name: str = schema.MODEL_NAME,
                model_version: int | None = None, signature: str = schema.SERVING_SIGNATURE,
@@ -378,15 +380,16 @@ class ServingGrpcHandler(RemoteModelHandler[np.ndarray, PredictionResult, Servin
 
   def _count(self, tally: CallTally, answers) -> None:
     refused = [inference.reason for inference, _ in answers if isinstance(inference, InputRefused)]
-    progress.counter('grpc_requests').inc(tally.requests)
-    progress.counter('grpc_retries').inc(tally.retries)
-    progress.counter('grpc_single_image_requests').inc(tally.single_image_requests)
-    progress.counter('grpc_predicted_images').inc(len(answers) - len(refused))
-    progress.counter('grpc_unavailable_images').inc(refused.count(Reason.UNAVAILABLE))
-    progress.counter('grpc_failed_images').inc(refused.count(Reason.INFERENCE_FAILED))
-    request_bytes = Metrics.distribution(progress.METRICS_NAMESPACE, 'grpc_request_bytes')
+    prefix = self.COUNTER_PREFIX
+    progress.counter(f'{prefix}requests').inc(tally.requests)
+    progress.counter(f'{prefix}retries').inc(tally.retries)
+    progress.counter(f'{prefix}single_image_requests').inc(tally.single_image_requests)
+    progress.counter(f'{prefix}predicted_images').inc(len(answers) - len(refused))
+    progress.counter(f'{prefix}unavailable_images').inc(refused.count(Reason.UNAVAILABLE))
+    progress.counter(f'{prefix}failed_images').inc(refused.count(Reason.INFERENCE_FAILED))
+    request_bytes = Metrics.distribution(progress.METRICS_NAMESPACE, f'{prefix}request_bytes')
     for size in tally.request_bytes:
       request_bytes.update(size)
     if tally.throttled_secs:
-      progress.counter('grpc_throttled_ms').inc(int(tally.throttled_secs * 1000))
+      progress.counter(f'{prefix}throttled_ms').inc(int(tally.throttled_secs * 1000))
       self.throttler.throttling_signaler.signal_throttled(int(tally.throttled_secs))

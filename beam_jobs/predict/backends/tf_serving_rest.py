@@ -33,20 +33,16 @@ from typing import Any
 
 import grpc
 import requests
-from apache_beam.metrics import Metrics
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import predict_pb2
 
-from beam_jobs.common import progress
 from beam_jobs.predict.backends.retry_policy import CallTally
 from beam_jobs.predict.backends.retry_policy import RetryPolicy
 from beam_jobs.predict.backends.tf_serving import DEFAULT_MAX_REQUEST_BYTES
 from beam_jobs.predict.backends.tf_serving import ServingGrpcHandler
 from beam_jobs.predict.backends.tf_serving import served_image_size
 from model import schema
-from model.errors import InputRefused
-from model.errors import Reason
 from model.serving.protocol import is_loopback_host
 from model.serving.protocol import parse_address
 from model.serving.protocol import tensor_as_proto_field
@@ -59,12 +55,17 @@ from model.serving.rest_tensors import columnar_request
 from model.serving.rest_tensors import read_float_outputs
 
 __all__ = ['JSON_BYTES_PER_IMAGE_BYTE', 'RestCallFailed', 'RestClient', 'ServingRestHandler',
-           'check_rest_transport', 'check_serving_model']
+           'check_rest_transport', 'check_serving_model', 'image_bytes_within']
 
 # The most JSON body bytes a uint8 image byte takes ("255," plus its pixel's "[", "]," shared by 3).
 JSON_BYTES_PER_IMAGE_BYTE = 5
 # signature_name, the "inputs" object and the outer brackets.
 _BODY_OVERHEAD_BYTES = 256
+
+
+def image_bytes_within(max_request_bytes: int) -> int:
+  """The image bytes a request may hold so that its JSON body stays within `max_request_bytes`."""
+  return (max_request_bytes - _BODY_OVERHEAD_BYTES) // JSON_BYTES_PER_IMAGE_BYTE
 
 
 def check_rest_transport(address: str, *, use_tls: bool = False,
@@ -244,6 +245,7 @@ class ServingRestHandler(ServingGrpcHandler):
   Takes `ServingGrpcHandler`'s arguments (less `tls_server_name`), with `max_request_bytes`
   counting JSON body bytes (default 4 MiB less 64 KiB, as for gRPC: the local server's limit).
   """
+  COUNTER_PREFIX = 'rest_'
 
   def __init__(self, address: str, *, model_name: str = schema.MODEL_NAME,
                model_version: int | None = None, signature: str = schema.SERVING_SIGNATURE,
@@ -256,7 +258,7 @@ class ServingRestHandler(ServingGrpcHandler):
     super().__init__(
         address, model_name=model_name, model_version=model_version, signature=signature,
         use_tls=use_tls, root_certificates=root_certificates, allow_insecure=allow_insecure,
-        max_request_bytes=(max_request_bytes - _BODY_OVERHEAD_BYTES) // JSON_BYTES_PER_IMAGE_BYTE,
+        max_request_bytes=image_bytes_within(max_request_bytes),
         max_requests_in_flight=max_requests_in_flight, timeout_secs=timeout_secs,
         retry_budget_secs=retry_budget_secs, initial_backoff_secs=initial_backoff_secs,
         max_backoff_secs=max_backoff_secs, **batching_and_throttling)
@@ -316,18 +318,3 @@ class ServingRestHandler(ServingGrpcHandler):
     with client.version_lock:
       client.version = max(available)
       return client.version
-
-  def _count(self, tally: CallTally, answers) -> None:
-    refused = [inference.reason for inference, _ in answers if isinstance(inference, InputRefused)]
-    progress.counter('rest_requests').inc(tally.requests)
-    progress.counter('rest_retries').inc(tally.retries)
-    progress.counter('rest_single_image_requests').inc(tally.single_image_requests)
-    progress.counter('rest_predicted_images').inc(len(answers) - len(refused))
-    progress.counter('rest_unavailable_images').inc(refused.count(Reason.UNAVAILABLE))
-    progress.counter('rest_failed_images').inc(refused.count(Reason.INFERENCE_FAILED))
-    request_bytes = Metrics.distribution(progress.METRICS_NAMESPACE, 'rest_request_bytes')
-    for size in tally.request_bytes:
-      request_bytes.update(size)
-    if tally.throttled_secs:
-      progress.counter('rest_throttled_ms').inc(int(tally.throttled_secs * 1000))
-      self.throttler.throttling_signaler.signal_throttled(int(tally.throttled_secs))
