@@ -11,6 +11,9 @@ Output folders belong to the user. Before a stage writes anything it calls `clai
   refused with what it holds; with --overwrite exactly those files are deleted, one by one, and
   then the folders of the layout that are left empty. Never a folder recursively, never a pattern
   over a whole sub-tree.
+- --resume is the other way past an unfinished run, for a stage whose layout keeps completed work
+  (`kept_on_resume`): only when the claim file names the same job, and then every file of the
+  layout except that completed work is deleted. A finished run is never resumed.
 - Then the claim file is written, before the pipeline starts, so that a run killed at any point
   leaves a folder the next run can prove is its own.
 
@@ -50,20 +53,30 @@ class OutputLayout:
     stage: the stage name its manifest and claim file carry.
     files: fnmatch patterns of the stage's outputs and its own temporaries ('/' separates
       folders; '*' does not cross one).
+    kept_on_resume: patterns (among `files`) of completed work that --resume keeps.
   """
   stage: str
   files: tuple[str, ...]
+  kept_on_resume: tuple[str, ...] = ()
 
   def owns(self, relative: str) -> bool:
     if relative in (CLAIM_FILE, schema.MANIFEST_FILE, schema.MANIFEST_FILE + '.tmp'):
       return True
-    depth = relative.count('/')
-    return any(pattern.count('/') == depth and fnmatch.fnmatchcase(relative, pattern)
-               for pattern in self.files)
+    return _matches(relative, self.files)
+
+  def kept(self, relative: str) -> bool:
+    """Whether --resume keeps this file (completed work of the unfinished run)."""
+    return _matches(relative, self.kept_on_resume)
 
   def folders(self) -> set[str]:
     """The sub-folders the layout writes into (removed when empty after an --overwrite)."""
     return {pattern.rsplit('/', 1)[0] for pattern in self.files if '/' in pattern}
+
+
+def _matches(relative: str, patterns: tuple[str, ...]) -> bool:
+  depth = relative.count('/')
+  return any(pattern.count('/') == depth and fnmatch.fnmatchcase(relative, pattern)
+             for pattern in patterns)
 
 
 def with_beam_temporaries(*files: str) -> tuple[str, ...]:
@@ -198,9 +211,28 @@ def _delete(folder: str, files: list[str], layout: OutputLayout) -> None:
       pass   # not empty, or not there: left as it is
 
 
+def _check_resumable(output_dir: str, layout: OutputLayout, proof: str, job: dict | None,
+                     flag: str) -> None:
+  """Refuses --resume unless the folder holds an unfinished run of this same job."""
+  if proof == 'finished':
+    raise OutputRefused(
+        f'{flag} {output_dir} holds a finished run of {layout.stage} (its manifest): there is '
+        f'nothing to resume. Use it as it is (or as the previous output of a run into a new '
+        f'{flag}), or pass --overwrite instead of --resume to start over')
+  claimed = (_read_json(FileSystems.join(output_dir, CLAIM_FILE)) or {}).get('job')
+  if job is not None and claimed != job:
+    differing = sorted(k for k in set(job) | set(claimed or {})
+                       if (claimed or {}).get(k) != job.get(k))
+    raise OutputRefused(
+        f'{flag} {output_dir} holds an unfinished run of another {layout.stage} job (it differs '
+        f'in: {", ".join(differing)}); --resume continues only the same job. Give the same '
+        'arguments, or pass --overwrite instead of --resume to start over')
+
+
 def claim_output_dir(output_dir: str, layout: OutputLayout, overwrite: bool,
                      inputs: Inputs | None = None, flag: str = '--output_dir',
-                     write_claim: bool = True) -> None:
+                     write_claim: bool = True, resume: bool = False,
+                     job: dict | None = None) -> None:
   """Makes `output_dir` this run's, or refuses before anything is touched.
 
   Args:
@@ -210,6 +242,9 @@ def claim_output_dir(output_dir: str, layout: OutputLayout, overwrite: bool,
     inputs: flag -> input path; the folder may not overlap any of them.
     flag: the output folder's flag, for messages.
     write_claim: False for a stage that publishes no claim file (it still gets every check).
+    resume: continue an unfinished run of the same `job`: its files are deleted except
+      `layout.kept_on_resume`. An empty or new folder simply starts; a finished run is refused.
+    job: what makes two runs the same job (JSON values), recorded in the claim file.
 
   Raises:
     OutputRefused: with what it holds and what to do.
@@ -226,12 +261,17 @@ def claim_output_dir(output_dir: str, layout: OutputLayout, overwrite: bool,
           f'{flag} {output_dir} holds files named like {layout.stage} outputs '
           f'({_describe(files)}) but no {layout.stage} manifest or claim file proves this job '
           f'wrote them; nothing was touched. Delete them yourself, or choose a new {flag}')
-    if not overwrite:
+    if resume:
+      _check_resumable(output_dir, layout, proof, job, flag)
+      files = [f for f in files if not layout.kept(f)]
+    elif not overwrite:
       what = ('a finished run' if proof == 'finished'
               else 'an unfinished run (killed or failed: no manifest)')
+      or_resume = (', or --resume to continue it keeping its completed work'
+                   if proof == 'unfinished' and layout.kept_on_resume else '')
       raise OutputRefused(
           f'{flag} {output_dir} holds {what} of {layout.stage}; pass --overwrite to delete '
-          f'exactly those {_count(files, "file")}, or choose another {flag}')
+          f'exactly those {_count(files, "file")}{or_resume}, or choose another {flag}')
     # The manifest goes first: from here on the folder reads as unfinished to every consumer.
     first = [f for f in files if f == schema.MANIFEST_FILE]
     _delete(output_dir, first, layout)
@@ -239,5 +279,7 @@ def claim_output_dir(output_dir: str, layout: OutputLayout, overwrite: bool,
   if write_claim:
     if _is_local(output_dir):
       os.makedirs(output_dir, exist_ok=True)
+    claim = {'stage': layout.stage, 'claimed': utc_timestamp(),
+             **({'job': job} if job is not None else {})}
     with FileSystems.create(FileSystems.join(output_dir, CLAIM_FILE)) as f:
-      f.write(json.dumps({'stage': layout.stage, 'claimed': utc_timestamp()}).encode('utf-8'))
+      f.write(json.dumps(claim).encode('utf-8'))

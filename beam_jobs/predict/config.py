@@ -12,23 +12,28 @@ from apache_beam.io.filesystems import FileSystems
 from beam_jobs.common import dead_letters, labels, runner_options
 from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS
 from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files
+from beam_jobs.predict import completed_rows
 from beam_jobs.predict.backends import DEFAULT_MAX_BATCH_SIZE
 from beam_jobs.predict.rows import ThresholdsByVersion
 from model import command_line, schema
 from model.output_dir import OutputLayout, with_beam_temporaries
 
-__all__ = ['DESCRIPTION', 'IMAGE_EXTENSIONS', 'LAYOUT', 'Backend',
-           'JobConfig', 'check_inputs', 'check_labels_csv', 'image_source', 'make_backend',
-           'parse_args']
+__all__ = ['DESCRIPTION', 'IMAGE_EXTENSIONS', 'LAYOUT', 'PREDICTION_FILES', 'REMOVED_FILE',
+           'Backend', 'JobConfig', 'check_inputs', 'check_labels_csv', 'image_source',
+           'make_backend', 'parse_args']
 
 DESCRIPTION = ('Bulk prediction: image folders -> predictions, submission.csv, dead letters, '
                'summary, report.')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-# Everything this job writes under OUT: only these files are ever deleted by --overwrite.
+PREDICTION_FILES = f'{schema.PREDICTIONS_PREFIX}-?????-of-?????.jsonl'
+REMOVED_FILE = 'removed.jsonl'   # with --previous_output: its images gone from the inputs
+# Everything this job writes under OUT: only these files are ever deleted by --overwrite;
+# --resume keeps the rows an unfinished run completed.
 LAYOUT = OutputLayout(schema.STAGE_PREDICT, with_beam_temporaries(
-    f'{schema.PREDICTIONS_PREFIX}-?????-of-?????.jsonl',
+    PREDICTION_FILES,
     dead_letters.FILE_PATTERN,
-    schema.SUBMISSION_FILE, schema.SUMMARY_FILE, schema.REPORT_FILE))
+    schema.SUBMISSION_FILE, schema.SUMMARY_FILE, schema.REPORT_FILE, REMOVED_FILE,
+    *completed_rows.LAYOUT_PATTERNS), kept_on_resume=(completed_rows.FILE_PATTERN,))
 
 
 class JobConfig(NamedTuple):
@@ -43,6 +48,7 @@ class JobConfig(NamedTuple):
   max_pixels: int
   started_at: float
   max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+  carry: Any = None            # an incremental.CarryPlan: earlier rows to reuse, or None
 
   def output_path(self, *relative: str) -> str:
     """A path under --output_dir."""
@@ -65,6 +71,11 @@ class Backend(NamedTuple):
   thresholds: ThresholdsByVersion
   name: str                    # 'in_process', 'grpc' or 'rest'
   model_facts: dict            # for the manifest's `model`
+
+  @property
+  def version(self) -> str:
+    """The model version that answers when the job starts: the export's or the server's."""
+    return str(self.model_facts.get('version') or self.model_facts['version_at_start'])
 
 
 def image_source(given: str) -> ImageSource:
@@ -114,11 +125,20 @@ def parse_args(argv) -> tuple[Any, list[str]]:
                            '(default %(default)s)')
   parser.add_argument('--overwrite', action='store_true',
                       help='delete an earlier run of this job in OUTPUT_DIR (only its own files)')
+  parser.add_argument('--previous_output',
+                      help='a finished prediction output: its rows for unchanged images (same '
+                           'name and bytes) of the same model version and thresholds are carried '
+                           'over, not predicted again')
+  parser.add_argument('--resume', action='store_true',
+                      help='continue an unfinished (killed or failed) run of this same job in '
+                           'OUTPUT_DIR: the images it completed are not predicted again')
   args, pipeline_args = parser.parse_known_args(argv)
   try:
     runner_options.check_beam_flags(pipeline_args, command_line.own_flags(parser))
   except ValueError as e:
     parser.error(str(e))
+  if args.resume and args.overwrite:
+    parser.error('--resume continues an unfinished run and --overwrite deletes it: give one')
   if not args.model_dir and not args.serving_address:
     parser.error('give --model_dir (in-process) or --serving_address (TF Serving)')
   grpc_values = (args.root_cert, args.model_version, args.max_request_bytes,

@@ -15,6 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_jobs.common import dead_letters, runner_options
 from beam_jobs.common.image_files import list_image_files
 from beam_jobs.common.progress import ProgressTally, ShowProgress, show_progress_logs
+from beam_jobs.predict import completed_rows, incremental
 from beam_jobs.predict.config import (IMAGE_EXTENSIONS, LAYOUT, JobConfig, check_inputs,
                                       check_labels_csv, image_source, make_backend, parse_args)
 from beam_jobs.predict.pipeline import build_pipeline
@@ -38,18 +39,29 @@ def run(argv=None) -> dict:
   dry_run = runner_options.is_dataflow_dry_run(options)
   sources = tuple(dict.fromkeys(image_source(i) for i in args.input))
   inputs = [('--input', s.root) for s in sources]
-  inputs += [('--model_dir', args.model_dir), ('--labels_csv', args.labels_csv)]
+  inputs += [('--model_dir', args.model_dir), ('--labels_csv', args.labels_csv),
+             ('--previous_output', args.previous_output)]
   if not dry_run:
     check_outputs_apart({'--output_dir': args.output_dir}, inputs)
   check_inputs(sources)
   if args.labels_csv:
     check_labels_csv(args.labels_csv)
+  previous = (incremental.read_previous_output(args.previous_output)
+              if args.previous_output else None)
   backend = make_backend(args)
   if not dry_run:
-    claim_output_dir(args.output_dir, LAYOUT, args.overwrite, inputs=inputs)
+    claim_output_dir(args.output_dir, LAYOUT, args.overwrite, inputs=inputs, resume=args.resume,
+                     job=incremental.job_identity([s.path for s in sources], args.model_dir,
+                                                  args.serving_address, args.model_name))
+  # Listed once the claim is made: the rows this run keeps from here on are not among them.
+  completed = completed_rows.list_completed(args.output_dir) if args.resume and not dry_run else ()
+  carry = incremental.plan_carry_over(previous, completed, args.model_name, backend.version,
+                                      backend.thresholds)
+  if carry and carry.note:
+    print(f'{STAGE}: {carry.note}', flush=True)
   config = JobConfig(sources, args.output_dir, backend.image_size, backend.thresholds,
                      args.model_name, backend.name, args.labels_csv, args.max_pixels, started_at,
-                     args.max_file_bytes)
+                     args.max_file_bytes, carry=carry)
   patterns = [s.path for s in sources]
   print(f'{STAGE}: {", ".join(patterns)} -> {args.output_dir} ({backend.name}, '
         f'{backend.image_size}px, model {backend.model_facts})', flush=True)
@@ -72,6 +84,8 @@ def run(argv=None) -> dict:
         f'{summary["images_per_second"]} images/s'
         + (f', F2 {summary["evaluation"]["f2"]:.4f}' if 'evaluation' in summary else ''),
         flush=True)
+  if 'incremental' in summary:
+    print(f'{STAGE}: {incremental.describe(summary["incremental"])}', flush=True)
   dead_letters.check_bad_fraction(counts['dead_letters'], counts['images_matched'],
                                   args.max_bad_fraction, 'images', config.dead_letters_dir)
   manifest.write_manifest(args.output_dir, {
@@ -85,9 +99,13 @@ def run(argv=None) -> dict:
                 'versions_seen': summary['model_versions']},
       'options': {k: v for k, v in vars(args).items() if k not in ('input', 'output_dir')},
       'counts': {**counts, 'dead_letter_reasons': summary['dead_letter_reasons']},
-      # Relative to OUT, sub-folders included: the dead letters are in DEAD_LETTERS_DIR.
-      'outputs': list_files(args.output_dir),
+      'incremental': summary.get('incremental'),
+      'row_fingerprint': incremental.FINGERPRINT,
+      # Relative to OUT, sub-folders included: the dead letters are in DEAD_LETTERS_DIR. The
+      # completed rows are not outputs: they are deleted next, their rows being published.
+      'outputs': [f for f in list_files(args.output_dir) if not completed_rows.is_part_file(f)],
   })
+  completed_rows.delete_completed(args.output_dir)
   print(f'{STAGE}: wrote {args.output_dir}/({", ".join(_WRITTEN)})', flush=True)
   return summary
 

@@ -19,7 +19,10 @@ from beam_jobs.common.image_decoder import decode_image
 from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, list_image_files, read_image_file
 from beam_jobs.common.progress import CountProgress, counter
 from beam_jobs.predict import report_html, thumbnails
-from beam_jobs.predict.config import IMAGE_EXTENSIONS, JobConfig
+from beam_jobs.predict.carry_over import CarryOver, thumbnail_items
+from beam_jobs.predict.completed_rows import KeepCompleted
+from beam_jobs.predict.config import IMAGE_EXTENSIONS, REMOVED_FILE, JobConfig
+from beam_jobs.predict.incremental import fingerprint
 from beam_jobs.predict.rows import (ThresholdsByVersion, image_name, pick_path, result_row,
                                     submission_fields, submission_text, thumbnail_key)
 from beam_jobs.predict.stats import DeadLetterStatsFn, PredictionStatsFn, build_summary
@@ -38,16 +41,19 @@ STAGE = schema.STAGE_PREDICT
 
 def read_and_decode(name: str, path: str, image_size: int, max_pixels: int,
                     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
-  """One image file -> ('decoded', ((name, path), pixels)) or ('refused', dead letter)."""
+  """One image file -> ('decoded', ((name, path, sha256), pixels)) or ('refused', dead letter).
+
+  The sha256 is of the very bytes decoded, so a row's fingerprint always matches its prediction.
+  """
   try:
     data = read_image_file(path, max_file_bytes)
-    return 'decoded', ((name, path), decode_image(data, image_size, max_pixels))
+    return 'decoded', ((name, path, fingerprint(data)), decode_image(data, image_size, max_pixels))
   except InputRefused as e:
     return 'refused', dead_letters.from_refusal(name, e, STAGE, path)
 
 
 class ReadAndDecode(beam.DoFn):
-  """(name, path) -> ((name, path), uint8 pixels), or a dead letter on the 'refused' output.
+  """(name, path) -> ((name, path, sha256), uint8 pixels), or a dead letter on 'refused'.
 
   Reads and decodes ahead, in a small thread pool: RunInference runs the model on the thread that
   calls this DoFn, so without lookahead decoding and inference take turns. Pillow and TensorFlow
@@ -105,13 +111,13 @@ class ToResultRow(beam.DoFn):
     self._model_name = model_name
 
   def process(self, element):
-    (name, path), result = element
+    (name, path, sha256), result = element
     if isinstance(result.inference, InputRefused):
       yield beam.pvalue.TaggedOutput('refused', dead_letters.from_refusal(
           name, result.inference, STAGE, path))
       return
     counter('predictions').inc()
-    yield result_row(name, path, result.inference, self._thresholds, self._model_name)
+    yield result_row(name, path, result.inference, self._thresholds, self._model_name, sha256)
 
 
 def one_path_per_name(element):
@@ -129,7 +135,7 @@ def failed_batch_to_dead_letters(failure) -> Iterable[dict]:
   """RunInference's own failures (a whole batch raised): one dead letter per image of the batch."""
   batch, error = failure  # error: (type, value, traceback text), as ParDo's exception handling gives
   message = error[1] if isinstance(error, tuple) and len(error) > 1 else error
-  for (name, path), _ in batch:
+  for (name, path, _), _ in batch:
     yield dead_letters.dead_letter(name, Reason.INFERENCE_FAILED,
                                    f'inference failed for its batch: {message}', STAGE, path)
 
@@ -178,7 +184,11 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
             | 'GroupByName' >> beam.GroupByKey()
             | 'OnePathPerName' >> beam.FlatMap(one_path_per_name).with_outputs(
                 'duplicate', main='unique'))
-  decoded = (unique.unique
+  to_predict, reused = unique.unique, None
+  if config.carry:   # earlier rows to reuse: only the images they do not cover are predicted
+    carry = unique.unique | 'CarryOver' >> CarryOver(config)
+    to_predict, reused = carry['to_predict'], carry['reused']
+  decoded = (to_predict
              | 'SpreadReads' >> beam.Reshuffle()
              | 'ReadAndDecode' >> beam.ParDo(ReadAndDecode(
                  config.image_size, config.max_pixels, max_file_bytes=config.max_file_bytes))
@@ -188,50 +198,63 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
                       .with_exception_handling())
   rows = inferred | 'ToResultRow' >> beam.ParDo(
       ToResultRow(config.thresholds, config.model_name)).with_outputs('refused', main='rows')
+  _ = rows.rows | 'KeepCompleted' >> beam.ParDo(KeepCompleted(config.output_dir))
+  all_rows = rows.rows if reused is None else (rows.rows, reused) | 'AllRows' >> beam.Flatten()
 
   refused = ((unique.duplicate, decoded.refused, rows.refused,
               failed.failed_inferences | 'FailedBatches' >> beam.FlatMap(failed_batch_to_dead_letters))
              | 'AllDeadLetters' >> beam.Flatten())
   _ = refused | 'WriteDeadLetters' >> dead_letters.WriteDeadLetters(config.dead_letters_prefix)
   # An image is settled once it is a prediction or a dead letter: the progress total is matched.
-  _ = ((rows.rows, refused)
+  _ = ((all_rows, refused)
        | 'SettledImages' >> beam.Flatten()
        | 'Progress' >> beam.ParDo(CountProgress(progress_folder)))
 
-  _ = (rows.rows
+  _ = (all_rows
        | 'PredictionToJson' >> beam.Map(lambda row: json.dumps(row, sort_keys=True))
        | 'WritePredictions' >> beam.io.WriteToText(
            config.output_path(schema.PREDICTIONS_PREFIX), file_name_suffix='.jsonl'))
   _ = _write_one_file(
-      rows.rows
+      all_rows
       | 'SubmissionFields' >> beam.Map(submission_fields)
       | 'AllSubmissionRows' >> beam.combiners.ToList()
       | 'SubmissionText' >> beam.Map(submission_text),
       config.output_path(schema.SUBMISSION_FILE), 'WriteSubmission', trailing_newline=False)
 
   if config.labels_csv:
-    with_truth = rows.rows | 'AttachTruth' >> beam.ParDo(AttachTruth(config.labels_csv))
+    with_truth = all_rows | 'AttachTruth' >> beam.ParDo(AttachTruth(config.labels_csv))
   else:
-    with_truth = rows.rows | 'NoTruth' >> beam.Map(lambda row: (row, None))
+    with_truth = all_rows | 'NoTruth' >> beam.Map(lambda row: (row, None))
   stats = with_truth | 'PredictionStats' >> beam.CombineGlobally(PredictionStatsFn())
   dead_stats = refused | 'DeadLetterStats' >> beam.CombineGlobally(DeadLetterStatsFn())
+  carry_kinds = {'kinds': beam.pvalue.AsSingleton(carry['kinds'])} if config.carry else {}
   summary = (p
              | 'SummaryTrigger' >> beam.Create([None])
              | 'BuildSummary' >> beam.Map(
                  build_summary, config,
                  matched=beam.pvalue.AsSingleton(matched_count),
                  stats=beam.pvalue.AsSingleton(stats),
-                 dead=beam.pvalue.AsSingleton(dead_stats)))
+                 dead=beam.pvalue.AsSingleton(dead_stats), **carry_kinds))
   _ = _write_one_file(summary | 'SummaryJson' >> beam.Map(json.dumps, indent=2, sort_keys=True),
                       config.output_path(schema.SUMMARY_FILE), 'WriteSummary')
 
-  sampled = (inferred
-             | 'Predicted' >> beam.Filter(lambda item: not isinstance(item[1].inference, InputRefused))
-             | 'SampleThumbnails' >> beam.combiners.Top.Of(
-                 thumbnails.MAX_THUMBNAILS, key=thumbnail_key, reverse=True))
+  if config.carry and config.carry.previous_output:
+    _ = _write_one_file(carry['removed'] | 'RemovedToJson' >> beam.Map(json.dumps, sort_keys=True),
+                        config.output_path(REMOVED_FILE), 'WriteRemoved')
+
+  # The report's sample is drawn from every row; a reused row's image is decoded only if drawn.
+  sample_items = inferred | 'Predicted' >> beam.Filter(
+      lambda item: not isinstance(item[1].inference, InputRefused))
+  if reused is not None:
+    sample_items = (sample_items, reused | 'ReusedSampleItems' >> beam.Map(
+        lambda row: ((row['image_name'], row['path'], row['sha256']), row))
+                    ) | 'AllSampleItems' >> beam.Flatten()
+  sampled = sample_items | 'SampleThumbnails' >> beam.combiners.Top.Of(
+      thumbnails.MAX_THUMBNAILS, key=thumbnail_key, reverse=True)
   _ = _write_one_file(
       summary | 'RenderReport' >> beam.Map(
-          lambda s, sample: report_html.render_report(
-              s, thumbnails.make_thumbnails(sample, config.thresholds, config.model_name)),
+          lambda s, sample: report_html.render_report(s, thumbnails.make_thumbnails(
+              thumbnail_items(sample, config.image_size, config.max_pixels, config.max_file_bytes),
+              config.thresholds, config.model_name)),
           sample=beam.pvalue.AsSingleton(sampled)),
       config.output_path(schema.REPORT_FILE), 'WriteReport')

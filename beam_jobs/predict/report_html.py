@@ -15,6 +15,7 @@ import math
 import re
 from typing import Any, Iterable
 
+from beam_jobs.predict.report_incremental import render_incremental
 from beam_jobs.predict.report_style import STYLE_SHEET
 from beam_jobs.predict.thumbnails import MAX_THUMBNAILS
 from model import schema
@@ -62,6 +63,7 @@ def render_report(summary: dict, thumbnails: list[dict]) -> str:
       _header(summary, title),
       _count_cards(summary, counts),
       _accounting_warning(counts),
+      render_incremental(summary.get('incremental')),
       _label_chart_section(summary.get('predicted_label_counts') or {}, counts.get('predictions')),
       _evaluation_sections(summary.get('evaluation')),
       _dead_letter_section(summary, counts),

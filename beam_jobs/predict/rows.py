@@ -68,8 +68,9 @@ def pick_path(name: str, paths: Iterable[str]) -> tuple[str, list[str]]:
 
 
 def result_row(name: str, path: str, inference: dict, thresholds: ThresholdsByVersion,
-               model_name: str) -> dict:
-  """One prediction row: probabilities by label name and the tags after its version's thresholds."""
+               model_name: str, sha256: str | None = None) -> dict:
+  """One prediction row: probabilities by label name, the tags after its version's thresholds,
+  and the sha256 of the file bytes that were predicted (what --previous_output matches on)."""
   version = str(inference['model_version'])
   weather = np.asarray(inference[schema.OUTPUT_WEATHER], dtype=float)
   ground = np.asarray(inference[schema.OUTPUT_GROUND], dtype=float)
@@ -82,6 +83,7 @@ def result_row(name: str, path: str, inference: dict, thresholds: ThresholdsByVe
       'tags': metrics.tags_of(decisions),
       'model_name': model_name,
       'model_version': version,
+      'sha256': sha256,
   }
 
 
@@ -120,6 +122,9 @@ def submission_text(rows: Iterable[dict]) -> str:
 
 
 def thumbnail_key(item) -> str:
-  """A deterministic, content-independent sample of images for the report."""
-  (name, _), _ = item
+  """A deterministic, content-independent sample of images for the report.
+
+  `item` is (key, value) where the key starts with the image name: ((name, path, sha256), ...).
+  """
+  name = item[0][0]
   return hashlib.sha256(name.encode()).hexdigest()

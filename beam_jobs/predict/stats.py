@@ -3,7 +3,7 @@
 Usage:
   stats = rows_with_truth | beam.CombineGlobally(PredictionStatsFn())
   dead = dead_letters | beam.CombineGlobally(DeadLetterStatsFn())
-  summary = trigger | beam.Map(build_summary, config, matched=..., stats=..., dead=...)
+  summary = trigger | beam.Map(build_summary, config, matched=..., stats=..., dead=...[, kinds=...])
 """
 import collections
 import time
@@ -12,6 +12,7 @@ import apache_beam as beam
 import numpy as np
 
 from beam_jobs.predict.config import JobConfig
+from beam_jobs.predict.incremental import summary_block
 from beam_jobs.predict.rows import row_decisions
 from model import manifest, metrics, schema
 
@@ -86,7 +87,8 @@ class DeadLetterStatsFn(beam.CombineFn):
                                 key=lambda r: (r['reason'], r['image_name']))
 
 
-def build_summary(_, config: JobConfig, matched: int, stats: dict, dead) -> dict:
+def build_summary(_, config: JobConfig, matched: int, stats: dict, dead,
+                  kinds: dict | None = None) -> dict:
   """The job's summary.json: counts, label distribution, versions, and the evaluation.
 
   Args:
@@ -95,6 +97,8 @@ def build_summary(_, config: JobConfig, matched: int, stats: dict, dead) -> dict
     matched: images matched by --input.
     stats: `PredictionStatsFn`'s output.
     dead: `DeadLetterStatsFn`'s output, (counts by reason, examples).
+    kinds: with earlier rows (`config.carry`), how many images were carried over, resumed,
+      predicted (new, changed, other model) or removed: the summary's `incremental`.
   """
   dead_counts, dead_examples = dead
   elapsed = time.time() - config.started_at
@@ -114,6 +118,8 @@ def build_summary(_, config: JobConfig, matched: int, stats: dict, dead) -> dict
       'dead_letter_examples': dead_examples,
       'predicted_label_counts': predicted,
   }
+  if config.carry:
+    summary['incremental'] = summary_block(kinds or {}, config.carry)
   if config.labels_csv:
     n = stats['labelled']
     summary['evaluation'] = {
