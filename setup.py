@@ -25,5 +25,6 @@ setuptools.setup(
     python_requires='>=3.10,<3.13',
     packages=setuptools.find_packages(include=['beam_jobs', 'beam_jobs.*', 'model', 'model.*']),
     install_requires=REQUIRED_PACKAGES,
-    extras_require={'test': ['pytest', 'hypothesis']},
+    # The tests' GCS emulator: gs:// paths end to end on loopback (tests/test_gcs.py).
+    extras_require={'test': ['pytest', 'hypothesis', 'gcp-storage-emulator']},
 )

@@ -1,16 +1,27 @@
-"""Shared fixtures: real Planet chips from ../shared/planet (skipped where absent), sample data."""
+"""Shared fixtures: sample data, and Planet data in the layout of ../shared/planet: generated
+always, the real sample too where present (PLANET_REAL_DATA_DIR moves or hides it)."""
 import glob
 import json
 import os
 import pathlib
 import shutil
 
+import numpy as np
 import pytest
+
+from model import schema
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-PLANET_DIR = REPO.parent / 'shared' / 'planet'
+# The real sample; pointing PLANET_REAL_DATA_DIR at a missing folder runs the suite as a clone
+# without ../shared would.
+PLANET_DIR = pathlib.Path(os.environ.get('PLANET_REAL_DATA_DIR', REPO.parent / 'shared' / 'planet'))
+REAL_DATA_PRESENT = (PLANET_DIR / 'train-jpg').is_dir()
+# What `planet_dir` gives, one test run each: a generated stand-in always, the real data where present.
+PLANET_SOURCES = ('generated', 'real') if REAL_DATA_PRESENT else ('generated',)
+# The real sample's chips; the stand-in uses the same names, so that tests name them alike.
+PLANET_CHIP_NAMES = ('train_0', 'train_1', 'train_10', 'train_100', 'train_1000', 'train_10000')
 PREDICT_IMAGE_SIZE = 64
 # A Dataflow job built offline: Beam translates the graph and builds the worker package from
 # ./setup.py (run from the repository root) without contacting the service. Bucket names must be
@@ -26,16 +37,55 @@ def read_jsonl(pattern):
           for line in open(path) if line.strip()]
 
 
-@pytest.fixture(scope='session')
-def planet_dir() -> pathlib.Path:
-  """The real sample of Planet data; tests that need it skip where it is absent."""
-  if not (PLANET_DIR / 'train-jpg').is_dir():
-    pytest.skip(f'real Planet data not found at {PLANET_DIR}')
-  return PLANET_DIR
+def is_real(planet_dir: pathlib.Path) -> bool:
+  """Whether a `planet_dir` is the real sample (for assertions that hold only of real data)."""
+  return planet_dir == PLANET_DIR
+
+
+def _tutorial_vector(tags, labels) -> str:
+  return '"[' + ', '.join('1' if label in tags else '0' for label in labels) + ']"'
+
+
+def write_planet_stand_in(root: pathlib.Path) -> pathlib.Path:
+  """Generated data in the real sample's layout: `train-jpg/` with six 4-component (CMYK) JPEGs
+  without a colour marker, as the real chips are (TensorFlow decodes them black), under the real
+  chips' names; their labels in `train_v2.csv` and in the tutorial's `KagglePlanetMCML.csv`, with
+  the real `train_24448` row (no weather tag, no chip)."""
+  from beam_jobs import make_sample
+  (root / 'train-jpg').mkdir(parents=True)
+  rows = []
+  for index, name in enumerate(PLANET_CHIP_NAMES):
+    rng = np.random.default_rng([17, index])
+    tags = make_sample.sample_tags(rng)
+    (root / 'train-jpg' / f'{name}.jpg').write_bytes(
+        make_sample.encode_chip(make_sample.draw_chip(tags, rng), as_cmyk=True))
+    rows.append((name, tags))
+  rows.append(('train_24448', ['water']))
+  (root / 'train_v2.csv').write_text(
+      'image_name,tags\n' + ''.join(f'{name},{" ".join(tags)}\n' for name, tags in rows))
+  (root / 'KagglePlanetMCML.csv').write_text(
+      'image_name,weather_labels,ground_labels\n' + ''.join(
+          f'{name},{_tutorial_vector(tags, schema.WEATHER_LABELS)},'
+          f'{_tutorial_vector(tags, schema.GROUND_LABELS)}\n' for name, tags in rows))
+  return root
 
 
 @pytest.fixture(scope='session')
-def real_chips(planet_dir) -> list[pathlib.Path]:
+def planet_stand_in(tmp_path_factory) -> pathlib.Path:
+  """The generated stand-in for ../shared/planet (see `write_planet_stand_in`)."""
+  return write_planet_stand_in(tmp_path_factory.mktemp('planet_stand_in'))
+
+
+@pytest.fixture(scope='session', params=PLANET_SOURCES)
+def planet_dir(request, planet_stand_in) -> pathlib.Path:
+  """Planet data in the layout of ../shared/planet: each test runs on the generated stand-in, and
+  again on the real sample where it is present (`is_real` tells which)."""
+  return PLANET_DIR if request.param == 'real' else planet_stand_in
+
+
+@pytest.fixture(scope='session')
+def planet_chips(planet_dir) -> list[pathlib.Path]:
+  """The six markerless CMYK chips of `planet_dir`."""
   return sorted((planet_dir / 'train-jpg').glob('*.jpg'))
 
 
@@ -68,8 +118,9 @@ def export_base(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
-def mixed_folder(tmp_path_factory, planet_dir):
-  """Good sample chips, the 6 real CMYK chips, one input of every refusal, a duplicate name."""
+def mixed_folder(tmp_path_factory, planet_stand_in):
+  """Good sample chips, 6 markerless CMYK chips like the real ones, one input of every refusal,
+  a duplicate name. Generated only: the real chips have tests of their own (`planet_dir`)."""
   from beam_jobs import make_sample
   from tests import hostile_inputs
   root = tmp_path_factory.mktemp('mixed')
@@ -78,7 +129,7 @@ def mixed_folder(tmp_path_factory, planet_dir):
   images = root / 'images'
   shutil.copytree(sample / 'train-jpg', images)
   (images / 'real').mkdir()
-  for chip in (planet_dir / 'train-jpg').glob('*.jpg'):
+  for chip in (planet_stand_in / 'train-jpg').glob('*.jpg'):
     shutil.copy(chip, images / 'real' / chip.name)
   (images / 'empty.jpg').write_bytes(b'')
   (images / 'notes.jpg').write_bytes(b'these are not pixels')
@@ -89,7 +140,7 @@ def mixed_folder(tmp_path_factory, planet_dir):
   shutil.copy(images / 'chip_2.jpg', images / 'dup' / 'chip_2.JPG')
   (images / 'readme.txt').write_text('not matched: not an image extension')
   labels_csv = root / 'labels.csv'
-  real_rows = [line for line in (planet_dir / 'train_v2.csv').read_text().splitlines()[1:]
+  real_rows = [line for line in (planet_stand_in / 'train_v2.csv').read_text().splitlines()[1:]
                if line.split(',')[0] in {p.stem for p in (images / 'real').iterdir()}]
   labels_csv.write_text((sample / 'train_v2.csv').read_text() + '\n'.join(real_rows) + '\n')
   return images, labels_csv

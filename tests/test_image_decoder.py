@@ -29,9 +29,9 @@ def _refusal(data: bytes, **kwargs) -> Reason:
   return info.value.reason
 
 
-def test_real_chips_match_pillow_and_are_not_black(real_chips):
-  assert len(real_chips) == 6
-  for path in real_chips:
+def test_planet_chips_match_pillow_and_are_not_black(planet_chips):
+  assert len(planet_chips) == 6
+  for path in planet_chips:
     data = path.read_bytes()
     pixels = decode_image(data, 128)
     reference = np.asarray(Image.open(path).convert('RGB').resize((128, 128), RESIZE_FILTER))
@@ -40,10 +40,10 @@ def test_real_chips_match_pillow_and_are_not_black(real_chips):
     assert pixels.mean() > 20, f'{path.name} decoded (nearly) black'
 
 
-def test_real_chips_are_black_in_tensorflow(real_chips):
+def test_planet_chips_are_black_in_tensorflow(planet_chips):
   # The reason the project has its own decoder: this must stay true, or the premise changed.
   import tensorflow as tf
-  assert tf.io.decode_jpeg(real_chips[0].read_bytes()).numpy().max() == 0
+  assert tf.io.decode_jpeg(planet_chips[0].read_bytes()).numpy().max() == 0
 
 
 @pytest.mark.parametrize('mode', ['L', 'P', 'RGBA', 'RGB', 'CMYK'])

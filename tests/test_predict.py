@@ -34,10 +34,9 @@ def test_every_image_is_a_prediction_or_a_dead_letter(predict_job):
   assert manifest['counts']['predictions'] == 30 and manifest['model']['version'] == '1'
 
 
-def test_predictions_equal_the_saved_model_on_the_decoders_pixels(predict_job, export_base):
+def _assert_equal_to_the_saved_model(predictions: dict, export_base) -> np.ndarray:
+  """The job's predictions are the SavedModel's on the one decoder's pixels; returns the pixels."""
   import tensorflow as tf
-  out, _ = predict_job
-  predictions = {p['image_name']: p for p in _read_jsonl(f'{out}/{PREDICTIONS}')}
   paths = [predictions[n]['path'] for n in sorted(predictions)]
   pixels = np.stack([decode_image(open(p, 'rb').read(), IMAGE_SIZE) for p in paths])
   loaded = tf.saved_model.load(str(export_base / 'PlanetModel' / '1'))
@@ -48,8 +47,27 @@ def test_predictions_equal_the_saved_model_on_the_decoders_pixels(predict_job, e
                          for n in sorted(predictions)])
   assert np.abs(job_weather - direct['weather'].numpy()).max() < 1e-6
   assert np.abs(job_ground - direct['ground'].numpy()).max() < 1e-6
-  for name in ('train_0', 'train_10000'):  # the real CMYK chips were predicted, not refused
+  return pixels
+
+
+def test_predictions_equal_the_saved_model_on_the_decoders_pixels(predict_job, export_base):
+  out, _ = predict_job
+  predictions = {p['image_name']: p for p in _read_jsonl(f'{out}/{PREDICTIONS}')}
+  _assert_equal_to_the_saved_model(predictions, export_base)
+  for name in ('train_0', 'train_10000'):  # the markerless CMYK chips were predicted, not refused
     assert name in predictions and predictions[name]['model_version'] == '1'
+
+
+def test_planet_chips_are_predicted_from_their_colours(tmp_path, planet_dir, export_base):
+  # Markerless CMYK JPEGs, generated and (where present) real: TensorFlow would see black.
+  summary = predict.run(['--input', str(planet_dir / 'train-jpg'), '--output_dir',
+                         str(tmp_path / 'out'), '--model_dir', str(export_base / 'PlanetModel'),
+                         '--labels_csv', str(planet_dir / 'train_v2.csv')])
+  assert summary['counts'] == {'images_matched': 6, 'predictions': 6, 'dead_letters': 0}
+  assert summary['evaluation']['labelled_images'] == 6
+  predictions = {p['image_name']: p for p in _read_jsonl(f'{tmp_path}/out/{PREDICTIONS}')}
+  pixels = _assert_equal_to_the_saved_model(predictions, export_base)
+  assert pixels.reshape(6, -1).mean(axis=1).min() > 20, 'a chip was predicted from black pixels'
 
 
 def test_summary_f2_equals_an_independent_computation(predict_job, mixed_folder):

@@ -410,8 +410,8 @@ def test_too_many_bad_rows_fail_unpublished_and_reruns_never_mix_shards(bad_mix,
       gzipped['counts']['examples']['eval']
 
 
-def test_real_chips_in_both_csv_formats_come_out_in_colour(planet_dir, real_chips, tmp_path):
-  names = [p.stem for p in real_chips]
+def test_planet_chips_in_both_csv_formats_come_out_in_colour(planet_dir, planet_chips, tmp_path):
+  names = [p.stem for p in planet_chips]
   for csv_name in ('train_v2.csv', 'KagglePlanetMCML.csv'):
     lines = (planet_dir / csv_name).read_text().splitlines()
     picked = [lines[0]] + [l for l in lines[1:] if l.split(',', 1)[0] in names]
@@ -425,7 +425,7 @@ def test_real_chips_in_both_csv_formats_come_out_in_colour(planet_dir, real_chip
     assert manifest['counts']['csv_rows'] == 6 and manifest['counts']['dead_lettered_rows'] == 0
     examples = _read_examples(out, manifest)
     assert sorted(examples) == sorted(names)
-    for path in real_chips:
+    for path in planet_chips:
       example = examples[path.stem]
       np.testing.assert_array_equal(example['pixels'], decode_image(path.read_bytes(), 128))
       assert example['pixels'].mean() > 20, f'{path.stem} came out (nearly) black'
