@@ -8,6 +8,7 @@ cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
+export PLANET_VERBOSE=${PLANET_VERBOSE:-0}
 
 ensure_venv() {
   if [ ! -x "$VENV/bin/python" ]; then

@@ -55,7 +55,8 @@ NOISE = tuple(re.compile(pattern) for pattern in (
 
 # Where the records above are made: a logger's filter sees only the records made on it.
 _NOISY_LOGGERS = ('', 'apache_beam.runners.portability.local_job_service',
-                  'apache_beam.options.pipeline_options', 'apache_beam.runners.worker.sdk_worker_main')
+                  'apache_beam.options.pipeline_options',
+                  'apache_beam.runners.worker.sdk_worker_main')
 # Informational only ('INFO:tensorflow:Assets written to: ...'); their warnings still show.
 _CHATTY_LOGGERS = ('tensorflow', 'absl')
 _TF_CPP_MIN_LOG_LEVEL = '2'   # TensorFlow's own C++ INFO and WARNING lines once it has loaded

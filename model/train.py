@@ -45,8 +45,9 @@ from model.output_dir import (OutputLayout, OutputRefused, check_outputs_apart,
 __all__ = [
     'BASELINE_MIN_FREQUENCY', 'check_output_folders', 'checkpoint_dir', 'CHECKPOINT_PATTERN',
     'compile_model', 'DEFAULT_ARCHITECTURE', 'EpochHistory', 'EpochSummaries', 'evaluate',
-    'FIT_VERBOSITY', 'fit_verbosity', 'JOB_LAYOUT', 'list_checkpoints', 'load_architecture', 'main', 'parse_args', 'predict_split',
-    'prior_baseline', 'read_history', 'restore_or_build', 'ResumableEarlyStopping', 'train'
+    'FIT_VERBOSITY', 'fit_verbosity', 'JOB_LAYOUT', 'list_checkpoints', 'load_architecture',
+    'main', 'parse_args', 'predict_split', 'prior_baseline', 'read_history', 'restore_or_build',
+    'ResumableEarlyStopping', 'train'
 ]
 
 DEFAULT_ARCHITECTURE = 'model.network:tutorial_cnn'

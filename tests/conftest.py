@@ -18,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # without ../shared would.
 PLANET_DIR = pathlib.Path(os.environ.get('PLANET_REAL_DATA_DIR', REPO.parent / 'shared' / 'planet'))
 REAL_DATA_PRESENT = (PLANET_DIR / 'train-jpg').is_dir()
-# What `planet_dir` gives, one test run each: a generated stand-in always, the real data where present.
+# What `planet_dir` gives, a test run each: generated data always, the real sample where present.
 PLANET_SOURCES = ('generated', 'real') if REAL_DATA_PRESENT else ('generated',)
 # The real sample's chips; the stand-in uses the same names, so that tests name them alike.
 PLANET_CHIP_NAMES = ('train_0', 'train_1', 'train_10', 'train_100', 'train_1000', 'train_10000')
@@ -115,6 +115,17 @@ def export_base(tmp_path_factory):
   their own with `make_export_base`).
   """
   return make_export_base(tmp_path_factory, PREDICT_IMAGE_SIZE)
+
+
+@pytest.fixture(scope='module')
+def server(export_base):
+  """The local TF Serving-compatible server on `export_base`, on a free loopback port (modules
+  that test serving itself define their own `server`)."""
+  from model.serving.local_server import LocalServingServer
+  serving = LocalServingServer(str(export_base / 'PlanetModel'))
+  serving.start()
+  yield serving
+  serving.stop()
 
 
 @pytest.fixture(scope='session')

@@ -22,7 +22,6 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs import make_sample, predict, preprocess
 from model import dataset, schema
-from model.serving.local_server import LocalServingServer
 from tests.conftest import PREDICT_IMAGE_SIZE
 
 BUCKET = 'planet-test'
@@ -146,14 +145,6 @@ def test_training_input_resolves_its_gcs_shards_through_the_manifest(prepared):
   assert dict(data.counts) == remote['counts']['examples']
 
 
-@pytest.fixture(scope='module')
-def serving(export_base):
-  server = LocalServingServer(str(export_base / 'PlanetModel'))
-  server.start()
-  yield server
-  server.stop()
-
-
 def _predict(root: str, out_name: str, export_base, *backend) -> tuple[str, dict]:
   out = FileSystems.join(root, out_name)
   summary = predict.run([
@@ -165,8 +156,8 @@ def _predict(root: str, out_name: str, export_base, *backend) -> tuple[str, dict
 
 
 @pytest.mark.parametrize('backend', ['in_process', 'grpc'])
-def test_predict_on_gcs_writes_what_it_writes_locally(samples, export_base, serving, backend):
-  extra = ('--serving_address', serving.address) if backend == 'grpc' else ()
+def test_predict_on_gcs_writes_what_it_writes_locally(samples, export_base, server, backend):
+  extra = ('--serving_address', server.address) if backend == 'grpc' else ()
   (local_out, local), (gcs_out, remote) = (
       _predict(samples[where], f'predict_{backend}', export_base, *extra)
       for where in ('local', 'gs'))

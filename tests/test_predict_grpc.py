@@ -14,14 +14,6 @@ from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO, read_jsonl
 PREDICTIONS = f'{schema.PREDICTIONS_PREFIX}-*.jsonl'
 
 
-@pytest.fixture(scope='module')
-def server(export_base):
-  serving = LocalServingServer(str(export_base / 'PlanetModel'))
-  serving.start()
-  yield serving
-  serving.stop()
-
-
 def _grpc_job(out, server, export_base, mixed_folder, *extra):
   images, labels_csv = mixed_folder
   return predict.run(['--input', str(images), '--output_dir', str(out),

@@ -3,7 +3,10 @@ done / total, percent, rate and time left on a stream that is not a terminal."""
 import io
 import os
 import pathlib
+import pty
 import re
+import select
+import time
 
 import apache_beam as beam
 from apache_beam.testing import test_pipeline
@@ -76,3 +79,22 @@ def test_no_tally_shows_nothing():
   with ShowProgress('job', 10, 'things', None, stream=stream, every_seconds=0):
     pass
   assert stream.getvalue() == ''
+
+
+def test_on_a_terminal_the_progress_is_a_live_bar():
+  controller, terminal = pty.openpty()
+  tally = ProgressTally.create()
+  (pathlib.Path(tally.folder) / '12345').write_text('25')   # a worker's count
+  with os.fdopen(terminal, 'w') as stream:
+    with ShowProgress('job', 50, 'things', tally, stream=stream, poll_seconds=0.01):
+      time.sleep(0.2)
+  shown = b''
+  try:
+    while select.select([controller], [], [], 0.2)[0]:
+      shown += os.read(controller, 65536)
+  except OSError:
+    pass   # Linux: EIO once the terminal side is closed and read to its end
+  os.close(controller)
+  text = shown.decode('utf-8', 'replace')
+  assert '\x1b[' in text   # drawn in place, not line after line
+  assert 'job:' in text and '25/50' in text and '50%' in text and 'left' in text, text
