@@ -297,6 +297,8 @@ ERRORS = [
     ('a big body of floats for uint8', 'POST', PREDICT, {'inputs': (pixels(8) / 255.).tolist()},
      400, 'is not of expected type: uint8'),
     ('malformed JSON', 'POST', PREDICT, b'{"instances": [1, 2', 400, 'JSON Parse error'),
+    ('a malformed number in a big array', 'POST', PREDICT,
+     b'{"inputs": [' + b'1,' * 40000 + b'1-2]}', 400, 'JSON Parse error'),
     ('an empty body', 'POST', PREDICT, b'', 400, 'JSON Parse error: The document is empty'),
     ('neither instances nor inputs', 'POST', PREDICT, {'examples': []}, 400,
      "Missing 'inputs' or 'instances' key"),

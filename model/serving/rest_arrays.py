@@ -13,7 +13,6 @@ Usage:
   array = span.array()                    # int64 or float64, or None: use span.value()
 """
 import re
-import warnings
 
 import numpy as np
 import orjson
@@ -43,6 +42,7 @@ class NumericSpan:
 
   def __init__(self, text: bytes):
     self.text = text
+    self._array = self._read_array()
 
   def value(self):
     """Nested lists, as a JSON parser gives them."""
@@ -50,6 +50,9 @@ class NumericSpan:
 
   def array(self) -> np.ndarray | None:
     """The numbers as an int64 or float64 array, when the text is a rectangular array; or None."""
+    return self._array
+
+  def _read_array(self) -> np.ndarray | None:
     compact = self.text.translate(None, _WHITESPACE)
     skeleton = compact.translate(None, _NUMBER_CHARS)
     numbers = compact.translate(None, b'[]')
@@ -63,15 +66,14 @@ class NumericSpan:
       return None
     shape = (lists_per_depth[1:] // lists_per_depth[:-1]).tolist()
     is_float = any(c in numbers for c in b'.eE')
-    with warnings.catch_warnings():
-      warnings.simplefilter('error')   # numpy warns, rather than fails, on text it cannot read
-      try:
-        values = np.fromstring(numbers, dtype=np.float64 if is_float else np.int64, sep=',')
-      except (ValueError, DeprecationWarning):
-        return None
-    # C's strtoll stops at the int64 limits: a number near them may be past them.
-    if values.size % lists_per_depth[-1] or not is_float and (
-        values.max() >= _INT_LIMIT or values.min() <= -_INT_LIMIT):
+    try:
+      values = np.fromstring(numbers, dtype=np.float64 if is_float else np.int64, sep=',')
+    except ValueError:
+      return None
+    # numpy stops (with a warning, not an error) at text it cannot read: every number must be
+    # there. C's strtoll stops at the int64 limits: a number near them may be past them.
+    if (values.size != numbers.count(b',') + 1 or values.size % lists_per_depth[-1] or
+        not is_float and (values.max() >= _INT_LIMIT or values.min() <= -_INT_LIMIT)):
       return None
     shape.append(values.size // int(lists_per_depth[-1]))
     if shape[-1] == 0 or skeleton != _skeleton(shape):
@@ -103,7 +105,7 @@ def loads(body: bytes):
   """The JSON document, with each large array of numbers as a NumericSpan.
 
   Raises:
-    orjson.JSONDecodeError: the body is not JSON as orjson reads it.
+    orjson.JSONDecodeError: the body, or an array of numbers in it, is not JSON as orjson reads it.
   """
   pieces, spans, position = [], [], 0
   for found in _CANDIDATE.finditer(body):
@@ -114,7 +116,10 @@ def loads(body: bytes):
       continue
     pieces += [body[position:found.start()],
                orjson.dumps(f'{_PLACEHOLDER}{len(spans)}')]
-    spans.append(NumericSpan(found.group()[:end + 1]))
+    span = NumericSpan(found.group()[:end + 1])
+    if span.array() is None:
+      span.value()   # not JSON: raise here, where the caller reads the whole body's error
+    spans.append(span)
     position = found.start() + end + 1
   if not spans:
     return orjson.loads(body)
