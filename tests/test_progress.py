@@ -98,3 +98,14 @@ def test_on_a_terminal_the_progress_is_a_live_bar():
   text = shown.decode('utf-8', 'replace')
   assert '\x1b[' in text   # drawn in place, not line after line
   assert 'job:' in text and '25/50' in text and '50%' in text and 'left' in text, text
+
+
+
+def test_a_stage_shorter_than_the_interval_prints_one_line():
+  tally = ProgressTally.create()
+  (pathlib.Path(tally.folder) / '12345').write_text('7')
+  stream = io.StringIO()
+  with ShowProgress('job', 7, 'things', tally, stream=stream, poll_seconds=0.01):
+    time.sleep(0.1)
+  lines = stream.getvalue().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('job: 7/7 things (100%), '), lines

@@ -216,7 +216,7 @@ class ShowProgress:
   def _watch(self) -> None:
     started = time.monotonic()
     rate = _Rate(started)
-    last_line = started
+    last_line, last_done = started, None
     while True:
       stopping = self._stop.wait(self._poll)
       now = time.monotonic()
@@ -225,8 +225,9 @@ class ShowProgress:
         self._bar.update(done, stopping)
       else:
         speed = rate.add(now, done)
-        if stopping or now - last_line >= self._every:
-          last_line = now
+        # The last line only when it says something new: not twice 'all done'.
+        if now - last_line >= self._every or (stopping and done != last_done):
+          last_line, last_done = now, done
           print(progress_line(self._what, done, self._total, self._unit, speed),
                 file=self._stream, flush=True)
       if stopping:
