@@ -10,6 +10,7 @@ Backends:
   in_process.SavedModelHandler   the exported SavedModel, loaded in the worker (`--model_dir`)
   tf_serving.ServingGrpcHandler  TensorFlow Serving over gRPC (`--serving_address`), with the retry
                                  and throttling rules of retry_policy
+  tf_serving_rest.ServingRestHandler  the same over TF Serving's REST API (--serving_protocol rest)
 """
 import numpy as np
 
