@@ -6,9 +6,15 @@ fault injection from flags. Production runs TensorFlow Serving itself (README).
 
 Usage:
   python -m model.serve --model_base_path EXPORT/PlanetModel --port 8500 [--rest_api_port 8501]
-      [--model_name PlanetModel]
+      [--model_name PlanetModel] [--verbose]
 """
-import argparse
+from model import command_line
+
+if __name__ == '__main__':
+  # Before TensorFlow loads: its C++ libraries log as they load (model/command_line.py).
+  command_line.quiet_third_party()
+
+# pylint: disable=wrong-import-position,wrong-import-order
 import logging
 
 import grpc
@@ -33,7 +39,8 @@ def _read_file(path: str | None) -> bytes | None:
 
 def main(argv=None) -> None:
   """Parses the flags, serves until interrupted."""
-  parser = argparse.ArgumentParser(
+  parser = command_line.ArgumentParser(
+      prog='python -m model.serve',
       description='A TF Serving-compatible gRPC and REST server for development and tests '
                   '(production: tensorflow_model_server).')
   parser.add_argument('--model_base_path', required=True, help='EXPORT/PlanetModel: numbered versions')
