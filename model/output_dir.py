@@ -23,6 +23,7 @@ Usage:
 """
 import dataclasses
 import fnmatch
+import glob
 import json
 import os
 
@@ -202,8 +203,13 @@ def _delete(folder: str, files: list[str], layout: OutputLayout) -> None:
   FileSystems.delete([FileSystems.join(folder, f) for f in files])
   if not _is_local(folder):
     return   # object stores have no folders to leave behind
-  # Deepest first, and only folders the layout writes into, and only when empty.
+  # Deepest first, and only folders the layout writes into, and only when empty. A folder named
+  # by a pattern (Beam's beam-temp-*) counts too when it holds nothing: a job killed before its
+  # sinks finished leaves them empty, and they would outlive --overwrite and --resume.
   candidates = {os.path.dirname(f) for f in files} | layout.folders()
+  candidates |= {os.path.relpath(path, folder) for pattern in layout.folders()
+                 for path in glob.glob(os.path.join(glob.escape(folder), pattern))
+                 if os.path.isdir(path) and not os.path.islink(path)}
   for relative in sorted((c for c in candidates if c), key=lambda c: -c.count('/')):
     try:
       os.rmdir(os.path.join(folder, relative))

@@ -333,7 +333,8 @@ def kept_count(out) -> int:
 
 
 def files_in(out) -> list[str]:
-  return sorted(str(p.relative_to(out)) for p in out.rglob('*') if p.is_file())
+  """Every file and folder below `out` (an empty folder left by the killed run counts)."""
+  return sorted(str(p.relative_to(out)) + ('/' if p.is_dir() else '') for p in out.rglob('*'))
 
 
 def assert_resumed_equals_uninterrupted(out, kept: dict, uninterrupted, tolerance: float) -> float:

@@ -7,6 +7,8 @@ Usage:
   python -m beam_jobs.predict --input DIR_OR_GLOB [--input ...] --output_dir OUT \
       --model_dir EXPORT/PlanetModel[/N] [--labels_csv CSV] [Beam pipeline options]
   python -m beam_jobs.predict ... --serving_address HOST:PORT [--model_name PlanetModel]
+  python -m beam_jobs.predict ... --previous_output OUT_PREV    # predict only what changed
+  python -m beam_jobs.predict ... --resume                      # continue a killed run in OUT
 
   summary = beam_jobs.predict.run(['--input', DIR, '--output_dir', OUT, '--model_dir', EXPORT])
 
@@ -15,10 +17,14 @@ One image, keyed by its name (the file stem) from the match to the last write:
   images/a/chip_7.jpg                 matched by --input (config.image_source)
   -> ('chip_7', path)                 one path per name (rows.pick_path); the others are
                                       DUPLICATE_NAME dead letters
-  -> (('chip_7', path), uint8 pixels) read and decoded at the model's size (pipeline.ReadAndDecode)
+  [-> ('chip_7', (path, sha256))       with earlier rows (--previous_output, --resume): joined
+                                      by name with them; an unchanged image's row is reused
+                                      and it stops here (carry_over, incremental)]
+  -> (('chip_7', path, sha256), pixels) read and decoded at the model's size (ReadAndDecode)
   -> PredictionResult                 RunInference with a backend (backends/), or InputRefused
   -> prediction row                   {'image_name', 'path', 'weather', 'ground', 'tags',
-                                      'model_name', 'model_version'} (rows.result_row)
+                                      'model_name', 'model_version', 'sha256'} (rows.result_row),
+                                      also kept in OUT/completed/ for --resume (completed_rows)
   -> its lines in the outputs         a line of predictions-*.jsonl, a line of submission.csv
                                       (rows.submission_text), and its share of summary.json
                                       (stats) and report.html (report_html)
@@ -29,8 +35,9 @@ letters. The job fails after the run, publishing nothing, when more than --max_b
 the images are dead letters; otherwise it writes manifest.json last.
 
 Modules: config (flags, checks, backend), rows (pure row logic), pipeline (DoFns and the graph),
-stats (summary.json), thumbnails and report_html (report.html), backends/ (the model handlers),
-job (`run` and `main`).
+incremental (which earlier rows are reused: pure) and carry_over (its join), completed_rows
+(kept work for --resume), stats (summary.json), thumbnails, report_html and report_incremental
+(report.html), backends/ (the model handlers), job (`run` and `main`).
 """
 from beam_jobs.predict.config import (LAYOUT, Backend, JobConfig, check_inputs, check_labels_csv,
                                       image_source, make_backend, parse_args)

@@ -13,8 +13,12 @@ Usage:
   carry['removed']      # {'image_name', 'path'}: --previous_output's images gone from the inputs
   carry['kinds']        # {kind: count}, one element: the summary's `incremental` counts
 """
+import collections
+from typing import Iterable
+
 import apache_beam as beam
 from apache_beam.ml.inference.base import PredictionResult
+from apache_beam.transforms.window import GlobalWindows
 
 from beam_jobs.common.image_decoder import decode_image
 from beam_jobs.common.image_files import read_image_file
@@ -24,7 +28,8 @@ from beam_jobs.predict.incremental import (CARRIED, REMOVED, RESUMED, decide, fi
                                            parse_known_row, row_inference)
 from model.errors import InputRefused
 
-__all__ = ['CarryOver', 'Decide', 'fingerprint_file', 'keyed_known_row', 'thumbnail_items']
+__all__ = ['CarryOver', 'Decide', 'add_counts', 'fingerprint_file', 'keyed_known_row',
+           'thumbnail_items']
 
 
 def fingerprint_file(element, max_file_bytes: int):
@@ -46,13 +51,26 @@ def keyed_known_row(line: str, source: str):
   yield row['image_name'], row
 
 
+def add_counts(counts: Iterable[dict]) -> dict:
+  """{kind: count} dicts added up."""
+  total = collections.Counter()
+  for count in counts:
+    total.update(count)
+  return dict(total)
+
+
 class Decide(beam.DoFn):
   """(name, {'current', 'previous', 'completed'}) -> (name, path) to predict on the main output,
-  or a reused row ('reused'), or a removed image ('removed'); and its kind ('kinds')."""
+  or a reused row ('reused'), or a removed image ('removed'); {kind: count} of each bundle on
+  'kinds' (one element per bundle, not one per image: the carried path is the cheap one)."""
 
   def __init__(self, plan, thresholds):
     self._plan = plan
     self._thresholds = thresholds
+    self._kinds = collections.Counter()
+
+  def start_bundle(self):
+    self._kinds = collections.Counter()
 
   def process(self, element):
     name, known = element
@@ -62,13 +80,17 @@ class Decide(beam.DoFn):
       return
     kind, value = decision
     counter(f'images_{kind}').inc()
-    yield beam.pvalue.TaggedOutput('kinds', kind)
+    self._kinds[kind] += 1
     if kind in (CARRIED, RESUMED):
       yield beam.pvalue.TaggedOutput('reused', value)
     elif kind == REMOVED:
       yield beam.pvalue.TaggedOutput('removed', value)
     else:
       yield value
+
+  def finish_bundle(self):
+    if self._kinds:
+      yield beam.pvalue.TaggedOutput('kinds', GlobalWindows.windowed_value(dict(self._kinds)))
 
 
 @beam.ptransform_fn
@@ -90,9 +112,7 @@ def CarryOver(images, config: JobConfig):  # pylint: disable=invalid-name
              | 'JoinByName' >> beam.CoGroupByKey()
              | 'Decide' >> beam.ParDo(Decide(plan, config.thresholds)).with_outputs(
                  'reused', 'removed', 'kinds', main='to_predict'))
-  kinds = (decided.kinds
-           | 'CountKinds' >> beam.combiners.Count.PerElement()
-           | 'KindCounts' >> beam.combiners.ToDict())
+  kinds = decided.kinds | 'KindCounts' >> beam.CombineGlobally(add_counts)
   return {'to_predict': decided.to_predict, 'reused': decided.reused,
           'removed': decided.removed, 'kinds': kinds}
 

@@ -14,6 +14,7 @@ Usage:
 """
 import fnmatch
 import json
+import os
 import threading
 import time
 import uuid
@@ -60,10 +61,11 @@ def delete_completed(output_dir: str) -> None:
            for m in FileSystems.match([FileSystems.join(output_dir, pattern)])[0].metadata_list]
   if parts:
     FileSystems.delete(parts)
-  folder = FileSystems.join(output_dir, FOLDER)
-  if '://' not in folder and FileSystems.exists(folder) and not FileSystems.match(
-      [FileSystems.join(folder, '*')])[0].metadata_list:
-    FileSystems.delete([folder])
+  if '://' not in output_dir:   # object stores have no folders to leave behind
+    try:
+      os.rmdir(os.path.join(output_dir, FOLDER))
+    except OSError:
+      pass   # not there, or not empty: left as it is
 
 
 class KeepCompleted(beam.DoFn):

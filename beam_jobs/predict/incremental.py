@@ -42,6 +42,7 @@ FINGERPRINT = 'sha256 of the file bytes'
 CARRIED, RESUMED, REMOVED = 'carried', 'resumed', 'removed'
 NEW, CHANGED, OTHER_MODEL = 'new', 'changed', 'other_model'
 INFERRED_KINDS = (NEW, CHANGED, OTHER_MODEL)
+_LABELS = {'weather': frozenset(schema.WEATHER_LABELS), 'ground': frozenset(schema.GROUND_LABELS)}
 
 
 def fingerprint(data: bytes) -> str:
@@ -143,10 +144,6 @@ def job_identity(input_paths: list[str], model_dir: str | None, serving_address:
           'serving_address': serving_address, 'model_name': model_name}
 
 
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def parse_known_row(line: str) -> dict | None:
   """An earlier prediction row, or None when the line cannot be one (it is then never reused)."""
   try:
@@ -158,10 +155,11 @@ def parse_known_row(line: str) -> dict | None:
     return None
   if not isinstance(row.setdefault('sha256', None), (str, type(None))):
     return None   # a row written before rows had fingerprints has none: never reused
-  for head, labels in (('weather', schema.WEATHER_LABELS), ('ground', schema.GROUND_LABELS)):
+  for head, labels in _LABELS.items():
     probabilities = row.get(head)
-    if (not isinstance(probabilities, dict) or set(probabilities) != set(labels)
-        or not all(_is_number(p) for p in probabilities.values())):
+    # JSON numbers are int or float (never bool): anything else is not a probability.
+    if (not isinstance(probabilities, dict) or probabilities.keys() != labels
+        or not all(type(p) in (float, int) for p in probabilities.values())):
       return None
   return row
 
