@@ -29,7 +29,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 __all__ = ['counter', 'CountProgress', 'METRICS_NAMESPACE', 'progress_line', 'ProgressTally',
-           'query_counters', 'ShowProgress', 'show_progress_logs']
+           'query_counters', 'ShowProgress', 'show_progress_logs', 'TALLY_FOLDER_PREFIX']
+
+# The temporary folder where each process writes its running count (one small file each).
+TALLY_FOLDER_PREFIX = 'planet-progress-'
 
 METRICS_NAMESPACE = 'planet'
 _PART_SUFFIX = '.part'
@@ -75,7 +78,7 @@ class ProgressTally:
 
   @classmethod
   def create(cls) -> 'ProgressTally':
-    return cls(tempfile.mkdtemp(prefix='planet-progress-'))
+    return cls(tempfile.mkdtemp(prefix=TALLY_FOLDER_PREFIX))
 
   def done(self) -> int:
     """Elements counted so far, by every process."""
