@@ -4,7 +4,6 @@ Everything here runs before the pipeline starts, so a wrong flag, input or model
 with a message that says what to do, and no worker ever sees it.
 """
 import logging
-import os
 from typing import Any, Iterable, NamedTuple
 
 from apache_beam.io.filesystems import FileSystems
@@ -219,7 +218,7 @@ def make_backend(args) -> Backend:
       args.serving_address, model_name=args.model_name, model_version=args.model_version,
       image_size=image_size, max_batch_size=args.batch_size, **limits, **transport)
   if export:
-    versions_dir = os.path.dirname(export.version_dir.rstrip('/'))
+    versions_dir = FileSystems.split(export.version_dir.rstrip('/'))[0]
     thresholds = ThresholdsByVersion(export.ground_thresholds, versions_dir)
   else:
     logging.warning('no --model_dir: ground labels are decided at the default threshold %s; '

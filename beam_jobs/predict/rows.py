@@ -6,7 +6,7 @@ import csv
 import hashlib
 import io
 import logging
-import os
+import posixpath
 from typing import Iterable
 
 import numpy as np
@@ -55,7 +55,8 @@ class ThresholdsByVersion:
 
 def image_name(path: str) -> str:
   """The key of an image from first read to last write: its file stem."""
-  return os.path.splitext(path.rstrip('/').rsplit('/', 1)[-1])[0]
+  # posixpath: a string operation, the same on local and gs:// paths.
+  return posixpath.splitext(FileSystems.split(path.rstrip('/'))[1])[0]
 
 
 def pick_path(name: str, paths: Iterable[str]) -> tuple[str, list[str]]:
