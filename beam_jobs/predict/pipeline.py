@@ -206,9 +206,11 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
              | 'AllDeadLetters' >> beam.Flatten())
   _ = refused | 'WriteDeadLetters' >> dead_letters.WriteDeadLetters(config.dead_letters_prefix)
   # An image is settled once it is a prediction or a dead letter: the progress total is matched.
-  _ = ((all_rows, refused)
-       | 'SettledImages' >> beam.Flatten()
-       | 'Progress' >> beam.ParDo(CountProgress(progress_folder)))
+  # Counted on each branch, not after a Flatten: the local runner runs a Flatten of several
+  # stages' outputs only once they all end, and the count would jump from 0 to the total.
+  for label, settled in (('Predicted', rows.rows), ('Carried', reused), ('DeadLettered', refused)):
+    if settled is not None:
+      _ = settled | f'Progress{label}' >> beam.ParDo(CountProgress(progress_folder))
 
   _ = (all_rows
        | 'PredictionToJson' >> beam.Map(lambda row: json.dumps(row, sort_keys=True))

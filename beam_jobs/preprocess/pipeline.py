@@ -211,10 +211,13 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig,
   _ = refused | 'WriteDeadLetters' >> dead_letters.WriteDeadLetters(config.dead_letters_prefix)
 
   # A CSV row is settled once it is an Example or a dead letter: the progress total is the rows.
-  _ = ((examples, refused | 'DeadLetteredRows' >> beam.Filter(
-      lambda record: DEAD_LETTERED_ROWS in tally_dead_letter(record)))
-       | 'SettledRows' >> beam.Flatten()
-       | 'Progress' >> beam.ParDo(CountProgress(progress_folder)))
+  # Counted on each branch, not after a Flatten: the local runner runs a Flatten of several
+  # stages' outputs only once they all end, and the count would jump from 0 to the total.
+  _ = examples | 'ProgressExamples' >> beam.ParDo(CountProgress(progress_folder))
+  _ = (refused
+       | 'DeadLetteredRows' >> beam.Filter(
+           lambda record: DEAD_LETTERED_ROWS in tally_dead_letter(record))
+       | 'ProgressDeadLetteredRows' >> beam.ParDo(CountProgress(progress_folder)))
 
   tally_keys = ((rows | 'TallyRows' >> beam.Map(lambda _: CSV_ROWS),
                  parsed[ReadLabelRows.REFUSED] | 'TallyRefusedRows' >> beam.Map(
