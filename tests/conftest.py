@@ -1,10 +1,14 @@
 """Shared fixtures: sample data, and Planet data in the layout of ../shared/planet: generated
 always, the real sample too where present (PLANET_REAL_DATA_DIR moves or hides it)."""
+import contextlib
 import glob
 import json
 import os
 import pathlib
 import shutil
+import threading
+import time
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -168,3 +172,33 @@ def predict_job(tmp_path_factory, export_base, mixed_folder):
                          '--labels_csv', str(labels_csv), '--max_bad_fraction', '0.3',
                          '--overwrite'])
   return out, summary
+
+
+@contextlib.contextmanager
+def restarted_mid_job(server, calls: Callable[[], int], after: int, down_secs: float = 1.5):
+  """While the `with` body runs a job: stops `server` once `calls()` reaches `after`, and starts
+  it again `down_secs` later, on a thread. Yields what happened: `calls_before`, `restarted_at`,
+  or the `error` of the start; none of them when the job ended first."""
+  record = {}
+  job_done = threading.Event()
+
+  def restart():
+    while calls() < after:
+      if job_done.wait(0.02):
+        return
+    record['calls_before'] = calls()
+    server.stop()
+    time.sleep(down_secs)
+    try:
+      server.start()
+    except OSError as error:   # the test's assertion names it
+      record['error'] = error
+      return
+    record['restarted_at'] = time.monotonic()
+  restarter = threading.Thread(target=restart, name='restarter')
+  restarter.start()
+  try:
+    yield record
+  finally:
+    job_done.set()
+    restarter.join()

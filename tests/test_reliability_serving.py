@@ -31,7 +31,7 @@ from model.network import build_model
 from model.serving.faults import FaultInjector, Faults
 from model.serving.local_server import LocalServingServer
 from model.serving.refusal import Refusal
-from tests.conftest import REPO, read_jsonl
+from tests.conftest import REPO, read_jsonl, restarted_mid_job
 
 IMAGE_SIZE = 32
 DISTINCT_CHIPS = 50
@@ -179,41 +179,22 @@ def test_5000_images_through_faults_and_a_restart(tmp_path, chips, export_base, 
                        slow_secs=2 * REQUEST_TIMEOUT_SECS, seed=9)
   server._faults = faults  # pylint: disable=protected-access  # before start: its services take it
   server.start()
-  restart = {}
-  job_done = threading.Event()
-
-  def restart_mid_job():
-    # A fifth of the way in: about 270 calls reach the server in all.
-    while len(server.predict_request_bytes) < 60:
-      if job_done.wait(0.02):
-        return
-    restart['requests_before'] = len(server.predict_request_bytes)
-    server.stop()
-    time.sleep(1.5)
-    try:
-      server.start()
-    except OSError as error:   # the assertion below names it
-      restart['error'] = error
-      return
-    restart['restarted_at'] = time.monotonic()
-  restarter = threading.Thread(target=restart_mid_job, name='restarter')
-  restarter.start()
   started = time.monotonic()
   try:
-    summary = predict.run([
-        '--input', str(tmp_path / 'images'), '--output_dir', str(tmp_path / 'out'),
-        '--serving_address', server.address, '--model_dir', str(export_base / schema.MODEL_NAME),
-        '--request_timeout_secs', str(REQUEST_TIMEOUT_SECS),
-        '--retry_budget_secs', str(RETRY_BUDGET_SECS), '--batch_size', '128'])
+    # A fifth of the way in: about 270 calls reach the server in all.
+    with restarted_mid_job(server, lambda: len(server.predict_request_bytes), 60) as restart:
+      summary = predict.run([
+          '--input', str(tmp_path / 'images'), '--output_dir', str(tmp_path / 'out'),
+          '--serving_address', server.address, '--model_dir', str(export_base / schema.MODEL_NAME),
+          '--request_timeout_secs', str(REQUEST_TIMEOUT_SECS),
+          '--retry_budget_secs', str(RETRY_BUDGET_SECS), '--batch_size', '128'])
   finally:
-    job_done.set()
-    restarter.join()
     server.stop()
   elapsed = time.monotonic() - started
 
   # The restart happened mid-job, and the job went on against the restarted server.
   assert 'restarted_at' in restart, restart.get('error', 'the job ended before the restart')
-  assert len(server.predict_request_bytes) > restart['requests_before']
+  assert len(server.predict_request_bytes) > restart['calls_before']
   assert faults.outcomes['slow'] > 0 and faults.outcomes['UNAVAILABLE'] > 0
   assert faults.outcomes['RESOURCE_EXHAUSTED'] > 0
 

@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
@@ -38,7 +37,7 @@ from model.serving import rest_protocol
 from model.serving.faults import Faults
 from model.serving.local_server import LocalServingServer
 from model.serving.model_server import ModelServerProcess
-from tests.conftest import REPO, make_export_base, read_jsonl
+from tests.conftest import REPO, make_export_base, read_jsonl, restarted_mid_job
 from tests.test_reliability_serving import link_copies, pipeline_results  # pylint: disable=unused-import
 from tests.test_serving_handler import make_self_signed_certificate
 
@@ -515,33 +514,18 @@ def test_rest_job_through_30_percent_503_and_a_restart(tmp_path, model_dir, chip
   served = LocalServingServer(model_dir, rest_api_port=0,
                               faults=Faults(failure_fraction=0.3, seed=9))
   served.start()
-  restart = {}
-  job_done = threading.Event()
-
-  def restart_mid_job():
-    while len(served.rest_predict_body_bytes) < 4:
-      if job_done.wait(0.02):
-        return
-    restart['calls_before'] = len(served.rest_predict_body_bytes)
-    served.stop()
-    time.sleep(1.5)
-    served.start()
-    restart['done'] = True
-  restarter = threading.Thread(target=restart_mid_job, name='restarter')
-  restarter.start()
   started = time.monotonic()
   try:
-    summary = predict.run([
-        '--input', str(tmp_path / 'images'), '--output_dir', str(tmp_path / 'out'),
-        '--serving_address', served.rest_address, '--serving_protocol', 'rest',
-        '--model_dir', model_dir, '--retry_budget_secs', '20', '--batch_size', '64'])
+    with restarted_mid_job(served, lambda: len(served.rest_predict_body_bytes), 4) as restart:
+      summary = predict.run([
+          '--input', str(tmp_path / 'images'), '--output_dir', str(tmp_path / 'out'),
+          '--serving_address', served.rest_address, '--serving_protocol', 'rest',
+          '--model_dir', model_dir, '--retry_budget_secs', '20', '--batch_size', '64'])
   finally:
-    job_done.set()
-    restarter.join()
     served.stop()
   elapsed = time.monotonic() - started
 
-  assert restart.get('done'), 'the job ended before the restart'
+  assert 'restarted_at' in restart, restart.get('error', 'the job ended before the restart')
   assert len(served.rest_predict_body_bytes) > restart['calls_before']
   predicted = [r['image_name'] for r in read_jsonl(tmp_path / 'out' / PREDICTIONS)]
   assert len(predicted) == len(set(predicted)) == FAULT_IMAGES and set(predicted) == set(copies)

@@ -4,9 +4,10 @@ import difflib
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
-__all__ = [
-    'beam_flags', 'check_beam_flags', 'dry_run_description', 'is_dataflow_dry_run', 'local_runner'
-]
+from model import command_line
+
+__all__ = ['beam_flags', 'check_beam_flags', 'dry_run_description', 'is_dataflow_dry_run',
+           'local_runner', 'parse_job_args']
 
 
 def is_dataflow_dry_run(options: PipelineOptions) -> bool:
@@ -83,3 +84,14 @@ def check_beam_flags(beam_args: list[str], own_flags: list[str]) -> None:
       hint = f' (did you mean {close[0]}?)' if close else ''
       raise ValueError(f'unknown flag {flag[:100]}{hint}; --help lists the job\'s own flags, '
                        'and Beam\'s pipeline options are also accepted')
+
+
+def parse_job_args(parser, argv: list[str] | None):
+  """A Beam job's own flags, and the rest as Beam pipeline options, after refusing (one line,
+  through `parser.error`) any flag that neither the job nor Beam defines."""
+  args, beam_args = parser.parse_known_args(argv)
+  try:
+    check_beam_flags(beam_args, command_line.own_flags(parser))
+  except ValueError as e:
+    parser.error(str(e))
+  return args, beam_args

@@ -131,11 +131,7 @@ def parse_args(argv) -> tuple[Any, list[str]]:
   parser.add_argument('--resume', action='store_true',
                       help='continue an unfinished (killed or failed) run of this same job in '
                            'OUTPUT_DIR: the images it completed are not predicted again')
-  args, pipeline_args = parser.parse_known_args(argv)
-  try:
-    runner_options.check_beam_flags(pipeline_args, command_line.own_flags(parser))
-  except ValueError as e:
-    parser.error(str(e))
+  args, pipeline_args = runner_options.parse_job_args(parser, argv)
   if args.resume and args.overwrite:
     parser.error('--resume continues an unfinished run and --overwrite deletes it: give one')
   if not args.model_dir and not args.serving_address:

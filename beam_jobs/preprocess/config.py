@@ -132,11 +132,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument('--overwrite', action='store_true',
                       help='delete an earlier run of this job in --output_dir (only its own '
                            'files) before writing')
-  args, beam_args = parser.parse_known_args(argv)
-  try:
-    runner_options.check_beam_flags(beam_args, command_line.own_flags(parser))
-  except ValueError as e:
-    parser.error(str(e))
+  args, beam_args = runner_options.parse_job_args(parser, argv)
   return args, beam_args
 
 
