@@ -11,10 +11,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from model import schema
 
-__all__ = [
-    'claim_output_dir', 'manifest_path', 'ManifestMissing', 'read_manifest', 'sha256_of_file',
-    'utc_timestamp', 'write_json_atomic', 'write_manifest'
-]
+__all__ = ['is_local_path', 'manifest_path', 'ManifestMissing', 'read_manifest', 'sha256_of_file',
+           'utc_timestamp', 'write_json_atomic', 'write_manifest']
 
 
 class ManifestMissing(FileNotFoundError):
@@ -23,6 +21,11 @@ class ManifestMissing(FileNotFoundError):
 
 def manifest_path(output_dir: str) -> str:
   return FileSystems.join(output_dir, schema.MANIFEST_FILE)
+
+
+def is_local_path(path: str) -> bool:
+  """A path on this machine's file system, not an object store's URL (gs://...)."""
+  return '://' not in path
 
 
 def utc_timestamp(seconds: float | None = None) -> str:
@@ -73,23 +76,3 @@ def sha256_of_file(path: str, chunk_bytes: int = 1 << 20) -> str:
     while chunk := f.read(chunk_bytes):
       digest.update(chunk)
   return digest.hexdigest()
-
-
-def claim_output_dir(output_dir: str, overwrite: bool) -> None:
-  """Makes `output_dir` ready for a new run, or refuses with what to do.
-
-  A folder holding a finished run (a manifest) or the remains of an unfinished one is only reused
-  with `overwrite`, and then cleared first: stale outputs must never mix with new ones.
-  """
-  if not FileSystems.exists(output_dir):
-    return
-  # '**', not '*': a killed job leaves its partial files in Beam's beam-temp-* sub-folders.
-  leftovers = FileSystems.match([FileSystems.join(output_dir, '**')])[0].metadata_list
-  if not leftovers:
-    return
-  if not overwrite:
-    state = ('holds a finished run' if FileSystems.exists(manifest_path(output_dir))
-             else 'holds files of an unfinished run (no manifest)')
-    raise FileExistsError(f'{output_dir} {state}; choose another --output_dir or pass '
-                          '--overwrite to clear it first')
-  FileSystems.delete([output_dir])

@@ -30,7 +30,7 @@ import os
 from apache_beam.io.filesystems import FileSystems
 
 from model import schema
-from model.manifest import utc_timestamp
+from model.manifest import is_local_path, utc_timestamp
 
 __all__ = ['CLAIM_FILE', 'OutputLayout', 'OutputRefused', 'check_outputs_apart',
            'claim_output_dir', 'list_files', 'refuse_unknown_files', 'unknown_files',
@@ -87,12 +87,8 @@ def with_beam_temporaries(*files: str) -> tuple[str, ...]:
                               for temporary in _BEAM_TEMPORARIES)
 
 
-def _is_local(path: str) -> bool:
-  return '://' not in path
-
-
 def _normalized(path: str) -> str:
-  if _is_local(path):
+  if is_local_path(path):
     return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
   return path.rstrip('/')
 
@@ -122,12 +118,11 @@ def check_outputs_apart(outputs: dict[str, str], inputs: Inputs) -> None:
         f'{out_flag} outside every input')
 
   items = list(outputs.items())
+  given = [(flag, path) for flag, path in (inputs.items() if isinstance(inputs, dict) else inputs)
+           if path]
   for i, (out_flag, out) in enumerate(items):
     real_out = _normalized(out)
-    pairs = inputs.items() if isinstance(inputs, dict) else inputs
-    others = [(flag, path) for flag, path in pairs if path]
-    others += [(flag, path) for flag, path in items[i + 1:]]
-    for other_flag, other in others:
+    for other_flag, other in given + items[i + 1:]:
       real_other = _normalized(other)
       if real_out == real_other:
         refuse(out_flag, out, other_flag, other, 'is')
@@ -139,7 +134,7 @@ def check_outputs_apart(outputs: dict[str, str], inputs: Inputs) -> None:
 
 def list_files(folder: str) -> list[str]:
   """Every entry below `folder` that is not a folder (links not followed), relative to it."""
-  if _is_local(folder):
+  if is_local_path(folder):
     found = []
     for root, dirs, files in os.walk(folder):
       # A link to a folder is listed as an entry (never followed, never deleted through).
@@ -201,7 +196,7 @@ def _describe(files: list[str]) -> str:
 
 def _delete(folder: str, files: list[str], layout: OutputLayout) -> None:
   FileSystems.delete([FileSystems.join(folder, f) for f in files])
-  if not _is_local(folder):
+  if not is_local_path(folder):
     return   # object stores have no folders to leave behind
   # Deepest first, and only folders the layout writes into, and only when empty. A folder named
   # by a pattern (Beam's beam-temp-*) counts too when it holds nothing: a job killed before its
@@ -237,7 +232,7 @@ def _check_resumable(output_dir: str, layout: OutputLayout, proof: str, job: dic
 
 def claim_output_dir(output_dir: str, layout: OutputLayout, overwrite: bool,
                      inputs: Inputs | None = None, flag: str = '--output_dir',
-                     write_claim: bool = True, resume: bool = False,
+                     resume: bool = False,
                      job: dict | None = None) -> None:
   """Makes `output_dir` this run's, or refuses before anything is touched.
 
@@ -247,7 +242,6 @@ def claim_output_dir(output_dir: str, layout: OutputLayout, overwrite: bool,
     overwrite: delete an earlier run of this stage (proved by its manifest or claim file).
     inputs: flag -> input path; the folder may not overlap any of them.
     flag: the output folder's flag, for messages.
-    write_claim: False for a stage that publishes no claim file (it still gets every check).
     resume: continue an unfinished run of the same `job`: its files are deleted except
       `layout.kept_on_resume`. An empty or new folder simply starts; a finished run is refused.
     job: what makes two runs the same job (JSON values), recorded in the claim file.
@@ -256,7 +250,7 @@ def claim_output_dir(output_dir: str, layout: OutputLayout, overwrite: bool,
     OutputRefused: with what it holds and what to do.
   """
   check_outputs_apart({flag: output_dir}, inputs or {})
-  if _is_local(output_dir) and os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+  if is_local_path(output_dir) and os.path.lexists(output_dir) and not os.path.isdir(output_dir):
     raise OutputRefused(f'{flag} {output_dir} is a file, not a folder: give a folder path '
                         '(it is created when missing)')
   files = refuse_unknown_files(output_dir, layout, flag)
@@ -279,13 +273,13 @@ def claim_output_dir(output_dir: str, layout: OutputLayout, overwrite: bool,
           f'{flag} {output_dir} holds {what} of {layout.stage}; pass --overwrite to delete '
           f'exactly those {_count(files, "file")}{or_resume}, or choose another {flag}')
     # The manifest goes first: from here on the folder reads as unfinished to every consumer.
-    first = [f for f in files if f == schema.MANIFEST_FILE]
-    _delete(output_dir, first, layout)
-    _delete(output_dir, [f for f in files if f not in first and f != CLAIM_FILE], layout)
-  if write_claim:
-    if _is_local(output_dir):
-      os.makedirs(output_dir, exist_ok=True)
-    claim = {'stage': layout.stage, 'claimed': utc_timestamp(),
-             **({'job': job} if job is not None else {})}
-    with FileSystems.create(FileSystems.join(output_dir, CLAIM_FILE)) as f:
-      f.write(json.dumps(claim).encode('utf-8'))
+    if schema.MANIFEST_FILE in files:
+      FileSystems.delete([FileSystems.join(output_dir, schema.MANIFEST_FILE)])
+    _delete(output_dir, [f for f in files if f not in (schema.MANIFEST_FILE, CLAIM_FILE)],
+            layout)
+  if is_local_path(output_dir):
+    os.makedirs(output_dir, exist_ok=True)
+  claim = {'stage': layout.stage, 'claimed': utc_timestamp(),
+           **({'job': job} if job is not None else {})}
+  with FileSystems.create(FileSystems.join(output_dir, CLAIM_FILE)) as f:
+    f.write(json.dumps(claim).encode('utf-8'))

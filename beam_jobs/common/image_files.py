@@ -21,6 +21,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from model.errors import InputRefused, Reason
+from model.manifest import is_local_path
 
 __all__ = ['DEFAULT_MAX_FILE_BYTES', 'ImageSource', 'list_image_files', 'read_image_file']
 
@@ -32,10 +33,6 @@ _FILE_KINDS = ((stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a FIFO (named pipe)'
                (stat.S_ISCHR, 'a character device'), (stat.S_ISBLK, 'a block device'),
                (stat.S_ISSOCK, 'a socket'))
 _GLOB_CHARACTERS = '*?['
-
-
-def _is_local(path: str) -> bool:
-  return '://' not in path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +50,7 @@ class ImageSource:
   @classmethod
   def of(cls, given: str, extensions: tuple[str, ...] = ()) -> 'ImageSource':
     """A folder that exists is taken literally, even when its name holds glob characters."""
-    if _is_local(given):
+    if is_local_path(given):
       path = os.path.abspath(os.path.expanduser(given))
       if os.path.isdir(path):
         return cls('folder', path)
@@ -78,7 +75,7 @@ class ImageSource:
   @classmethod
   def files_in(cls, folder: str, extension: str) -> 'ImageSource':
     """The files directly in `folder` named *`extension`; the folder's name taken literally."""
-    if _is_local(folder):
+    if is_local_path(folder):
       return cls('glob', os.path.join(glob.escape(os.path.abspath(folder)), '*' + extension))
     return cls('glob', FileSystems.join(folder, '*' + extension))
 
@@ -98,7 +95,7 @@ def _walk_local(folder: str, extensions: tuple[str, ...]) -> Iterator[str]:
 
 def list_image_files(source: ImageSource, extensions: tuple[str, ...]) -> Iterator[str]:
   """Every entry of `source` whose name ends with one of `extensions` (case-insensitive)."""
-  if _is_local(source.path):
+  if is_local_path(source.path):
     if source.kind == 'folder':
       yield from _walk_local(source.path, extensions)
     elif source.kind == 'glob':
@@ -172,7 +169,7 @@ def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes
     InputRefused: NOT_A_REGULAR_FILE, BROKEN_LINK, FILE_TOO_LARGE, MISSING_IMAGE or
       UNREADABLE_FILE, with what to do.
   """
-  if _is_local(path):
+  if is_local_path(path):
     return _read_local(path, max_bytes)
   try:
     matched = FileSystems.match([path])[0].metadata_list

@@ -22,6 +22,8 @@ import uuid
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from model.manifest import is_local_path
+
 __all__ = ['FILE_PATTERN', 'FOLDER', 'KeepCompleted', 'LAYOUT_PATTERNS', 'delete_completed',
            'is_part_file', 'list_completed', 'write_part']
 
@@ -61,7 +63,7 @@ def delete_completed(output_dir: str) -> None:
            for m in FileSystems.match([FileSystems.join(output_dir, pattern)])[0].metadata_list]
   if parts:
     FileSystems.delete(parts)
-  if '://' not in output_dir:   # object stores have no folders to leave behind
+  if is_local_path(output_dir):   # object stores have no folders to leave behind
     try:
       os.rmdir(os.path.join(output_dir, FOLDER))
     except OSError:

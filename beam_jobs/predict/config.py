@@ -166,8 +166,8 @@ def check_inputs(sources: Iterable[ImageSource]) -> None:
 
 
 def check_labels_csv(path: str) -> None:
-  """A wrong header or a file without rows fails here, not on a worker."""
-  labels.read_label_lines(path)
+  """A wrong header (ValueError from `has_data_rows`) or a file without rows fails here, not on
+  a worker."""
   if not labels.has_data_rows(path):
     raise ValueError(f'--labels_csv {path} has a header but no rows: nothing to score against')
 

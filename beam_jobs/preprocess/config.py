@@ -10,7 +10,7 @@ from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS
 from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files
 from beam_jobs.preprocess.rules import estimate_num_shards
 from model import command_line, schema
-from model.manifest import sha256_of_file
+from model.manifest import is_local_path, sha256_of_file
 
 __all__ = ['ConfigError', 'CsvFacts', 'DEFAULT_EVAL_FRACTION',
            'DESCRIPTION', 'IMAGE_EXTENSION', 'PreprocessConfig', 'SHARD_FILE_PREFIX',
@@ -63,10 +63,6 @@ class CsvFacts:
   rows: int | None    # its data records: the job's csv_rows, and its progress total
 
 
-def _is_local(path: str) -> bool:
-  return '://' not in path
-
-
 def inspect_labels_csv(path: str) -> CsvFacts:
   """Checks the CSV exists and has a labels header; hashes it and counts its data records.
 
@@ -75,7 +71,7 @@ def inspect_labels_csv(path: str) -> CsvFacts:
   """
   if not FileSystems.exists(path):
     raise ConfigError(f'--labels_csv {path} does not exist')
-  if _is_local(path) and not os.path.isfile(path):
+  if is_local_path(path) and not os.path.isfile(path):
     raise ConfigError(f'--labels_csv {path} is not a regular file')
   try:
     fmt, records = labels.read_label_lines(path)
@@ -91,7 +87,7 @@ def inspect_labels_csv(path: str) -> CsvFacts:
 
 def check_images_dir(images_dir: str) -> None:
   """Refuses an images folder that is missing or holds no .jpg file (every row would fail)."""
-  if _is_local(images_dir) and not os.path.isdir(images_dir):
+  if is_local_path(images_dir) and not os.path.isdir(images_dir):
     state = 'is not a folder' if os.path.lexists(images_dir) else 'does not exist'
     raise ConfigError(f'--images_dir {images_dir} {state}')
   source = ImageSource.files_in(images_dir, IMAGE_EXTENSION)
@@ -175,9 +171,9 @@ def validate_config(args: argparse.Namespace,
   """
   _check_ranges(args)
   facts = CsvFacts(None, None, None)
-  if check_paths or _is_local(args.labels_csv):
+  if check_paths or is_local_path(args.labels_csv):
     facts = inspect_labels_csv(args.labels_csv)
-  if check_paths or _is_local(args.images_dir):
+  if check_paths or is_local_path(args.images_dir):
     check_images_dir(args.images_dir)
   config = PreprocessConfig(
       labels_csv=args.labels_csv, images_dir=args.images_dir, output_dir=args.output_dir,
