@@ -26,10 +26,10 @@ class LoadedExport:
   """The loaded SavedModel and its serving signature (Beam's shared cache needs a weak-referable
   object; the signature alone holds only weak references to the model's variables)."""
 
-  def __init__(self, version_dir: str):
+  def __init__(self, version_dir: str, signature: str = schema.SERVING_SIGNATURE):
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     self.saved_model = tf.saved_model.load(version_dir)
-    self.signature = self.saved_model.signatures[schema.SERVING_SIGNATURE]
+    self.signature = self.saved_model.signatures[signature]
 
   def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     outputs = self.signature(**{schema.INPUT_IMAGES: images})
@@ -37,18 +37,20 @@ class LoadedExport:
 
 
 class SavedModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
-  """Runs `serving_default` of one export version on batches of uint8 [H, W, 3] images.
+  """Runs `serving_default` (or `signature`) of one export version on batches of uint8 [H, W, 3] images.
 
   Usage: `RunInference(KeyedModelHandler(SavedModelHandler(inspect_export(path))))`
   """
 
-  def __init__(self, export: ExportInfo, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+  def __init__(self, export: ExportInfo, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+               signature: str = schema.SERVING_SIGNATURE):
     super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
     self._export = export
+    self._signature = signature
     self._model_id = model_id(schema.MODEL_NAME, export.version)
 
   def load_model(self) -> LoadedExport:
-    return LoadedExport(self._export.version_dir)
+    return LoadedExport(self._export.version_dir, self._signature)
 
   def run_inference(self, batch: Sequence[np.ndarray], model,
                     inference_args: Optional[dict[str, Any]] = None) -> Iterable[PredictionResult]:
