@@ -1,8 +1,12 @@
 """The benchmark's inputs, made once and reused: generated chip sets, an export, a prepared set.
 
 Chip i of `make_sample(seed)` is the same whatever the count, so only the largest set is drawn;
-a smaller set is the first n chips of it, hard-linked, with the first n CSV rows. A folder is
-complete once its `done.json` exists (written last), so an interrupted generation is redone.
+a smaller set is the first n chips of it, hard-linked, with the first n CSV rows. Drawing runs
+at ~100 chips/s, so no more than `MAX_DRAWN` chips are drawn: a larger set repeats the drawn
+ones under new names (chip j is drawn chip j mod MAX_DRAWN, hard-linked as `train_<j>` with that
+chip's tags): the same decode and model work per chip, with the first MAX_DRAWN chips identical
+to the drawn set. A folder is complete once its `done.json` exists (written last), so an
+interrupted generation is redone.
 
 Usage: python -m benchmarks.workspace --work /tmp/planet_bench --count 10000   # make it ahead
 """
@@ -14,6 +18,7 @@ import time
 
 SEED = 0
 IMAGE_SIZE = 128
+MAX_DRAWN = 10000
 _DONE = 'done.json'
 
 
@@ -36,8 +41,10 @@ def chips(work: str, count: int, draw_at_least: int = 0) -> str:
   if _is_done(folder):
     return folder
   larger = _largest_done(work, count)
+  if larger is None and count > MAX_DRAWN:
+    return _repeated(work, folder, count, chips(work, MAX_DRAWN))
   if larger is None and draw_at_least > count:
-    larger = chips(work, draw_at_least)
+    larger = chips(work, min(draw_at_least, MAX_DRAWN))   # drawn: never above MAX_DRAWN
   shutil.rmtree(folder, ignore_errors=True)
   if larger is None:
     from beam_jobs.make_sample import make_sample  # pylint: disable=import-outside-toplevel
@@ -59,6 +66,27 @@ def chips(work: str, count: int, draw_at_least: int = 0) -> str:
   return folder
 
 
+def _repeated(work: str, folder: str, count: int, drawn: str) -> str:
+  """WORK/data/chips_<count>: the drawn chips repeated under new names (see the module doc)."""
+  del work
+  shutil.rmtree(folder, ignore_errors=True)
+  os.makedirs(os.path.join(folder, 'train-jpg'))
+  with open(os.path.join(drawn, 'train_v2.csv'), encoding='utf-8') as f:
+    lines = f.read().splitlines()
+  header, rows = lines[0], [line.split(',', 1) for line in lines[1:] if line]
+  out_rows = []
+  for j in range(count):
+    name, tags = rows[j % len(rows)]
+    new_name = name if j < len(rows) else f'train_{j}'
+    os.link(os.path.join(drawn, 'train-jpg', name + '.jpg'),
+            os.path.join(folder, 'train-jpg', new_name + '.jpg'))
+    out_rows.append(f'{new_name},{tags}')
+  with open(os.path.join(folder, 'train_v2.csv'), 'w', encoding='utf-8') as f:
+    f.write('\n'.join([header, *out_rows]) + '\n')
+  _mark_done(folder, {'count': count, 'seed': SEED, 'repeated_from': drawn})
+  return folder
+
+
 def _largest_done(work: str, at_least: int) -> str | None:
   data = os.path.join(work, 'data')
   if not os.path.isdir(data):
@@ -67,7 +95,8 @@ def _largest_done(work: str, at_least: int) -> str | None:
                    if name.startswith('chips_') and name.split('_')[1].isdigit()), reverse=True)
   for count in counts:
     folder = os.path.join(data, f'chips_{count}')
-    if count > at_least and _is_done(folder) and 'linked_from' not in _read_done(folder):
+    done = _is_done(folder) and _read_done(folder)
+    if count > at_least and done and not {'linked_from', 'repeated_from'} & set(done):
       return folder
   return None
 
