@@ -26,6 +26,7 @@ class CommandRun:
   peak_rss_mb: float       # largest sampled total RSS of the command and its descendants
   max_process_rss_mb: float  # largest sampled RSS of a single process of the tree
   output_tail: str
+  cpu_seconds: float = 0.0   # user + system CPU of the command and the children it waited for
 
 
 def _children(pid: int) -> list[int]:
@@ -72,6 +73,7 @@ def _run_in_this_process(command: list[str]) -> CommandRun:
   if command[:2] != [sys.executable, '-m']:
     raise ValueError(f'only `python -m module ...` runs in process, not {command}')
   output = io.StringIO()
+  cpu_before = resource.getrusage(resource.RUSAGE_SELF)
   started = time.perf_counter()
   try:
     with contextlib.redirect_stdout(output):
@@ -81,8 +83,9 @@ def _run_in_this_process(command: list[str]) -> CommandRun:
       raise subprocess.CalledProcessError(1, command, output=f'{output.getvalue()}{e}') from None
   seconds = time.perf_counter() - started
   rss = tree_rss_bytes(os.getpid()) / 2**20
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  return CommandRun(seconds, rss, peak, output.getvalue()[-4000:])
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  cpu = (usage.ru_utime - cpu_before.ru_utime) + (usage.ru_stime - cpu_before.ru_stime)
+  return CommandRun(seconds, rss, usage.ru_maxrss / 1024, output.getvalue()[-4000:], cpu)
 
 
 def run_command(command: list[str], timeout_s: float = 3600, env: dict | None = None,
@@ -109,7 +112,8 @@ def run_command(command: list[str], timeout_s: float = 3600, env: dict | None = 
     killer = threading.Timer(timeout_s, process.kill)
     killer.start()
     try:
-      _, status, _ = os.wait4(process.pid, 0)
+      # wait4's usage covers the process and every child it waited for (Beam's workers).
+      _, status, usage = os.wait4(process.pid, 0)
     except BaseException:
       process.kill()
       process.wait()
@@ -125,4 +129,5 @@ def run_command(command: list[str], timeout_s: float = 3600, env: dict | None = 
   os.remove(log_path)
   if process.returncode != 0:
     raise subprocess.CalledProcessError(process.returncode, command, output=tail)
-  return CommandRun(seconds, peak / 2**20, largest / 2**20, tail)
+  return CommandRun(seconds, peak / 2**20, largest / 2**20, tail,
+                    usage.ru_utime + usage.ru_stime)

@@ -24,6 +24,11 @@ class Plan:
   train_warmup_steps: int    # training steps before the clock starts (tracing, buffers)
   train_steps: int           # training steps timed
   input_batches: int         # tf.data batches timed per run of the input-rate figure
+  # Against the plain scripts (issue 14): preprocess is timed at two larger sizes, since the
+  # plain Pool script is fast enough that 2,000 chips are mostly start-up; memory at a third.
+  script_small: int = 10000  # chips in the small preprocess run against the plain script
+  script_big: int = 50000    # chips in the big one
+  memory_big: int = 100000   # one run of each job here; its peak RSS against the 10,000-chip one
   commands_in_process: bool = False  # call each command's main() here (tiny: tests the harness)
 
   def describe(self) -> dict:
@@ -34,9 +39,11 @@ PLANS = {
     'full': Plan('full', small=2000, big=10000, repeats=3, loop_images=3000,
                  train_warmup_steps=10, train_steps=60, input_batches=200),
     'quick': Plan('quick', small=300, big=1500, repeats=1, loop_images=600,
-                  train_warmup_steps=5, train_steps=20, input_batches=60),
+                  train_warmup_steps=5, train_steps=20, input_batches=60,
+                  script_small=1500, script_big=6000, memory_big=6000),
     'tiny': Plan('tiny', small=8, big=24, repeats=1, loop_images=24,
-                 train_warmup_steps=1, train_steps=2, input_batches=2, commands_in_process=True),
+                 train_warmup_steps=1, train_steps=2, input_batches=2,
+                 script_small=8, script_big=24, memory_big=32, commands_in_process=True),
 }
 
 
@@ -69,6 +76,12 @@ def two_size_figures(plan: Plan, small_runs: list, big_runs: list) -> dict:
       'images_per_s_steady_runs': steady_per_run(plan.describe(), [r.seconds for r in small_runs],
                                                  [r.seconds for r in big_runs]),
       'startup_s': (t_small - plan.small / steady) if steady else None,
+      'cpu_seconds_small': [round(r.cpu_seconds, 2) for r in small_runs],
+      'cpu_seconds_big': [round(r.cpu_seconds, 2) for r in big_runs],
+      # CPU per image once running: what the command costs the machine, whatever the load.
+      'cpu_ms_per_image_steady': 1000 * (median(r.cpu_seconds for r in big_runs)
+                                         - median(r.cpu_seconds for r in small_runs))
+                                 / (plan.big - plan.small),
       'peak_rss_mb_small': max(r.peak_rss_mb for r in small_runs),
       'peak_rss_mb_big': max(r.peak_rss_mb for r in big_runs),
       'max_process_rss_mb_small': max(r.max_process_rss_mb for r in small_runs),

@@ -3,6 +3,7 @@
 The words are written from the figures of the same run, so a re-run on another machine explains
 its own numbers.
 """
+from benchmarks import report_vs_script
 from benchmarks.plan import steady_per_run
 
 AIMS = (
@@ -43,8 +44,9 @@ def _verdict(measured, target, lower_is_better) -> dict:
 def check_aims(r: dict) -> list[dict]:
   """Each aim whose section ran: the measured ratio, met or not, and why in plain words."""
   aims = []
-  for aim_id, what, target, lower in AIMS:
-    why = _WHY[aim_id](r)
+  explain = {**_WHY, **report_vs_script.WHY}
+  for aim_id, what, target, lower in AIMS + report_vs_script.AIMS:
+    why = explain[aim_id](r)
     if why is None:
       continue
     measured, text = why
@@ -310,6 +312,7 @@ def headline(r: dict) -> list[str]:
                  f'{_n(q["job_grpc"]["peak_rss_mb_big"])} (gRPC)',
                  _x(max(q[j]['peak_rss_growth'] for j in ('job_in_process', 'job_grpc'))),
                  '<= 1.15x', met.get('predict_memory', '')])
+  rows += report_vs_script.headline_rows(r, met)
   return _table(['figure', 'project', 'measured against', 'ratio', 'aim', 'verdict'], rows)
 
 
@@ -498,6 +501,7 @@ def render(r: dict) -> str:
     lines += _predict_section(r)
   if 'decode' in r:
     lines += _decode_section(r)
+  lines += report_vs_script.section(r, _table)
   lines += [
       '## How it was measured', '',
       f'- The same chips everywhere: `make_sample` seed 0; the {plan["small"]:,}-chip set is the '
@@ -536,7 +540,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   with open(args.results_json, encoding='utf-8') as f:
     results = json.load(f)
-  for section in ('preprocess', 'predict'):
+  for section in ('preprocess', 'predict', 'preprocess_vs_script', 'predict_vs_script'):
     for figures in results.get(section, {}).values():
       if isinstance(figures, dict) and 'seconds_small' in figures:
         figures['images_per_s_steady_runs'] = steady_per_run(

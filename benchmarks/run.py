@@ -1,11 +1,14 @@
 """The benchmark driver: every stage measured in one run, on the same chips, written as a table.
 
 Usage: python -m benchmarks [--quick | --tiny] [--work /tmp/planet_bench] [--out DIR]
-                            [--only decode,preprocess,training,predict]
+                            [--only decode,preprocess,training,predict,
+                                    preprocess_vs_script,predict_vs_script]
 
-  (default) the full run: 2,000 and 10,000 chips, 3 runs of every figure; writes
+  (default) the full run: 2,000 and 10,000 chips, 3 runs of every figure (preprocess against
+            the plain script at 10,000 and 50,000, and each job's memory at 100,000); writes
             benchmarks/RESULTS.md and benchmarks/results.json.
-  --quick   300 and 1,500 chips, 1 run each (a few minutes); writes to WORK/quick/.
+  --quick   300 and 1,500 chips (1,500 and 6,000 for preprocess against the plain script), 1 run
+            each (a few minutes); writes to WORK/quick/.
   --tiny    8 and 24 chips, each command's main() called in this process: tests the harness
             (its figures mean nothing); writes to WORK/tiny/.
   --small, --big, --repeats override a preset's sizes (and then write to WORK/<preset>_custom/
@@ -28,12 +31,13 @@ import threading
 import time
 
 from benchmarks import (measure_decode, measure_predict, measure_preprocess, measure_training,
-                        report, workspace)
+                        report, vs_script_predict, vs_script_preprocess, workspace)
 from benchmarks.plan import PLANS
 
 # Each section's module measures it; `python -m benchmarks --only NAME` runs one of them.
 MEASURES = {'decode': measure_decode, 'preprocess': measure_preprocess,
-            'training': measure_training, 'predict': measure_predict}
+            'training': measure_training, 'predict': measure_predict,
+            'preprocess_vs_script': vs_script_preprocess, 'predict_vs_script': vs_script_predict}
 SECTIONS = tuple(MEASURES)
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 

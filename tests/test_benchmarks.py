@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from benchmarks import commands, report
+from benchmarks import commands, report, report_vs_script
 from benchmarks import plan as plan_lib
 
 
@@ -110,14 +110,30 @@ def test_tiny_run_measures_every_figure_and_renders_the_tables(tmp_path):
   for chips in ('sample',):
     for figure in ('with_draft.images_per_s', 'without_draft.images_per_s', 'draft_speedup'):
       number(f'decode.{chips}.{figure}')
+  plan = on_disk['plan']
+  prep = on_disk['preprocess_vs_script']
+  for contender in ('plain_script', 'job_in_process'):
+    for figure in ('images_per_s_overall_small', 'images_per_s_overall_big', 'peak_rss_mb_big'):
+      number(f'preprocess_vs_script.{contender}.{figure}')
+    assert prep[contender]['examples_written_big'] == plan['script_big']   # every chip, both
+  assert prep['memory']['examples_written'] == plan['memory_big']
+  predict = on_disk['predict_vs_script']
+  for contender in ('plain_loop', 'job_in_process', 'job_unchanged', 'plain_grpc_client',
+                    'job_grpc'):
+    number(f'predict_vs_script.{contender}.images_per_s_overall_big')
+    # The unchanged folder again: every row written, every one carried, none inferred.
+    said = predict[contender]['said_big']
+    assert said['rows'] == plan['big'], contender
+    assert said['inferred'] == (0 if contender == 'job_unchanged' else plan['big']), contender
+  assert predict['memory']['predicted'] == plan['memory_big']
   number('machine.cpus')
   number('duration_s')
-  assert {a['id'] for a in on_disk['aims']} == {a[0] for a in report.AIMS}
+  assert {a['id'] for a in on_disk['aims']} == {a[0] for a in report.AIMS + report_vs_script.AIMS}
   assert all(a['why'] for a in on_disk['aims'])
 
   markdown = (tmp_path / 'out' / 'RESULTS.md').read_text()
   for heading in ('## The aims', '## 1. Preprocess', '## 2. Training input', '## 3. Prediction',
-                  '## 4. JPEG decode'):
+                  '## 4. JPEG decode', '## 5. Against the scripts'):
     assert heading in markdown
   assert markdown.count('- **') == len(on_disk['aims'])
   _table_is_well_formed(markdown)
