@@ -4,6 +4,9 @@ The words are written from the figures of the same run, so a re-run on another m
 its own numbers.
 """
 from benchmarks import report_vs_script
+from benchmarks.formatting import n as _n
+from benchmarks.formatting import table as _table
+from benchmarks.formatting import x as _x
 from benchmarks.plan import steady_per_run
 
 AIMS = (
@@ -18,20 +21,6 @@ AIMS = (
     ('predict_memory', 'predict job\'s peak memory does not grow with the number of images', 1.15,
      True),
 )
-
-
-def _n(value, digits=0) -> str:
-  if value is None:
-    return 'n/a'
-  if digits == 0:
-    return f'{value:,.0f}'
-  return f'{value:,.{digits}f}'
-
-
-def _x(value) -> str:
-  if value is None:
-    return 'n/a'
-  return f'{value:.2f}x' if value < 10 else f'{value:.1f}x'
 
 
 def _verdict(measured, target, lower_is_better) -> dict:
@@ -251,12 +240,6 @@ _WHY = {
 
 
 # ----------------------------------------------------------------------------- tables
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(' --- ' for _ in header) + '|']
-  lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
-  return lines
 
 
 def headline(r: dict) -> list[str]:
@@ -501,7 +484,7 @@ def render(r: dict) -> str:
     lines += _predict_section(r)
   if 'decode' in r:
     lines += _decode_section(r)
-  lines += report_vs_script.section(r, _table)
+  lines += report_vs_script.section(r)
   lines += [
       '## How it was measured', '',
       f'- The same chips everywhere: `make_sample` seed 0; the {plan["small"]:,}-chip set is the '

@@ -1,9 +1,12 @@
 """The aims and tables of the runs against the plain scripts (issue 14) and the incremental run
 (issue 16): results.json -> plain words and markdown, from the figures of the same run.
 
-report.py calls `check` and `section`; the ratios are taken within one run, the contenders
-interleaved.
+report.py reads AIMS, WHY, `headline_rows` and `section`; the ratios are taken within one run,
+the contenders interleaved.
 """
+from benchmarks.formatting import n as _n
+from benchmarks.formatting import table
+from benchmarks.formatting import x as _x
 
 # id, what, target, lower is better
 AIMS = (
@@ -22,18 +25,6 @@ AIMS = (
     ('unchanged_folder', 'an unchanged folder run again with --previous_output: cost per image '
      '>= 5x lower than a full run\'s', 5.0, False),
 )
-
-
-def _n(value, digits=0) -> str:
-  if value is None:
-    return 'n/a'
-  return f'{value:,.{digits}f}'
-
-
-def _x(value) -> str:
-  if value is None:
-    return 'n/a'
-  return f'{value:.2f}x' if value < 10 else f'{value:.1f}x'
 
 
 def _cpu(f: dict) -> str:
@@ -210,8 +201,8 @@ def _row(name: str, approach: str, f: dict, small: int, big: int) -> list[str]:
           f'{_n(f["peak_rss_mb_small"])} / {_n(f["peak_rss_mb_big"])}']
 
 
-def section(r: dict, table) -> list[str]:
-  """'## 5. Against the plain scripts', with `table(header, rows)` from report.py."""
+def section(r: dict) -> list[str]:
+  """'## 5. Against the scripts a user would write instead': the two tables."""
   p, q, plan = r.get('preprocess_vs_script'), r.get('predict_vs_script'), r['plan']
   if not p and not q:
     return []
