@@ -279,9 +279,14 @@ def test_pipeline_routes_every_bad_input_to_its_dead_letter(bad_mix, tmp_path):
     outputs = preprocess.build_pipeline(p, config)
     assert_that(outputs.dead_letters | beam.Map(lambda r: (r['image_name'], r['reason'])),
                 equal_to(expected), label='CheckDeadLetters')
-    assert_that(outputs.examples | beam.Map(lambda e: (e.row.image_name, e.split)),
-                equal_to([(n, preprocess.assign_split(n, 0.2)) for n in good]),
-                label='CheckExamples')
+    for split in schema.SPLITS:
+      assert_that(outputs.shards[split], equal_to([[str(tmp_path / split /
+                                                          'part-00000-of-00001.tfrecord')]]),
+                  label=f'Check{split}Shards')
+  shards = {split: [f'{split}/part-00000-of-00001.tfrecord'] for split in schema.SPLITS}
+  examples = _read_examples(tmp_path, {'compression': 'none', 'shards': shards})
+  assert sorted((n, e['split']) for n, e in examples.items()) == sorted(
+      (n, preprocess.assign_split(n, 0.2)) for n in good)
   counts = json.loads((tmp_path / schema.COUNTS_FILE).read_text())
   assert counts['csv_rows'] == len(good) + sum(r != 'IMAGE_WITHOUT_ROW' for _, r in expected)
 

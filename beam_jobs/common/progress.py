@@ -28,8 +28,9 @@ from typing import TextIO
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-__all__ = ['counter', 'CountProgress', 'METRICS_NAMESPACE', 'progress_line', 'ProgressTally',
-           'query_counters', 'ShowProgress', 'show_progress_logs', 'TALLY_FOLDER_PREFIX']
+__all__ = ['counter', 'count_progress', 'CountProgress', 'METRICS_NAMESPACE', 'progress_line',
+           'ProgressTally', 'query_counters', 'ShowProgress', 'show_progress_logs',
+           'tally_folder_exists', 'TALLY_FOLDER_PREFIX']
 
 # The temporary folder where each process writes its running count (one small file each).
 TALLY_FOLDER_PREFIX = 'planet-progress-'
@@ -99,12 +100,36 @@ class ProgressTally:
     os.rmdir(self.folder)
 
 
+def count_progress(tally_folder: str, added: int, write_now: bool = False) -> None:
+  """Adds `added` elements to this process's count in a `ProgressTally` folder.
+
+  For a DoFn that settles many elements at once (the preprocess job's fused encoder); one that
+  passes elements through uses `CountProgress`. The count is per process (shared by its threads)
+  and per folder, so two pipelines in one process never add up. It is written at most every half
+  second, and whenever `write_now` (at the end of a bundle).
+  """
+  now = time.monotonic()
+  with CountProgress._lock:
+    done = CountProgress._done[tally_folder] = CountProgress._done.get(tally_folder, 0) + added
+    if not write_now and now - CountProgress._written.get(tally_folder, 0.0) < _WRITE_EVERY_SECONDS:
+      return
+    CountProgress._written[tally_folder] = now
+    # Written whole, then renamed: the driver never reads half a number.
+    part = pathlib.Path(tally_folder, f'{os.getpid()}{_PART_SUFFIX}')
+    part.write_text(str(done))
+    os.replace(part, part.with_suffix(''))
+
+
+def tally_folder_exists(tally_folder: str | None) -> bool:
+  """Whether this worker can count into the folder (a local run; never a Dataflow worker)."""
+  return bool(tally_folder) and os.path.isdir(tally_folder)
+
+
 class CountProgress(beam.DoFn):
   """Passes elements through, counting them into a `ProgressTally` folder (None: no counting).
 
-  The count is per process (class-level, shared by the process's threads) and per folder, so two
-  pipelines in one process never add up. It is written at most every half second and at the end
-  of each bundle. A worker on another machine (Dataflow) has no such folder and counts nothing.
+  The count (`count_progress`) is written at most every half second and at the end of each
+  bundle. A worker on another machine (Dataflow) has no such folder and counts nothing.
   """
   _lock = threading.Lock()
   _done: dict[str, int] = {}
@@ -115,29 +140,16 @@ class CountProgress(beam.DoFn):
     self._active = False
 
   def setup(self):
-    self._active = bool(self._folder) and os.path.isdir(self._folder)
+    self._active = tally_folder_exists(self._folder)
 
   def process(self, element):
     if self._active:
-      self._count(1, write_now=False)
+      count_progress(self._folder, 1)
     yield element
 
   def finish_bundle(self):
     if self._active:
-      self._count(0, write_now=True)
-
-  def _count(self, added: int, write_now: bool) -> None:
-    cls = CountProgress
-    now = time.monotonic()
-    with cls._lock:
-      done = cls._done[self._folder] = cls._done.get(self._folder, 0) + added
-      if not write_now and now - cls._written.get(self._folder, 0.0) < _WRITE_EVERY_SECONDS:
-        return
-      cls._written[self._folder] = now
-      # Written whole, then renamed: the driver never reads half a number.
-      part = pathlib.Path(self._folder, f'{os.getpid()}{_PART_SUFFIX}')
-      part.write_text(str(done))
-      os.replace(part, part.with_suffix(''))
+      count_progress(self._folder, 0, write_now=True)
 
 
 def _clock(seconds: float | None) -> str:

@@ -1,4 +1,18 @@
-"""A fixed-shard TFRecord sink whose memory does not grow with the number of records."""
+"""A fixed-shard TFRecord sink that writes each record once and holds no record in a grouping.
+
+Records are written where they are made, into part files: one per (bundle, shard), compressed as
+the shard will be. Only the part names are grouped by shard. A shard made of one part is that part
+renamed, so on a local run (one bundle per worker) every byte is written once; a shard of several
+parts is their bytes one after another (TFRecord framing and gzip members both concatenate into a
+valid file, read whole by tf.data and by Beam's TFRecord reader), copied without recompressing.
+
+Usage (the records' own sink):
+  examples | 'WriteTrain' >> WriteSplit('out/train/part', num_shards=4, compression='gzip')
+Usage (records written inside a DoFn that does more, e.g. the preprocess job's fused encoder):
+  parts = ShardPartWriter(parts_dir_for(prefix), 'gzip'); parts.write(shard, record); ...
+  yield from parts.close()                          # (shard, part path) pairs, in finish_bundle
+  part_names | PublishShards(prefix, num_shards, 'gzip', parts_dir)
+"""
 import logging
 import shutil
 import uuid
@@ -14,8 +28,9 @@ from apache_beam.transforms.window import GlobalWindows
 
 from model import schema
 
-__all__ = ['WriteShardParts', 'WriteSplit', 'concatenate_parts', 'delete_parts_dir',
-           'shard_glob', 'shard_path']
+__all__ = ['PublishShards', 'ShardPartWriter', 'WriteShardParts', 'WriteSplit',
+           'delete_parts_dir', 'parts_dir_for', 'publish_shard', 'shard_glob', 'shard_of',
+           'shard_path', 'shard_pattern']
 
 # The --compression names of model/schema.py, as Beam's FileSystems spells them.
 _BEAM_COMPRESSION = {'none': CompressionTypes.UNCOMPRESSED, 'gzip': CompressionTypes.GZIP}
@@ -35,60 +50,115 @@ def shard_glob(file_path_prefix: str, compression: str) -> str:
   return f'{file_path_prefix}-?????-of-?????{schema.SHARD_SUFFIXES[compression]}'
 
 
-class WriteShardParts(beam.DoFn):
-  """Serialised records -> one uncompressed TFRecord part per (bundle, shard): (shard, part path).
+def shard_pattern(file_path_prefix: str, compression: str) -> str:
+  """The shard names as Beam's sinks display them (a Dataflow job's 'File Pattern')."""
+  return (f'{file_path_prefix}-%(shard_num)05d-of-%(num_shards)05d'
+          f'{schema.SHARD_SUFFIXES[compression]}')
 
-  A record's shard is the crc32 of its bytes modulo the number of shards: which shard holds a
-  record does not depend on the runner or its bundles.
+
+def shard_of(record: bytes, num_shards: int) -> int:
+  """A record's shard: the crc32 of its bytes modulo the number of shards.
+
+  Which shard holds a record depends on the record alone, never on the runner or its bundles.
+  """
+  return zlib.crc32(record) % num_shards
+
+
+def parts_dir_for(file_path_prefix: str) -> str:
+  """A new folder for one run's parts, beside the shards (like Beam's beam-temp-* folders).
+
+  A run that dies leaves it for the next run's clean-up of the split folder (model/output_dir.py).
+  """
+  directory, name = FileSystems.split(file_path_prefix)
+  return FileSystems.join(directory, f'beam-temp-{name}-parts-{uuid.uuid4().hex}')
+
+
+class ShardPartWriter:
+  """One bundle's part files: one per shard it has records for, compressed as the shard will be.
+
+  A part is created on its first record, so no part is ever empty (tf.data stops reading a gzip
+  file at an empty member). Not thread-safe: one writer per bundle, written from one thread.
   """
 
-  def __init__(self, parts_dir: str, num_shards: int, shard_pattern: str):
+  def __init__(self, parts_dir: str, compression: str):
     self._parts_dir = parts_dir
-    self._num_shards = num_shards
-    self._shard_pattern = shard_pattern
-    self._parts = {}
-
-  def display_data(self):
-    return {'file_pattern': DisplayDataItem(self._shard_pattern, label='File Pattern'),
-            'shards': DisplayDataItem(self._num_shards, label='Number of Shards')}
-
-  def start_bundle(self):
+    self._compression = compression
     self._parts = {}   # shard -> (part path, open file)
+    self.bytes_written = 0
 
-  def process(self, serialized: bytes) -> None:
-    shard = zlib.crc32(serialized) % self._num_shards
+  def write(self, shard: int, record: bytes) -> None:
     if shard not in self._parts:
-      path = FileSystems.join(self._parts_dir, f'{shard:05d}-{uuid.uuid4().hex}.tfrecord')
+      path = FileSystems.join(self._parts_dir, f'{shard:05d}-{uuid.uuid4().hex}'
+                                               f'{schema.SHARD_SUFFIXES[self._compression]}')
       self._parts[shard] = path, FileSystems.create(
-          path, compression_type=CompressionTypes.UNCOMPRESSED)
+          path, compression_type=_BEAM_COMPRESSION[self._compression])
     # The record framing (length, masked crc32c) that WriteToTFRecord itself writes: Beam's
     # private helper, kept rather than restating the framing here.
     write_record = tfrecordio._TFRecordUtil.write_record  # pylint: disable=protected-access
-    write_record(self._parts[shard][1], serialized)
+    write_record(self._parts[shard][1], record)
+    self.bytes_written += len(record)
 
-  def finish_bundle(self) -> Iterator:
+  def close(self) -> list[tuple[int, str]]:
+    """Closes every part; returns (shard, part path) for each, by shard."""
+    closed = []
     for shard, (path, handle) in sorted(self._parts.items()):
       handle.close()
-      yield GlobalWindows.windowed_value((shard, path))
+      closed.append((shard, path))
     self._parts = {}
+    return closed
 
 
-def concatenate_parts(element: tuple[int, Iterable[str | None]], file_path_prefix: str,
-                      num_shards: int, compression: str) -> str:
-  """(shard, part paths) -> the shard: its parts one after another, compressed as written.
+class WriteShardParts(beam.DoFn):
+  """Serialised records -> one TFRecord part per (bundle, shard): (shard, part path)."""
 
-  Uncompressed TFRecord files concatenate into a valid TFRecord file; the parts are streamed,
-  never held whole.
+  def __init__(self, parts_dir: str, num_shards: int, compression: str, display_pattern: str):
+    self._parts_dir = parts_dir
+    self._num_shards = num_shards
+    self._compression = compression
+    self._display_pattern = display_pattern
+    self._parts = None
+
+  def display_data(self):
+    return {'file_pattern': DisplayDataItem(self._display_pattern, label='File Pattern'),
+            'shards': DisplayDataItem(self._num_shards, label='Number of Shards')}
+
+  def start_bundle(self):
+    self._parts = ShardPartWriter(self._parts_dir, self._compression)
+
+  def process(self, serialized: bytes) -> None:
+    self._parts.write(shard_of(serialized, self._num_shards), serialized)
+
+  def finish_bundle(self) -> Iterator:
+    for shard_and_path in self._parts.close():
+      yield GlobalWindows.windowed_value(shard_and_path)
+
+
+def publish_shard(element: tuple[int, Iterable[str | None]], file_path_prefix: str,
+                  num_shards: int, compression: str) -> str:
+  """(shard, part paths) -> the shard: its one part renamed, or its parts' bytes concatenated.
+
+  No part: an empty shard (a valid empty gzip file when compressed). The parts are streamed,
+  never held whole, and never recompressed. Safe to run again after it succeeded (a retried
+  step): the parts are then gone and the shard is there.
   """
   shard, parts = element
   parts = sorted(part for part in parts if part is not None)
   path = shard_path(file_path_prefix, shard, num_shards, compression)
-  with FileSystems.create(path, compression_type=_BEAM_COMPRESSION[compression]) as out:
+  if not parts:
+    # Created through the compressor, so that an empty gzip shard is a valid (empty) gzip file.
+    with FileSystems.create(path, compression_type=_BEAM_COMPRESSION[compression]):
+      pass
+    return path
+  if not any(FileSystems.exists(part) for part in parts) and FileSystems.exists(path):
+    return path   # published by an earlier attempt of this step
+  if len(parts) == 1:
+    FileSystems.rename([parts[0]], [path])
+    return path
+  with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as out:
     for part in parts:
       with FileSystems.open(part, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         shutil.copyfileobj(f, out, _COPY_CHUNK_BYTES)
-  if parts:
-    FileSystems.delete(parts)
+  FileSystems.delete(parts)
   return path
 
 
@@ -103,6 +173,32 @@ def delete_parts_dir(_, parts_dir: str, written: list[str]) -> list[str]:
 
 
 @beam.ptransform_fn
+@beam.typehints.with_input_types(tuple[int, str])
+@beam.typehints.with_output_types(list[str])
+def PublishShards(part_names, file_path_prefix: str,  # pylint: disable=invalid-name
+                  num_shards: int, compression: str, parts_dir: str):
+  """(shard, part path) pairs -> `num_shards` shards <prefix>-SSSSS-of-NNNNN.tfrecord[.gz].
+
+  Only the part names are grouped; every shard is written, an empty one too, so a split always
+  has `num_shards` files; then `parts_dir` is removed.
+
+  Returns:
+    A PCollection of one element: the sorted paths of the shards written.
+  """
+  every_shard = (part_names.pipeline
+                 | 'EveryShard' >> beam.Create([(shard, None) for shard in range(num_shards)]))
+  written = ((part_names, every_shard)
+             | 'WithEveryShard' >> beam.Flatten()
+             | 'GroupPartsByShard' >> beam.GroupByKey()
+             | 'PublishShard' >> beam.Map(publish_shard, file_path_prefix, num_shards,
+                                          compression))
+  return (part_names.pipeline
+          | 'AfterShards' >> beam.Create([None])
+          | 'DeleteParts' >> beam.Map(delete_parts_dir, parts_dir,
+                                      written=beam.pvalue.AsList(written)))
+
+
+@beam.ptransform_fn
 @beam.typehints.with_input_types(bytes)
 @beam.typehints.with_output_types(list[str])
 def WriteSplit(records, file_path_prefix: str, num_shards: int,  # pylint: disable=invalid-name
@@ -113,31 +209,13 @@ def WriteSplit(records, file_path_prefix: str, num_shards: int,  # pylint: disab
   without an external shuffle (the DirectRunner) holds that group in memory, so a local run's
   peak memory grew with the number of records (about 200 KB more per 128 px chip: 8 GB for the
   40,479 real chips). Here each bundle writes its records into one part file per shard, only the
-  part names are grouped, and each shard is its parts concatenated (tests/test_reliability_serving).
-
-  Usage:
-    examples | 'WriteTrain' >> WriteSplit('out/train/part', num_shards=4, compression='gzip')
+  part names are grouped (tests/test_reliability_serving).
 
   Returns:
     A PCollection of one element: the sorted paths of the shards written.
   """
-  directory, name = FileSystems.split(file_path_prefix)
-  # Beside the shards, like Beam's beam-temp-* folders; a run that dies leaves it for the next
-  # run's clean-up of the split folder.
-  parts_dir = FileSystems.join(directory, f'beam-temp-{name}-parts-{uuid.uuid4().hex}')
-  shard_pattern = (f'{file_path_prefix}-%(shard_num)05d-of-%(num_shards)05d'
-                   f'{schema.SHARD_SUFFIXES[compression]}')
-  parts = records | 'WriteParts' >> beam.ParDo(
-      WriteShardParts(parts_dir, num_shards, shard_pattern))
-  # Every shard is written, an empty one too, so a split always has num_shards files.
-  every_shard = (records.pipeline
-                 | 'EveryShard' >> beam.Create([(shard, None) for shard in range(num_shards)]))
-  written = ((parts, every_shard)
-             | 'WithEveryShard' >> beam.Flatten()
-             | 'GroupPartsByShard' >> beam.GroupByKey()
-             | 'ConcatenateParts' >> beam.Map(concatenate_parts, file_path_prefix, num_shards,
-                                              compression))
-  return (records.pipeline
-          | 'AfterShards' >> beam.Create([None])
-          | 'DeleteParts' >> beam.Map(delete_parts_dir, parts_dir,
-                                      written=beam.pvalue.AsList(written)))
+  parts_dir = parts_dir_for(file_path_prefix)
+  return (records
+          | 'WriteParts' >> beam.ParDo(WriteShardParts(
+              parts_dir, num_shards, compression, shard_pattern(file_path_prefix, compression)))
+          | 'Publish' >> PublishShards(file_path_prefix, num_shards, compression, parts_dir))

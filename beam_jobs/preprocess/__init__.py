@@ -16,10 +16,16 @@ One CSV row on its way to an Example (pipeline.build_pipeline; the rules are pla
   3. JoinRowsWithImages: rows and files grouped by name; the duplicate rule and the row-file join
      (rules.join_rows_with_image) give one LabelledImage, or dead letters (MISSING_IMAGE,
      DUPLICATE_NAME, IMAGE_WITHOUT_ROW).
-  4. EncodeExamples: the file read once, hashed and decoded (rules.image_to_example), its split
-     from its name (rules.assign_split): an EncodedExample, or a dead letter with the reason.
-  5. WriteTrain / WriteEval: fixed-shard TFRecord files (beam_jobs/common/tfrecord_sink.py);
-     WriteDeadLetters; WriteCounts: the tally (rules.tally_example, rules.tally_dead_letter).
+  4. EncodeExamples (encode.py): one fused step per bundle: each file read once (bounded),
+     hashed and decoded (rules.image_to_example) on a thread pool of one thread per core, its
+     split from its name (rules.assign_split), its shard from its bytes, and the Example written
+     straight into the bundle's part file of that shard; a file that cannot be used is a dead
+     letter with the reason. Only part names, dead letters and (key, count) tallies leave it.
+  5. WriteTrain / WriteEval: the part names grouped by shard; a shard is its one part renamed
+     (a local run: every byte written once) or its parts' bytes concatenated, compressed as
+     written (beam_jobs/common/tfrecord_sink.py); every shard exists, an empty one too.
+     WriteDeadLetters; WriteCounts: the tallies summed by key (rules.tally_example,
+     rules.tally_dead_letter, the CSV's row count).
   Then the driver (job.run) checks conservation and --max_bad_fraction and publishes the manifest
   (publish.py).
 
@@ -36,8 +42,9 @@ or one that overlaps --images_dir or --labels_csv, is refused before anything is
 Every CSV row ends up exactly once as an Example or as a dead letter, so
 csv_rows = examples[train] + examples[eval] + dead_lettered_rows, and the job checks it.
 
-Modules: config (flags, validation), rules (pure functions), pipeline (DoFns, transforms, the
-graph), publish (output folder, manifest, summary), job (the driver).
+Modules: config (flags, validation), rules (pure functions), encode (the fused read-decode-write
+step), pipeline (DoFns, transforms, the graph), publish (output folder, manifest, summary), job
+(the driver).
 """
 from beam_jobs.preprocess.config import (ConfigError, CsvFacts, PreprocessConfig, parse_args,
                                          validate_config)

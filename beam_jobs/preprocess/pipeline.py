@@ -6,22 +6,19 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.common import dead_letters, labels
-from beam_jobs.common.image_files import (DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files,
-                                          read_image_file)
+from beam_jobs.common.image_files import ImageSource, list_image_files
 from beam_jobs.common.progress import CountProgress, counter
-from beam_jobs.common.tfrecord_sink import WriteSplit
+from beam_jobs.common.tfrecord_sink import PublishShards, parts_dir_for
 from beam_jobs.preprocess.config import IMAGE_EXTENSION, PreprocessConfig
-from beam_jobs.preprocess.rules import (CSV_ROWS, DEAD_LETTERED_ROWS, DEAD_LETTERS, EncodedExample,
-                                        LabelledImage,
-                                        assign_split, counter_name, image_to_example,
-                                        join_rows_with_image, raw_image_name, row_dead_letter,
-                                        tally_dead_letter, tally_example, tally_key)
+from beam_jobs.preprocess.encode import EncodeAndWriteExamples
+from beam_jobs.preprocess.rules import (CSV_ROWS, DEAD_LETTERED_ROWS, DEAD_LETTERS,
+                                        counter_name, join_rows_with_image, raw_image_name,
+                                        row_dead_letter, tally_dead_letter, tally_key)
 from model import schema
 from model.errors import InputRefused
 
-__all__ = ['EncodeExample', 'JoinRowsWithImages', 'ListImages', 'PreprocessOutputs',
-           'ReadLabelRows', 'ReadLabels', 'ResolveAndJoinOneName', 'WriteCounts',
-           'build_pipeline', 'count_tally_key']
+__all__ = ['JoinRowsWithImages', 'ListImages', 'PreprocessOutputs', 'ReadLabelRows', 'ReadLabels',
+           'ResolveAndJoinOneName', 'WriteCounts', 'build_pipeline', 'count_tally']
 
 
 class ReadLabelRows(beam.DoFn):
@@ -29,14 +26,18 @@ class ReadLabelRows(beam.DoFn):
 
   The whole file is read by one worker, in file order, because line numbers decide the
   duplicate rule. Parsing is microseconds a line, and the GroupByKey by name that follows
-  spreads the work, so no Reshuffle is needed here.
+  spreads the work, so no Reshuffle is needed here. The rows it read go to 'tally' as one
+  (CSV_ROWS, count) pair, not one element a row.
   """
   REFUSED = 'refused'
   REFUSED_NAMES = 'refused_names'
+  TALLY = 'tally'
 
   def process(self, path: str) -> Iterator:
     fmt, lines = labels.read_label_lines(path)
+    rows = 0
     for line, raw in lines:
+      rows += 1
       try:
         row = labels.parse_label_line(raw, fmt)
       except InputRefused as refusal:
@@ -47,6 +48,7 @@ class ReadLabelRows(beam.DoFn):
           yield beam.pvalue.TaggedOutput(self.REFUSED_NAMES, (name, line))
         continue
       yield row.image_name, (line, row)
+    yield beam.pvalue.TaggedOutput(self.TALLY, (CSV_ROWS, rows))
 
 
 class ResolveAndJoinOneName(beam.DoFn):
@@ -67,65 +69,30 @@ class ResolveAndJoinOneName(beam.DoFn):
       yield image
 
 
-class EncodeExample(beam.DoFn):
-  """LabelledImage -> EncodedExample: read the bytes once, hash and decode those same bytes."""
-  REFUSED = 'refused'
-
-  def __init__(self, image_size: int, eval_fraction: float, max_pixels: int,
-               max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
-    self._image_size = image_size
-    self._eval_fraction = eval_fraction
-    self._max_pixels = max_pixels
-    self._max_file_bytes = max_file_bytes
-
-  def setup(self):
-    self._bytes_read = counter('image_bytes_read')
-
-  def _refuse(self, image: LabelledImage, refusal: InputRefused):
-    return beam.pvalue.TaggedOutput(self.REFUSED, row_dead_letter(
-        image.image_name, refusal.reason, refusal.message, 'decode_image', image.line, image.path))
-
-  def process(self, image: LabelledImage) -> Iterator:
-    try:
-      data = read_image_file(image.path, self._max_file_bytes)
-    except InputRefused as refusal:   # not a regular file, too large, gone, unreadable
-      yield self._refuse(image, refusal)
-      return
-    self._bytes_read.inc(len(data))
-    try:
-      serialized = image_to_example(image.row, data, self._image_size, self._max_pixels)
-    except InputRefused as refusal:
-      yield self._refuse(image, refusal)
-      return
-    yield EncodedExample(assign_split(image.image_name, self._eval_fraction), image.row,
-                         serialized)
-
-
-def count_tally_key(key: str) -> str:
-  """Adds one to the Beam counter of a tally key, and passes the key on."""
+def count_tally(key_and_count: tuple[str, int]) -> tuple[str, int]:
+  """Adds a tally key's count to its Beam counter, and passes the pair on."""
+  key, count = key_and_count
   # dead_letters/<REASON> is already counted, under the same name, by WriteDeadLetters.
   if not key.startswith(tally_key(DEAD_LETTERS, '')):
-    counter(counter_name(key)).inc()
-  return key
-
-
-def _count_image_listed(element):
-  counter('images_listed').inc()
-  return element
+    counter(counter_name(key)).inc(count)
+  return key_and_count
 
 
 def _name_and_path(path: str) -> tuple[str, str]:
+  counter('images_listed').inc()
   file_name = FileSystems.split(path)[1]
   return file_name[:-len(IMAGE_EXTENSION)], path
 
 
 @beam.ptransform_fn
 def ReadLabels(pipeline, labels_csv: str):  # pylint: disable=invalid-name
-  """The labels CSV -> DoOutputsTuple: rows (name, (line, LabelRow)), refused, refused_names."""
+  """The labels CSV -> DoOutputsTuple: rows (name, (line, LabelRow)), refused, refused_names,
+  tally."""
   return (pipeline
           | 'CsvPath' >> beam.Create([labels_csv])
           | 'ParseRows' >> beam.ParDo(ReadLabelRows()).with_outputs(
-              ReadLabelRows.REFUSED, ReadLabelRows.REFUSED_NAMES, main='rows'))
+              ReadLabelRows.REFUSED, ReadLabelRows.REFUSED_NAMES, ReadLabelRows.TALLY,
+              main='rows'))
 
 
 @beam.ptransform_fn
@@ -134,7 +101,6 @@ def ListImages(pipeline, images_dir: str):  # pylint: disable=invalid-name
   return (pipeline
           | 'ImagesDir' >> beam.Create([ImageSource.files_in(images_dir, IMAGE_EXTENSION)])
           | 'ListJpegs' >> beam.FlatMap(list_image_files, (IMAGE_EXTENSION,))
-          | 'CountListed' >> beam.Map(_count_image_listed)
           | 'KeyByName' >> beam.Map(_name_and_path))
 
 
@@ -148,14 +114,16 @@ def JoinRowsWithImages(inputs, images_dir: str):  # pylint: disable=invalid-name
 
 
 @beam.ptransform_fn
-def WriteCounts(tally_keys, path: str):  # pylint: disable=invalid-name
-  """Tally keys -> one JSON object {key: count} at `path`: what the manifest's counts come from.
+def WriteCounts(tally, path: str):  # pylint: disable=invalid-name
+  """(tally key, count) pairs -> one JSON object {key: total} at `path`: what the manifest's
+  counts come from.
 
   Counted as data rather than read from metrics, so the manifest does not depend on how a runner
   reports metrics; the tests check that the counters agree.
   """
-  return (tally_keys
-          | 'CountEach' >> beam.combiners.Count.PerElement()
+  return (tally
+          | 'SumEach' >> beam.CombinePerKey(sum)
+          | 'CountersOfEach' >> beam.Map(count_tally)
           | 'ToDict' >> beam.combiners.ToDict()
           | 'ToJson' >> beam.Map(lambda tally: json.dumps(tally, sort_keys=True))
           | 'Write' >> beam.io.WriteToText(path, shard_name_template='', num_shards=1))
@@ -163,14 +131,18 @@ def WriteCounts(tally_keys, path: str):  # pylint: disable=invalid-name
 
 class PreprocessOutputs(NamedTuple):
   """The PCollections a test may assert on."""
-  examples: beam.PCollection       # EncodedExample
-  dead_letters: beam.PCollection   # dict records
-  tally_keys: beam.PCollection     # str
+  shards: dict[str, beam.PCollection]   # split -> one element: the sorted shard paths
+  dead_letters: beam.PCollection        # dict records
+  tally: beam.PCollection               # (tally key, count) pairs, before they are summed
 
 
-def _split_index(example: EncodedExample, num_partitions: int) -> int:
+def _split_index(split_and_part: tuple[str, tuple[int, str]], num_partitions: int) -> int:
   del num_partitions
-  return schema.SPLITS.index(example.split)
+  return schema.SPLITS.index(split_and_part[0])
+
+
+def _one_dead_letter_per_key(record: dict) -> list[tuple[str, int]]:
+  return [(key, 1) for key in tally_dead_letter(record)]
 
 
 def build_pipeline(p: beam.Pipeline, config: PreprocessConfig,
@@ -183,48 +155,46 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig,
     progress_folder: a `ProgressTally` folder to count settled CSV rows into (a local run).
   """
   parsed = p | 'ReadLabels' >> ReadLabels(config.labels_csv)
-  rows = parsed.rows
   files = p | 'ListImages' >> ListImages(config.images_dir)
 
-  joined = ({'rows': rows, 'refused': parsed[ReadLabelRows.REFUSED_NAMES], 'files': files}
+  joined = ({'rows': parsed.rows, 'refused': parsed[ReadLabelRows.REFUSED_NAMES], 'files': files}
             | 'JoinRowsWithImages' >> JoinRowsWithImages(config.images_dir))
 
+  # Read, hash, decode, serialise and write in one step: only part names leave it.
+  parts_dirs = {split: parts_dir_for(config.shard_prefix(split)) for split in schema.SPLITS}
   encoded = (joined.images
-             | 'EncodeExamples' >> beam.ParDo(EncodeExample(
-                 config.image_size, config.eval_fraction, config.max_pixels,
-                 config.max_file_bytes)).with_outputs(
-                     EncodeExample.REFUSED, main='examples'))
-  examples = encoded.examples
+             | 'EncodeExamples' >> beam.ParDo(EncodeAndWriteExamples(
+                 config, parts_dirs, progress_folder)).with_outputs(
+                     EncodeAndWriteExamples.REFUSED, EncodeAndWriteExamples.TALLY, main='parts'))
 
-  by_split = examples | 'SplitTrainEval' >> beam.Partition(_split_index, len(schema.SPLITS))
-  shards = dict(config.num_shards)
-  for split, split_examples in zip(schema.SPLITS, by_split):
+  parts_by_split = encoded.parts | 'SplitTrainEval' >> beam.Partition(
+      _split_index, len(schema.SPLITS))
+  num_shards = dict(config.num_shards)
+  shards = {}
+  for split, split_parts in zip(schema.SPLITS, parts_by_split):
     name = split.capitalize()
-    _ = (split_examples
-         | f'Serialize{name}' >> beam.Map(lambda example: example.serialized)
-         | f'Write{name}' >> WriteSplit(
-             config.shard_prefix(split), shards[split], config.compression))
+    shards[split] = (split_parts
+                     | f'PartsOf{name}' >> beam.Values()
+                     | f'Write{name}' >> PublishShards(config.shard_prefix(split),
+                                                       num_shards[split], config.compression,
+                                                       parts_dirs[split]))
 
   refused = ((parsed[ReadLabelRows.REFUSED], joined[ResolveAndJoinOneName.REFUSED],
-              encoded[EncodeExample.REFUSED])
+              encoded[EncodeAndWriteExamples.REFUSED])
              | 'AllDeadLetters' >> beam.Flatten())
   _ = refused | 'WriteDeadLetters' >> dead_letters.WriteDeadLetters(config.dead_letters_prefix)
 
-  # A CSV row is settled once it is an Example or a dead letter: the progress total is the rows.
+  # A CSV row is settled once it is an Example (counted where it is written) or a dead letter.
   # Counted on each branch, not after a Flatten: the local runner runs a Flatten of several
   # stages' outputs only once they all end, and the count would jump from 0 to the total.
-  _ = examples | 'ProgressExamples' >> beam.ParDo(CountProgress(progress_folder))
   _ = (refused
        | 'DeadLetteredRows' >> beam.Filter(
            lambda record: DEAD_LETTERED_ROWS in tally_dead_letter(record))
        | 'ProgressDeadLetteredRows' >> beam.ParDo(CountProgress(progress_folder)))
 
-  tally_keys = ((rows | 'TallyRows' >> beam.Map(lambda _: CSV_ROWS),
-                 parsed[ReadLabelRows.REFUSED] | 'TallyRefusedRows' >> beam.Map(
-                     lambda _: CSV_ROWS),
-                 refused | 'TallyDeadLetters' >> beam.FlatMap(tally_dead_letter),
-                 examples | 'TallyExamples' >> beam.FlatMap(tally_example))
-                | 'AllTallyKeys' >> beam.Flatten()
-                | 'CountTallyKeys' >> beam.Map(count_tally_key))
-  _ = tally_keys | 'WriteCounts' >> WriteCounts(config.counts_path)
-  return PreprocessOutputs(examples, refused, tally_keys)
+  tally = ((parsed[ReadLabelRows.TALLY],
+            refused | 'TallyDeadLetters' >> beam.FlatMap(_one_dead_letter_per_key),
+            encoded[EncodeAndWriteExamples.TALLY])
+           | 'AllTallies' >> beam.Flatten())
+  _ = tally | 'WriteCounts' >> WriteCounts(config.counts_path)
+  return PreprocessOutputs(shards, refused, tally)
