@@ -1,10 +1,14 @@
 """The incremental prediction join: each image name with its file's sha256 and its earlier rows.
 
-The images listed now, keyed by name with their path and fingerprint, meet the earlier rows
-(--previous_output's predictions files and the part files --resume keeps, read in parallel
-ranges) in a CoGroupByKey by image name: each name is decided on its own (`incremental.decide`),
-so no worker ever holds all earlier rows. Hashing reads each file once with the same bounded,
-regular-files-only read as decoding; the images left to predict then take the usual path.
+The images listed now and the earlier rows (--previous_output's predictions files and the part
+files --resume keeps) meet in buckets by a hash of the image name: batches of a bucket's images
+and of its earlier rows' lines are grouped by bucket, and each name of a bucket is then decided on
+its own (`incremental.decide`). A bucket holds about `BUCKET_BYTES` of earlier rows (their count
+follows from the files' sizes), so no worker ever holds all earlier rows, while Beam moves a few
+hundred batches instead of one element per image: the carried path costs a read and a hash, a
+parse and a rebuild per image, and little else. Hashing reads each file once with the same
+bounded, regular-files-only read as decoding, in a few threads (hashlib and reads release the
+GIL); the images left to predict then take the usual path.
 
 Usage:
   carry = unique_images | 'CarryOver' >> CarryOver(config)
@@ -14,9 +18,15 @@ Usage:
   carry['kinds']        # {kind: count}, one element: the summary's `incremental` counts
 """
 import collections
+import concurrent.futures
+import json
+import math
+import zlib
+from json.decoder import scanstring
 from typing import Iterable
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.transforms.window import GlobalWindows
 
@@ -28,27 +38,54 @@ from beam_jobs.predict.incremental import (CARRIED, REMOVED, RESUMED, decide, fi
                                            parse_known_row, row_inference)
 from model.errors import InputRefused
 
-__all__ = ['CarryOver', 'Decide', 'add_counts', 'fingerprint_file', 'keyed_known_row',
-           'thumbnail_items']
+__all__ = ['BUCKET_BYTES', 'BatchByBucket', 'CarryOver', 'Decide', 'FingerprintBatch',
+           'ReadRowBatches', 'add_counts', 'bucket_count', 'bucket_of', 'fingerprint_file',
+           'row_name', 'thumbnail_items']
+
+BUCKET_BYTES = 8 << 20     # earlier rows per bucket: about 8,000 rows of about 1 KB
+MIN_BUCKETS = 8            # enough for a few workers to share a small join
+BATCH_SIZE = 500           # names per element through the join
+_CURRENT = 'current'
+# A row as the job writes it (json.dumps, sort_keys=True): the name follows the `ground` object.
+_NAME_AFTER = '}, "image_name": "'
+
+
+def bucket_count(row_bytes: int, bucket_bytes: int = BUCKET_BYTES) -> int:
+  """How many buckets the join uses for `row_bytes` of earlier rows."""
+  return max(MIN_BUCKETS, math.ceil(row_bytes / bucket_bytes))
+
+
+def bucket_of(name: str, buckets: int) -> int:
+  """An image name's bucket: the same in every process (crc32, not Python's salted hash)."""
+  # surrogatepass: a name read from a path with undecodable bytes holds lone surrogates.
+  return zlib.crc32(name.encode('utf-8', 'surrogatepass')) % buckets
+
+
+def row_name(line: str) -> str | None:
+  """The image name of an earlier row's line, found without parsing the whole row; None when
+  the line holds none. `Decide` parses the row and drops it if its name is another."""
+  at = line.find(_NAME_AFTER)
+  if at >= 0:
+    try:
+      return scanstring(line, at + len(_NAME_AFTER))[0]
+    except ValueError:
+      pass
+  try:   # a row written some other way (by hand): found by parsing it
+    row = json.loads(line)
+  except ValueError:
+    return None
+  name = row.get('image_name') if isinstance(row, dict) else None
+  return name if isinstance(name, str) else None
 
 
 def fingerprint_file(element, max_file_bytes: int):
-  """(name, path) -> (name, (path, sha256 of its bytes)); sha256 None when it cannot be read
+  """(name, path) -> (name, path, sha256 of its bytes); sha256 None when it cannot be read
   (the image is then predicted, and dead-lettered with its reason by the decoding step)."""
   name, path = element
   try:
-    return name, (path, fingerprint(read_image_file(path, max_file_bytes)))
+    return name, path, fingerprint(read_image_file(path, max_file_bytes))
   except InputRefused:
-    return name, (path, None)
-
-
-def keyed_known_row(line: str, source: str):
-  """An earlier row's line -> (image name, row); a line that is not a row is counted, unused."""
-  row = parse_known_row(line)
-  if row is None:
-    counter(f'unusable_{source}_rows').inc()
-    return
-  yield row['image_name'], row
+    return name, path, None
 
 
 def add_counts(counts: Iterable[dict]) -> dict:
@@ -59,10 +96,93 @@ def add_counts(counts: Iterable[dict]) -> dict:
   return dict(total)
 
 
+class BatchByBucket(beam.DoFn):
+  """(name, path) -> (bucket, ('current', [(name, path), ...])): at most BATCH_SIZE a batch, the
+  rest of each bucket at the end of the bundle."""
+
+  def __init__(self, buckets: int):
+    self._buckets = buckets
+    self._batches = {}
+
+  def start_bundle(self):
+    self._batches = collections.defaultdict(list)
+
+  def process(self, element):
+    bucket = bucket_of(element[0], self._buckets)
+    batch = self._batches[bucket]
+    batch.append(element)
+    if len(batch) >= BATCH_SIZE:
+      yield bucket, (_CURRENT, self._batches.pop(bucket))
+
+  def finish_bundle(self):
+    for bucket, batch in self._batches.items():
+      yield GlobalWindows.windowed_value((bucket, (_CURRENT, batch)))
+    self._batches = {}
+
+
+class FingerprintBatch(beam.DoFn):
+  """(bucket, ('current', [(name, path)])) -> the same with (name, path, sha256): read and hashed
+  in a few threads."""
+
+  def __init__(self, max_file_bytes: int, threads: int = 4):
+    self._max_file_bytes = max_file_bytes
+    self._threads = threads
+    self._pool = None
+
+  def setup(self):
+    self._pool = concurrent.futures.ThreadPoolExecutor(self._threads,
+                                                       thread_name_prefix='fingerprint')
+
+  def process(self, element):
+    bucket, (source, batch) = element
+    yield bucket, (source, list(self._pool.map(
+        fingerprint_file, batch, [self._max_file_bytes] * len(batch))))
+
+  def teardown(self):
+    if self._pool:
+      self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ReadRowBatches(beam.DoFn):
+  """An earlier rows file -> (bucket, (source, [(name, line), ...])), streamed: at most
+  BATCH_SIZE lines a batch, so no more than one batch per bucket is held while reading."""
+
+  def __init__(self, source: str, buckets: int):
+    self._source = source
+    self._buckets = buckets
+
+  def process(self, path: str):
+    batches = collections.defaultdict(list)
+    unusable = 0
+    with FileSystems.open(path) as f:
+      for raw in f:
+        try:
+          line = raw.decode('utf-8').rstrip('\n')
+        except UnicodeDecodeError:
+          line = ''
+        name = row_name(line)
+        if name is None:
+          unusable += 1
+          continue
+        bucket = bucket_of(name, self._buckets)
+        batch = batches[bucket]
+        batch.append((name, line))
+        if len(batch) >= BATCH_SIZE:
+          yield bucket, (self._source, batches.pop(bucket))
+    for bucket, batch in batches.items():
+      yield bucket, (self._source, batch)
+    if unusable:
+      counter(f'unusable_{self._source}_rows').inc(unusable)
+
+
 class Decide(beam.DoFn):
-  """(name, {'current', 'previous', 'completed'}) -> (name, path) to predict on the main output,
-  or a reused row ('reused'), or a removed image ('removed'); {kind: count} of each bundle on
-  'kinds' (one element per bundle, not one per image: the carried path is the cheap one)."""
+  """(bucket, batches) -> (name, path) to predict on the main output, or a reused row
+  ('reused'), or a removed image ('removed'); {kind: count} of each bundle on 'kinds' (one
+  element per bundle, not one per image).
+
+  A bucket's earlier rows are parsed and held (about BUCKET_BYTES of them); its images are then
+  decided batch by batch, and the earlier rows left over are the removed images.
+  """
 
   def __init__(self, plan, thresholds):
     self._plan = plan
@@ -72,44 +192,79 @@ class Decide(beam.DoFn):
   def start_bundle(self):
     self._kinds = collections.Counter()
 
+  def _earlier_rows(self, batches) -> dict:
+    known = {'previous': collections.defaultdict(list), 'completed': collections.defaultdict(list)}
+    for source, batch in batches:
+      if source == _CURRENT:
+        continue
+      unusable = 0
+      rows = known[source]
+      for name, line in batch:
+        row = parse_known_row(line)
+        if row is None or row['image_name'] != name:
+          unusable += 1
+        else:
+          rows[name].append(row)
+      if unusable:
+        counter(f'unusable_{source}_rows').inc(unusable)
+    return known
+
   def process(self, element):
-    name, known = element
-    decision = decide(name, list(known['current']), list(known['previous']),
-                      list(known['completed']), self._plan, self._thresholds)
-    if decision is None:
-      return
-    kind, value = decision
-    counter(f'images_{kind}').inc()
-    self._kinds[kind] += 1
-    if kind in (CARRIED, RESUMED):
-      yield beam.pvalue.TaggedOutput('reused', value)
-    elif kind == REMOVED:
-      yield beam.pvalue.TaggedOutput('removed', value)
-    else:
-      yield value
+    _, batches = element
+    known = self._earlier_rows(batches)
+    previous, completed = known['previous'], known['completed']
+    kinds = collections.Counter()
+    for source, batch in batches:
+      if source != _CURRENT:
+        continue
+      for name, path, sha256 in batch:
+        kind, value = decide(name, [(path, sha256)], previous.pop(name, []),
+                             completed.pop(name, []), self._plan, self._thresholds)
+        kinds[kind] += 1
+        if kind in (CARRIED, RESUMED):
+          yield beam.pvalue.TaggedOutput('reused', value)
+        else:
+          yield value
+    for name, rows in previous.items():   # earlier images gone from the inputs
+      kinds[REMOVED] += 1
+      yield beam.pvalue.TaggedOutput('removed', decide(name, [], rows, [], self._plan,
+                                                       self._thresholds)[1])
+    for kind, count in kinds.items():
+      counter(f'images_{kind}').inc(count)
+    self._kinds.update(kinds)
 
   def finish_bundle(self):
     if self._kinds:
       yield beam.pvalue.TaggedOutput('kinds', GlobalWindows.windowed_value(dict(self._kinds)))
 
 
+def _total_bytes(files: tuple[str, ...]) -> int:
+  if not files:
+    return 0
+  return sum(m.size_in_bytes for result in FileSystems.match(list(files))
+             for m in result.metadata_list)
+
+
 @beam.ptransform_fn
-def CarryOver(images, config: JobConfig):  # pylint: disable=invalid-name
+def CarryOver(images, config: JobConfig, bucket_bytes: int = BUCKET_BYTES):  # pylint: disable=invalid-name
   """(name, path) of the unique images -> a dict of PCollections (see the module's usage)."""
   plan = config.carry
+  buckets = bucket_count(_total_bytes(plan.previous_files + plan.completed_files), bucket_bytes)
 
   def earlier_rows(source: str, files: tuple[str, ...]):
     label = source.capitalize()
     return (images.pipeline
             | f'{label}RowFiles' >> beam.Create(files)
-            | f'Read{label}Rows' >> beam.io.ReadAllFromText()
-            | f'Parse{label}Rows' >> beam.FlatMap(keyed_known_row, source))
+            | f'Spread{label}RowFiles' >> beam.Reshuffle()
+            | f'Read{label}Rows' >> beam.ParDo(ReadRowBatches(source, buckets)))
 
-  decided = ({'current': images | 'Fingerprint' >> beam.Map(fingerprint_file,
-                                                             config.max_file_bytes),
-              'previous': earlier_rows('previous', plan.previous_files),
-              'completed': earlier_rows('completed', plan.completed_files)}
-             | 'JoinByName' >> beam.CoGroupByKey()
+  current = (images
+             | 'BatchByBucket' >> beam.ParDo(BatchByBucket(buckets))
+             | 'Fingerprint' >> beam.ParDo(FingerprintBatch(config.max_file_bytes)))
+  decided = ((current, earlier_rows('previous', plan.previous_files),
+              earlier_rows('completed', plan.completed_files))
+             | 'AllBatches' >> beam.Flatten()
+             | 'JoinByName' >> beam.GroupByKey()   # by bucket: by name within each
              | 'Decide' >> beam.ParDo(Decide(plan, config.thresholds)).with_outputs(
                  'reused', 'removed', 'kinds', main='to_predict'))
   kinds = decided.kinds | 'KindCounts' >> beam.CombineGlobally(add_counts)
