@@ -243,6 +243,46 @@ def test_write_split_writes_every_shard_and_each_record_once(tmp_path):
   assert sorted(r.numpy() for r in read) == records
 
 
+@pytest.mark.parametrize('compression', schema.COMPRESSIONS)
+def test_a_shard_is_its_one_part_renamed_or_its_parts_concatenated(tmp_path, compression):
+  import tensorflow as tf
+  rng = np.random.default_rng(5)
+  # Incompressible records, 3 parts of ~2 MB: gzip members longer than tf.data's read buffer.
+  bundles = [[rng.bytes(int(rng.integers(1, 20_000))) for _ in range(200)] for _ in range(3)]
+  prefix, parts_dir = str(tmp_path / 'part'), str(tmp_path / 'parts')
+  parts = []
+  for records in bundles:
+    writer = tfrecord_sink.ShardPartWriter(parts_dir, compression)
+    for record in records:
+      writer.write(0, record)
+    parts += [path for _, path in writer.close()]
+  assert len(parts) == 3
+  tf_compression = {'none': '', 'gzip': 'GZIP'}[compression]
+
+  def read(path):
+    return [r.numpy() for r in tf.data.TFRecordDataset([path], tf_compression)]
+
+  # The parts one after another, in the order of their (random) names.
+  expected = [r for _, records in sorted(zip(parts, bundles)) for r in records]
+  several = tfrecord_sink.publish_shard((0, parts + [None]), prefix, 3, compression)
+  assert read(several) == expected
+  assert not any(pathlib.Path(p).exists() for p in parts)
+  # A retried step finds the parts gone and the shard there: the shard stays as it was.
+  assert tfrecord_sink.publish_shard((0, parts), prefix, 3, compression) == several
+  assert read(several) == expected
+
+  writer = tfrecord_sink.ShardPartWriter(parts_dir, compression)
+  writer.write(1, b'only')
+  (_, part), = writer.close()
+  one = tfrecord_sink.publish_shard((1, [part]), prefix, 3, compression)
+  assert read(one) == [b'only'] and not pathlib.Path(part).exists()
+  empty = tfrecord_sink.publish_shard((2, [None]), prefix, 3, compression)
+  assert read(empty) == []
+  assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
+      pathlib.Path(tfrecord_sink.shard_path(prefix, shard, 3, compression)).name
+      for shard in range(3)]
+
+
 # ---- Configuration, refused before anything runs ----------------------------------------------
 
 @pytest.mark.parametrize('change, message', [
