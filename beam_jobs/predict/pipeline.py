@@ -24,8 +24,9 @@ from beam_jobs.predict.completed_rows import KeepCompleted
 from beam_jobs.predict.config import IMAGE_EXTENSIONS, REMOVED_FILE, JobConfig
 from beam_jobs.predict.incremental import fingerprint
 from beam_jobs.predict.rows import (ThresholdsByVersion, image_name, pick_path, result_row,
-                                    submission_fields, submission_text, thumbnail_key)
+                                    thumbnail_key)
 from beam_jobs.predict.stats import DeadLetterStatsFn, PredictionStatsFn, build_summary
+from beam_jobs.predict.submission import WriteSubmission
 from model import schema
 from model.errors import InputRefused, Reason
 
@@ -216,12 +217,7 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
        | 'PredictionToJson' >> beam.Map(lambda row: json.dumps(row, sort_keys=True))
        | 'WritePredictions' >> beam.io.WriteToText(
            config.output_path(schema.PREDICTIONS_PREFIX), file_name_suffix='.jsonl'))
-  _ = _write_one_file(
-      all_rows
-      | 'SubmissionFields' >> beam.Map(submission_fields)
-      | 'AllSubmissionRows' >> beam.combiners.ToList()
-      | 'SubmissionText' >> beam.Map(submission_text),
-      config.output_path(schema.SUBMISSION_FILE), 'WriteSubmission', trailing_newline=False)
+  _ = all_rows | 'WriteSubmission' >> WriteSubmission(config.output_path(schema.SUBMISSION_FILE))
 
   if config.labels_csv:
     with_truth = all_rows | 'AttachTruth' >> beam.ParDo(AttachTruth(config.labels_csv))

@@ -1,0 +1,187 @@
+"""submission.csv from ordered name buckets: no step holds every row on one worker.
+
+The rows are split into buckets of consecutive names: the bucket boundaries are approximate
+quantiles of the names (`beam.ApproximateQuantiles`, fed in batches), as many buckets as make
+each hold about `rows_per_bucket` rows. Each bucket's lines are sorted by name and written as a
+part file under a beam-temp-submission-<uuid>/ folder beside the output (a pattern the output
+layout owns, so --overwrite of a killed run clears it); the header and the parts, in bucket order,
+are then streamed into that folder's copy of the file, which is renamed into place, and the
+folder is deleted. The file is the one `rows.submission_text` makes of all rows at once: sorted
+by the image name as Python orders strings (code points), CRLF, quoted as RFC 4180 says, a name
+starting with a formula character prefixed with an apostrophe (`rows.spreadsheet_safe`).
+
+Usage:
+  rows | 'WriteSubmission' >> WriteSubmission('out/submission.csv')
+"""
+import bisect
+import collections
+import csv
+import io
+import logging
+import math
+import shutil
+import uuid
+
+import apache_beam as beam
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindows
+
+from beam_jobs.common.progress import counter
+from beam_jobs.predict.rows import spreadsheet_safe
+
+__all__ = ['DEFAULT_ROWS_PER_BUCKET', 'HEADER', 'WriteSubmission', 'bucket_boundaries',
+           'concatenate_parts', 'csv_line', 'submission_line', 'write_bucket_part']
+
+DEFAULT_ROWS_PER_BUCKET = 200_000   # about 60 MB of Python strings to sort on one worker
+# Quantiles of the names computed: boundaries are picked among them, so a run can have up to
+# QUANTILES - 1 buckets; each boundary is within count / QUANTILES ranks of its exact place.
+QUANTILES = 1001
+_BATCH = 1000            # names per element into the quantiles, lines per element into a bucket
+_COPY_CHUNK_BYTES = 1 << 20
+
+_log = logging.getLogger('planet.submission')
+
+
+def csv_line(fields: list[str]) -> str:
+  """One line of submission.csv, CRLF included (then CR and LF in a name are quoted)."""
+  buffer = io.StringIO()
+  csv.writer(buffer, lineterminator='\r\n').writerow(fields)
+  return buffer.getvalue()
+
+
+HEADER = csv_line(['image_name', 'tags'])
+
+
+def submission_line(row) -> tuple[str, str]:
+  """A prediction row -> (its image name, the sort key; its line of submission.csv)."""
+  name = row['image_name']
+  return name, csv_line([spreadsheet_safe(name), ' '.join(row['tags'])])
+
+
+def bucket_boundaries(quantiles: list[str], count: int, rows_per_bucket: int) -> list[str]:
+  """Names that split `count` sorted names into buckets of about `rows_per_bucket` each.
+
+  `quantiles` are the names at ranks 0, 1/(n-1), ..., 1 of them (their approximate quantiles).
+  A name goes to the bucket `bisect_right(boundaries, name)`, so the buckets, taken in order,
+  hold the names in order whatever the boundaries are: only their sizes depend on them.
+  """
+  buckets = max(1, math.ceil(count / rows_per_bucket))
+  if buckets == 1 or len(quantiles) < 2:
+    return []
+  last = len(quantiles) - 1
+  return sorted({quantiles[round(i * last / buckets)] for i in range(1, buckets)})
+
+
+class SubmissionLines(beam.DoFn):
+  """row -> (name, line) on the main output, and the names in batches on 'names' (the input of
+  the quantiles: one element per batch, not per row)."""
+
+  def __init__(self):
+    self._names = []
+
+  def start_bundle(self):
+    self._names = []
+
+  def process(self, row):
+    name, line = submission_line(row)
+    self._names.append(name)
+    if len(self._names) >= _BATCH:
+      yield beam.pvalue.TaggedOutput('names', self._names)
+      self._names = []
+    yield name, line
+
+  def finish_bundle(self):
+    if self._names:
+      yield beam.pvalue.TaggedOutput('names', GlobalWindows.windowed_value(self._names))
+    self._names = []
+
+
+class BucketLines(beam.DoFn):
+  """(name, line) -> (bucket, [(name, line), ...]): at most _BATCH lines an element, the rest of
+  each bucket at the end of the bundle."""
+
+  def __init__(self):
+    self._batches = {}
+
+  def start_bundle(self):
+    self._batches = collections.defaultdict(list)
+
+  def process(self, element, boundaries):
+    bucket = bisect.bisect_right(boundaries, element[0])
+    batch = self._batches[bucket]
+    batch.append(element)
+    if len(batch) >= _BATCH:
+      yield bucket, self._batches.pop(bucket)
+
+  def finish_bundle(self):
+    for bucket, batch in self._batches.items():
+      yield GlobalWindows.windowed_value((bucket, batch))
+    self._batches = {}
+
+
+def write_bucket_part(element, parts_dir: str) -> tuple[int, str]:
+  """(bucket, batches of (name, line)) -> (bucket, its part file: the lines sorted by name)."""
+  bucket, batches = element
+  lines = sorted((pair for batch in batches for pair in batch), key=lambda pair: pair[0])
+  path = FileSystems.join(parts_dir, f'part-{bucket:05d}-{uuid.uuid4().hex}.csv')
+  with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    f.write(''.join(line for _, line in lines).encode('utf-8', 'surrogateescape'))
+  counter('submission_buckets').inc()
+  return bucket, path
+
+
+def concatenate_parts(_, path: str, parts_dir: str, parts: list[tuple[int, str]]) -> str:
+  """The header and the parts in bucket order, streamed into `path` through a copy in
+  `parts_dir` renamed into place; then `parts_dir` is deleted. Returns `path`."""
+  staged = FileSystems.join(parts_dir, FileSystems.split(path)[1])
+  with FileSystems.create(staged, compression_type=CompressionTypes.UNCOMPRESSED) as out:
+    out.write(HEADER.encode('utf-8'))
+    for _, part in sorted(parts):
+      with FileSystems.open(part, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        shutil.copyfileobj(f, out, _COPY_CHUNK_BYTES)
+  if FileSystems.exists(path):   # left by a retried attempt of this step
+    FileSystems.delete([path])
+  FileSystems.rename([staged], [path])
+  try:
+    FileSystems.delete([parts_dir])
+  except (IOError, BeamIOError):
+    _log.info('could not delete %s (the next run of this job clears it)', parts_dir)
+  return path
+
+
+@beam.ptransform_fn
+def WriteSubmission(rows, path: str,  # pylint: disable=invalid-name
+                    rows_per_bucket: int = DEFAULT_ROWS_PER_BUCKET):
+  """Prediction rows -> `path`, the submission.csv of all of them (see the module's docstring).
+
+  Args:
+    rows: prediction rows (only `image_name` and `tags` are read); names are unique.
+    path: the file to write.
+    rows_per_bucket: about how many rows a worker sorts at once.
+
+  Returns:
+    A PCollection of one element: `path`, once it is written.
+  """
+  directory = FileSystems.split(path)[0]
+  parts_dir = FileSystems.join(directory, f'beam-temp-submission-{uuid.uuid4().hex}')
+  lines = rows | 'SubmissionLines' >> beam.ParDo(SubmissionLines()).with_outputs(
+      'names', main='lines')
+  count = (lines.names
+           | 'NamesPerBatch' >> beam.Map(len)
+           | 'CountRows' >> beam.CombineGlobally(sum))
+  quantiles = lines.names | 'NameQuantiles' >> beam.ApproximateQuantiles.Globally(
+      QUANTILES, input_batched=True)
+  boundaries = (rows.pipeline
+                | 'BoundariesTrigger' >> beam.Create([None])
+                | 'Boundaries' >> beam.Map(
+                    lambda _, q, n: bucket_boundaries(q, n, rows_per_bucket),
+                    beam.pvalue.AsSingleton(quantiles), beam.pvalue.AsSingleton(count)))
+  parts = (lines.lines
+           | 'BucketLines' >> beam.ParDo(BucketLines(), beam.pvalue.AsSingleton(boundaries))
+           | 'GroupBuckets' >> beam.GroupByKey()
+           | 'SortBuckets' >> beam.Map(write_bucket_part, parts_dir))
+  return (rows.pipeline
+          | 'ConcatenateTrigger' >> beam.Create([None])
+          | 'Concatenate' >> beam.Map(concatenate_parts, path, parts_dir,
+                                      parts=beam.pvalue.AsList(parts)))
