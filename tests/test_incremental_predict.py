@@ -20,7 +20,8 @@ import pytest
 
 from beam_jobs import make_sample, predict
 from beam_jobs.common import progress
-from beam_jobs.predict import completed_rows
+from beam_jobs.predict import carry_over, completed_rows, incremental
+from beam_jobs.predict import rows as predict_rows
 from beam_jobs.predict.config import REMOVED_FILE
 from model import schema
 from model.manifest import ManifestMissing
@@ -397,3 +398,54 @@ def test_a_killed_grpc_job_resumes_and_no_image_is_inferred_twice(
   print(f'\nRESUME gRPC: {RESUME_IMAGES} images, killed with {len(kept)} kept; the server '
         f'inferred {inferred_before_kill} + {inferred[0] - inferred_before_kill}; largest '
         f'difference from the in-process run {difference:.1e}')
+
+
+# ----------------------------------------------------------------------------- the join's buckets
+
+
+def earlier_row(name: str, sha256: str) -> dict:
+  """A row as the job writes it, for `name` at /in/<name>.jpg with these bytes."""
+  inference = {schema.OUTPUT_WEATHER: [0.1, 0.2, 0.3, 0.4],
+               schema.OUTPUT_GROUND: [i / 13 for i in range(13)], 'model_version': '1'}
+  return predict_rows.result_row(name, f'/in/{name}.jpg', inference, THRESHOLDS, schema.MODEL_NAME,
+                                 sha256)
+
+
+THRESHOLDS = predict_rows.ThresholdsByVersion((0.5,) * 13)
+PLAN = incremental.CarryPlan(schema.MODEL_NAME, '1', carry_previous=True)
+
+
+def test_a_rows_name_is_found_without_parsing_it_and_checked_once_parsed():
+  hostile = 'a "b" \\ }, "image_name": "x\n é 😀'
+  line = json.dumps(earlier_row(hostile, 'f' * 64), sort_keys=True)
+  assert carry_over.row_name(line) == hostile
+  assert carry_over.row_name(json.dumps(earlier_row(hostile, 'f' * 64), indent=1)) == hostile
+  assert carry_over.row_name('{"image_name": "cut') is None
+  assert carry_over.row_name('["image_name", "a"]') is None
+  # Two names in one line (edited by hand): found as the first, parsed as the last: not reused.
+  twice = line[:-1] + ', "image_name": "other"}'
+  assert carry_over.row_name(twice) == hostile
+
+  gone, kept = earlier_row('gone', 'a' * 64), earlier_row('kept', 'b' * 64)
+  batches = [('previous', [(hostile, twice), ('gone', json.dumps(gone, sort_keys=True)),
+                           ('kept', json.dumps(kept, sort_keys=True))]),
+             ('current', [(hostile, f'/in/{hostile}.jpg', 'f' * 64),
+                          ('kept', '/in/kept.jpg', 'b' * 64), ('new', '/in/new.jpg', 'c' * 64)])]
+  decide = carry_over.Decide(PLAN, THRESHOLDS)
+  decide.start_bundle()
+  outputs = list(decide.process((0, batches)))
+  tagged = sorted((o.tag, o.value['image_name']) for o in outputs
+                  if isinstance(o, beam.pvalue.TaggedOutput))
+  assert tagged == [('removed', 'gone'), ('reused', 'kept')]
+  assert sorted(o for o in outputs if not isinstance(o, beam.pvalue.TaggedOutput)) == [
+      (hostile, f'/in/{hostile}.jpg'), ('new', '/in/new.jpg')]
+  assert [o.value.value for o in decide.finish_bundle()] == [   # (tag, windowed value)
+      {'new': 2, 'carried': 1, 'removed': 1}]
+
+
+def test_buckets_hold_a_bounded_share_of_the_earlier_rows():
+  assert carry_over.bucket_count(0) == carry_over.MIN_BUCKETS
+  assert carry_over.bucket_count(100 * carry_over.BUCKET_BYTES + 1) == 101
+  names = [f'train_{i}' for i in range(8000)] + ['\udcff odd bytes']   # lone surrogate: no error
+  sizes = np.bincount([carry_over.bucket_of(name, 8) for name in names], minlength=8)
+  assert len(sizes) == 8 and sizes.min() > 800 and sizes.max() < 1200

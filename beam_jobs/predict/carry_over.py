@@ -246,10 +246,10 @@ def _total_bytes(files: tuple[str, ...]) -> int:
 
 
 @beam.ptransform_fn
-def CarryOver(images, config: JobConfig, bucket_bytes: int = BUCKET_BYTES):  # pylint: disable=invalid-name
+def CarryOver(images, config: JobConfig):  # pylint: disable=invalid-name
   """(name, path) of the unique images -> a dict of PCollections (see the module's usage)."""
   plan = config.carry
-  buckets = bucket_count(_total_bytes(plan.previous_files + plan.completed_files), bucket_bytes)
+  buckets = bucket_count(_total_bytes(plan.previous_files + plan.completed_files))
 
   def earlier_rows(source: str, files: tuple[str, ...]):
     label = source.capitalize()
