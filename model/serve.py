@@ -6,7 +6,9 @@ fault injection from flags. Production runs TensorFlow Serving itself (README).
 
 Usage:
   python -m model.serve --model_base_path EXPORT/PlanetModel --port 8500 [--rest_api_port 8501]
-      [--model_name PlanetModel] [--verbose]
+      [--model_name PlanetModel] [--enable_batching [--batching_parameters_file FILE]
+      [--max_batch_size N] [--batch_timeout_micros N] [--num_batch_threads N]
+      [--max_enqueued_batches N]] [--verbose]
 """
 from model import command_line
 
@@ -15,12 +17,16 @@ if __name__ == '__main__':
   command_line.quiet_third_party()
 
 # pylint: disable=wrong-import-position,wrong-import-order
+import dataclasses
 import logging
+import signal
 
 import grpc
 import tensorflow as tf
 
 from model import schema
+from model.serving.batching import BatchingParameters
+from model.serving.batching import parse_batching_parameters
 from model.serving.faults import Faults
 from model.serving.local_server import DEFAULT_POLL_SECONDS
 from model.serving.local_server import LocalServingServer
@@ -35,6 +41,23 @@ def _read_file(path: str | None) -> bytes | None:
     return None
   with tf.io.gfile.GFile(path, 'rb') as f:
     return f.read()
+
+
+def _batching(args, parser) -> BatchingParameters | None:
+  """TF Serving's batching parameters: the file's, then the flags', over TF Serving's defaults."""
+  flags = {field.name: getattr(args, field.name) for field in dataclasses.fields(BatchingParameters)
+           if getattr(args, field.name) is not None}
+  if not args.enable_batching:
+    if flags or args.batching_parameters_file:
+      parser.error('--batching_parameters_file and the batching parameters go with '
+                   '--enable_batching')
+    return None
+  try:
+    parameters = (parse_batching_parameters(_read_file(args.batching_parameters_file).decode())
+                  if args.batching_parameters_file else BatchingParameters())
+    return dataclasses.replace(parameters, **flags)
+  except (ValueError, OSError, tf.errors.OpError) as error:
+    parser.error(f'{args.batching_parameters_file or "batching"}: {error}')
 
 
 def main(argv=None) -> None:
@@ -64,7 +87,27 @@ def main(argv=None) -> None:
   parser.add_argument('--inject_failure_code', default='UNAVAILABLE',
                       choices=['UNAVAILABLE', 'RESOURCE_EXHAUSTED', 'DEADLINE_EXCEEDED', 'INTERNAL'])
   parser.add_argument('--seed', type=int, default=0, help='fault injection: random seed')
+  parser.add_argument('--grpc_max_threads', type=int, default=8,
+                      help='threads answering calls; with batching, the most requests merged '
+                           'into one model call at a time (TF Serving: the same flag)')
+  parser.add_argument('--enable_batching', action='store_true',
+                      help="merge concurrent Predict calls into model-sized batches, as TF "
+                           "Serving's --enable_batching does")
+  parser.add_argument('--batching_parameters_file',
+                      help="TF Serving's batching parameters in its text format "
+                           "('max_batch_size { value: 128 }' per line)")
+  for name, text in (('max_batch_size', 'rows (images) per model call (TF Serving: 1000)'),
+                     ('batch_timeout_micros', 'how long a batch that is not full waits for more '
+                                              'requests (TF Serving: 0)'),
+                     ('num_batch_threads', 'batches run at the same time (TF Serving: the CPUs)'),
+                     ('max_enqueued_batches', 'batches waiting before requests are answered '
+                                              'UNAVAILABLE (TF Serving: 10)')):
+    parser.add_argument(f'--{name}', type=int,
+                        help=f'batching: {text}; overrides --batching_parameters_file')
   args = parser.parse_args(argv)
+  if args.grpc_max_threads < 1:
+    parser.error('--grpc_max_threads must be at least 1')
+  batching = _batching(args, parser)
   if args.rest_api_port < 0 or (args.rest_api_port and args.rest_api_port == args.port):
     parser.error('--rest_api_port must be 0 (no REST API) or a port other than --port')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
@@ -74,14 +117,20 @@ def main(argv=None) -> None:
       poll_seconds=args.file_system_poll_wait_seconds,
       ssl_key=_read_file(args.ssl_key_file), ssl_cert=_read_file(args.ssl_cert_file),
       faults=Faults(args.inject_latency_secs, args.inject_failure_fraction,
-                    grpc.StatusCode[args.inject_failure_code], args.seed))
+                    grpc.StatusCode[args.inject_failure_code], args.seed),
+      max_workers=args.grpc_max_threads, batching=batching)
   server.start()
   if server.served_version is None:
     _log.warning('serve: no complete version under %s yet; waiting for one', args.model_base_path)
+  # SIGTERM (a container or a benchmark stopping the server) ends it like Ctrl-C does.
+  signal.signal(signal.SIGTERM, signal.default_int_handler)
   try:
     server.wait()
   except KeyboardInterrupt:
     server.stop()
+  requests = server.model_call_requests
+  _log.info('serve: %d Predict requests answered by %d model calls (%.1f images per call)',
+            sum(requests), len(requests), sum(server.model_call_rows) / max(1, len(requests)))
 
 
 if __name__ == '__main__':

@@ -25,12 +25,15 @@ class Faults:
     seed: the generator's seed.
     refuse_image: a predicate on one image (uint8 [H, W, 3]); a request holding an image for
       which it is true is answered INVALID_ARGUMENT, as a model that chokes on one input would.
+    model_latency_secs: added to every model call (with batching, one per batch): a slow model,
+      which keeps the batch threads busy so that the batch queue fills.
   """
   latency_secs: float = 0.0
   failure_fraction: float = 0.0
   failure_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
   seed: int = 0
   refuse_image: Callable[[np.ndarray], bool] | None = None
+  model_latency_secs: float = 0.0
 
 
 class FaultInjector:
@@ -61,6 +64,11 @@ class FaultInjector:
       if fail:
         raise Refusal(faults.failure_code, 'injected fault: the server is pretending to be '
                       f'{faults.failure_code.name.lower()}')
+
+  def during_model_call(self) -> None:
+    """Sleeps the model latency (on the thread that runs the model)."""
+    if self.faults.model_latency_secs > 0:
+      time.sleep(self.faults.model_latency_secs)
 
   def check_images(self, alias: str, array: np.ndarray) -> None:
     """Raises an INVALID_ARGUMENT `Refusal` when `refuse_image` is true of an image in `array`."""

@@ -32,6 +32,8 @@ from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from model import schema
+from model.serving.batching import BatchScheduler
+from model.serving.batching import BatchingParameters
 from model.serving.faults import FaultInjector
 from model.serving.faults import Faults
 from model.serving.protocol import GRPC_DEFAULT_MAX_MESSAGE_BYTES
@@ -69,7 +71,11 @@ class LocalServingServer:
     max_receive_message_bytes: the largest request accepted (gRPC's default 4 MiB), either API.
     ssl_key, ssl_cert: PEM bytes; with both, the server speaks TLS only (HTTPS on the REST port).
     faults: faults to inject (see `Faults`); `set_faults` changes them while running.
-    max_workers: threads answering calls.
+    max_workers: threads answering calls (with batching, requests wait for their batch on them:
+      at most this many requests are merged at a time).
+    batching: TF Serving's server-side batching (`--enable_batching`): concurrent Predict calls
+      for the same signature are merged into one model call (`model.serving.batching`); None:
+      each request is one model call.
   """
 
   def __init__(self, model_base_path: str, port: int = 0, *, rest_api_port: int | None = None,
@@ -77,7 +83,8 @@ class LocalServingServer:
                host: str = '127.0.0.1', poll_seconds: float = DEFAULT_POLL_SECONDS,
                max_receive_message_bytes: int = GRPC_DEFAULT_MAX_MESSAGE_BYTES,
                ssl_key: bytes | None = None, ssl_cert: bytes | None = None,
-               faults: Faults | None = None, max_workers: int = 8):
+               faults: Faults | None = None, max_workers: int = 8,
+               batching: BatchingParameters | None = None):
     if (ssl_key is None) != (ssl_cert is None):
       raise ValueError('TLS needs both ssl_key and ssl_cert')
     self.repository = ModelRepository(model_base_path, model_name)
@@ -89,6 +96,8 @@ class LocalServingServer:
     self._faults = FaultInjector(faults or Faults())
     self._stats = RequestStats()
     self._max_workers = max_workers
+    self._batching = batching
+    self._scheduler: BatchScheduler | None = None
     self._server: grpc.Server | None = None
     self._rest = None if rest_api_port is None else RestServer(
         host, rest_api_port, max_body_bytes=max_receive_message_bytes, ssl_key=ssl_key,
@@ -121,6 +130,21 @@ class LocalServingServer:
     return list(self._stats.predict_request_bytes)
 
   @property
+  def model_call_rows(self) -> list[int]:
+    """The rows (images) of every model call so far: one per request without batching."""
+    return list(self._stats.model_call_rows)
+
+  @property
+  def model_call_requests(self) -> list[int]:
+    """How many requests every model call so far answered (above 1: merged by batching)."""
+    return list(self._stats.model_call_requests)
+
+  @property
+  def peak_predicts_in_progress(self) -> int:
+    """The most Predict calls (gRPC and REST) this server had in progress at once."""
+    return self._stats.peak_predicts_in_progress
+
+  @property
   def served_version(self) -> int | None:
     current = self.repository.current
     return current.version if current else None
@@ -140,8 +164,10 @@ class LocalServingServer:
                  ('grpc.max_send_message_length', -1),
                  # Two servers must never share a port by accident (a restart must find it free).
                  ('grpc.so_reuseport', 0)])
-    # One set of services answers both APIs: the same checks, messages and faults.
-    predictions = PredictionService(self.repository, self._faults, self._stats)
+    if self._batching is not None:
+      self._scheduler = BatchScheduler(self._batching, self._stats.record_model_call)
+    # One set of services answers both APIs: the same checks, messages, faults and batching.
+    predictions = PredictionService(self.repository, self._faults, self._stats, self._scheduler)
     models = ModelService(self.repository)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(predictions, server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(models, server)
@@ -153,8 +179,10 @@ class LocalServingServer:
       else:
         bound = server.add_insecure_port(target)
     except RuntimeError as error:
+      self._close_scheduler()
       raise OSError(f'cannot listen on {target}: {error}') from error
     if not bound:
+      self._close_scheduler()
       raise OSError(f'cannot listen on {target}')
     self.port = bound
     server.start()
@@ -163,12 +191,14 @@ class LocalServingServer:
         self._rest.start(RestApi(self.repository, predictions, models, self._rest_body_bytes))
       except OSError:
         server.stop(None).wait()
+        self._close_scheduler()
         raise
     self._server = server
     self._stop_polling.clear()
     self._poller = threading.Thread(target=self._poll_loop, name='serve-poller', daemon=True)
     self._poller.start()
-    _log.info('serve: listening on %s (%s)', self.address, 'TLS' if self._ssl else 'plaintext')
+    _log.info('serve: listening on %s (%s%s)', self.address, 'TLS' if self._ssl else 'plaintext',
+              f', batching {self._batching}' if self._batching else '')
     if self._rest is not None:
       _log.info('serve: REST API on %s://%s', 'https' if self._ssl else 'http', self.rest_address)
     return self.port
@@ -192,6 +222,12 @@ class LocalServingServer:
     if self._server is not None:
       self._server.stop(grace).wait()
       self._server = None
+    self._close_scheduler()
+
+  def _close_scheduler(self) -> None:
+    if self._scheduler is not None:
+      self._scheduler.close()
+      self._scheduler = None
 
   close = stop
 

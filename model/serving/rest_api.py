@@ -52,6 +52,10 @@ class _RefusingContext:
   def abort(self, code: grpc.StatusCode, details: str):
     raise Refusal(code, details)
 
+  def time_remaining(self) -> None:
+    """TF Serving's REST API takes no deadline."""
+    return None
+
 
 def _model_spec(name: str, version: str, label: str,
                 signature: str = '') -> model_pb2.ModelSpec:

@@ -12,6 +12,8 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from model import schema
+from model.serving.batching import BatchScheduler
+from model.serving.batching import batch_key
 from model.serving.faults import FaultInjector
 from model.serving.protocol import METADATA_FIELD
 from model.serving.protocol import tensor_as_proto_field
@@ -23,6 +25,9 @@ __all__ = ['ModelService', 'PredictionService', 'RequestStats']
 
 _PREDICT_METHOD = 'tensorflow/serving/predict'
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+# How long a batched request waits for its model call when the caller set no deadline (REST has
+# none): a bound, so that no server thread waits forever.
+_NO_DEADLINE_WAIT_SECS = 300.0
 
 
 def _shape_text(dims) -> str:
@@ -37,34 +42,60 @@ def _dtype_name(dtype: int) -> str:
 
 
 class RequestStats:
-  """What the server saw, for tests: the serialized size of every Predict request."""
+  """What the server saw, for tests and benchmarks: every Predict request's size, every model call.
+
+  With server-side batching, one model call answers several requests: `model_call_requests`
+  against the number of requests shows how many were merged.
+  """
 
   def __init__(self):
     self._lock = threading.Lock()
     self.predict_request_bytes: list[int] = []
+    self.model_call_rows: list[int] = []       # rows (images) of each model call
+    self.model_call_requests: list[int] = []   # requests each model call answered
+    self.predicts_in_progress = 0
+    self.peak_predicts_in_progress = 0         # how many requests a client had in flight at most
 
   def record(self, request) -> None:
+    """A Predict arrived (`done` says when it is answered)."""
     with self._lock:
       self.predict_request_bytes.append(request.ByteSize())
+      self.predicts_in_progress += 1
+      self.peak_predicts_in_progress = max(self.peak_predicts_in_progress,
+                                           self.predicts_in_progress)
+
+  def done(self) -> None:
+    with self._lock:
+      self.predicts_in_progress -= 1
+
+  def record_model_call(self, rows: int, requests: int) -> None:
+    with self._lock:
+      self.model_call_rows.append(rows)
+      self.model_call_requests.append(requests)
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
   """Predict and GetModelMetadata, following predict_util.cc and get_model_metadata_impl.cc."""
 
-  def __init__(self, repository: ModelRepository, faults: FaultInjector, stats: RequestStats):
+  def __init__(self, repository: ModelRepository, faults: FaultInjector, stats: RequestStats,
+               batching: BatchScheduler | None = None):
     self._repository = repository
     self._faults = faults
     self._stats = stats
+    self._batching = batching
 
   def Predict(self, request, context):  # pylint: disable=invalid-name
     self._stats.record(request)
     try:
       self._faults.before_call()
-      return self._predict(request)
+      remaining = context.time_remaining()
+      return self._predict(request, _NO_DEADLINE_WAIT_SECS if remaining is None else remaining)
     except Refusal as refusal:
       context.abort(refusal.code, refusal.message)
+    finally:
+      self._stats.done()
 
-  def _predict(self, request):
+  def _predict(self, request, wait_secs: float):
     served = self._repository.resolve(request.model_spec)
     signature_name = request.model_spec.signature_name or schema.SERVING_SIGNATURE
     signature = served.signature_defs.get(signature_name)
@@ -78,9 +109,20 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                     f'{{{_PREDICT_METHOD}}}. Was: {signature.method_name}')
     inputs = self._inputs(signature, request)
     aliases = self._output_aliases(signature, request)
+    function = served.functions[signature_name]
+
+    def run_model(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+      self._faults.during_model_call()
+      outputs = function(**{alias: tf.constant(array) for alias, array in arrays.items()})
+      return {alias: tensor.numpy() for alias, tensor in outputs.items()}
+
     try:
-      outputs = served.functions[signature_name](**{
-          alias: tf.constant(array) for alias, array in inputs.items()})
+      if self._batching is None:
+        outputs = run_model(inputs)
+        self._stats.record_model_call(len(next(iter(inputs.values()))), 1)
+      else:
+        outputs = self._batching.run(batch_key(served.version, signature_name, inputs),
+                                     run_model, inputs, wait_secs)
     except tf.errors.OpError as error:
       raise Refusal(_CODES_BY_NUMBER.get(error.error_code, grpc.StatusCode.UNKNOWN),
                     error.message) from error
@@ -91,7 +133,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     response.model_spec.version.value = served.version
     response.model_spec.signature_name = signature_name
     for alias in aliases:
-      response.outputs[alias].CopyFrom(tensor_as_proto_field(outputs[alias].numpy()))
+      response.outputs[alias].CopyFrom(tensor_as_proto_field(outputs[alias]))
     return response
 
   def _inputs(self, signature, request) -> dict[str, np.ndarray]:
