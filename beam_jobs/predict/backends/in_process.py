@@ -44,7 +44,10 @@ class SavedModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
 
   def __init__(self, export: ExportInfo, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                signature: str = schema.SERVING_SIGNATURE):
-    super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
+    # Full batches only (the last of a bundle excepted): Beam's adaptive sizing settled between
+    # 20 and 50 images per call on 2 cores, each call costing the same Python overhead and the
+    # model 5-10% more CPU per image than at 64.
+    super().__init__(min_batch_size=max_batch_size, max_batch_size=max_batch_size)
     self._export = export
     self._signature = signature
     self._model_id = model_id(schema.MODEL_NAME, export.version)
