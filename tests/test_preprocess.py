@@ -225,6 +225,45 @@ def test_image_to_example_hashes_and_decodes_the_same_bytes():
   np.testing.assert_array_equal(pixels.reshape(64, 64, 3), decode_image(data, 64))
 
 
+def test_the_fused_encoder_writes_in_input_order_and_refuses_with_the_reason(tmp_path):
+  """EncodeAndWriteExamples' DoFn methods called as a runner calls them, with 4 threads."""
+  import tensorflow as tf
+  from apache_beam.utils.windowed_value import WindowedValue
+  from beam_jobs.preprocess.encode import EncodeAndWriteExamples
+  (tmp_path / 'images').mkdir()
+  images = []
+  for i in range(24):
+    path = tmp_path / 'images' / f'img_{i}.jpg'
+    path.write_bytes(b'not a jpeg' if i == 7 else _jpeg(i))
+    images.append(LabelledImage(f'img_{i}', i + 2, _row(f'img_{i}'), str(path)))
+  config = preprocess.PreprocessConfig(
+      labels_csv='unused.csv', images_dir=str(tmp_path / 'images'),
+      output_dir=str(tmp_path / 'out'), image_size=32,
+      num_shards=(('train', 1), ('eval', 1)))
+  parts_dirs = {split: str(tmp_path / f'parts_{split}') for split in schema.SPLITS}
+  encoder = EncodeAndWriteExamples(config, parts_dirs, threads=4)
+  encoder.setup()
+  encoder.start_bundle()
+  outputs = [out for image in images for out in encoder.process(image)]
+  outputs += list(encoder.finish_bundle())
+  encoder.teardown()
+  tagged = [(getattr(o, 'tag', None), getattr(o, 'value', o)) for o in outputs]
+  values = [(tag, v.value if isinstance(v, WindowedValue) else v) for tag, v in tagged]
+  letters = [v for tag, v in values if tag == 'refused']
+  assert [(r['image_name'], r['reason'], r['line'], r['step']) for r in letters] == [
+      ('img_7', 'NOT_AN_IMAGE', 9, 'decode_image')]
+  tally = dict(v for tag, v in values if tag == 'tally')
+  parts = dict(v for tag, v in values if tag is None)
+  good = [image for image in images if image.image_name != 'img_7']
+  for split in schema.SPLITS:
+    names = [tf.train.Example.FromString(r.numpy()).features.feature[
+        schema.KEY_NAME].bytes_list.value[0].decode()
+             for r in tf.data.TFRecordDataset([parts[split][1]])]
+    expected = [i.image_name for i in good if preprocess.assign_split(i.image_name, 0.2) == split]
+    assert names == expected                      # the input order, whatever the threads did
+    assert tally[f'examples/{split}'] == len(expected)
+
+
 # ---- The fixed-shard TFRecord sink ------------------------------------------------------------
 
 def test_write_split_writes_every_shard_and_each_record_once(tmp_path):
