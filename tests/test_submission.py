@@ -13,6 +13,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_jobs import make_sample, predict
 from beam_jobs.common import progress
 from beam_jobs.predict import rows as predict_rows
+from beam_jobs.predict.config import LAYOUT
 from beam_jobs.predict.submission import HEADER, WriteSubmission, bucket_boundaries
 from model import schema
 from tests.conftest import read_jsonl
@@ -89,6 +90,13 @@ def test_boundaries_keep_names_in_order_and_buckets_near_their_size():
   assert sum(sizes) == 1000 and max(sizes) <= 110
   assert bucket_boundaries(quantiles, 1000, 1000) == []       # one bucket: no boundary
   assert bucket_boundaries([], 0, 100) == []
+
+
+def test_a_killed_runs_parts_are_the_jobs_own_files():
+  # What a run killed while writing submission.csv leaves: --overwrite may delete it.
+  folder = 'beam-temp-submission-0f1e2d3c4b5a69788796a5b4c3d2e1f0'
+  for name in ('part-00003-0123456789abcdef0123456789abcdef.csv', schema.SUBMISSION_FILE):
+    assert LAYOUT.owns(f'{folder}/{name}')
 
 
 @pytest.fixture(scope='module')
