@@ -69,7 +69,8 @@ def run(argv=None) -> dict:
   runner = runner_options.local_runner(options)
   tally = ProgressTally.create() if runner is not None else None   # Dataflow: its counters
   pipeline = beam.Pipeline(runner=runner, options=options)
-  build_pipeline(pipeline, config, backend.handler, tally.folder if tally else None)
+  build_pipeline(pipeline, config, backend.handler, tally.folder if tally else None,
+                 spread_reads=runner is None)
   with ShowProgress(STAGE, _count_images(sources) if tally else None, 'images', tally):
     result = pipeline.run()
     result.wait_until_finish()
