@@ -16,6 +16,7 @@ import apache_beam as beam
 import grpc
 import numpy as np
 import pytest
+import requests
 from apache_beam.ml.inference.base import KeyedModelHandler
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.testing import test_pipeline
@@ -160,6 +161,25 @@ def test_concurrent_requests_are_merged_into_one_model_call_with_the_same_answer
     # One call of 32 rows against four of 8: the same model, rounding aside (oneDNN may block
     # a larger batch differently).
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_rest_calls_are_batched_too(model_dir):
+  pixels = images(8, seed=3)
+  parameters = BatchingParameters(max_batch_size=8, batch_timeout_micros=20_000_000,
+                                  num_batch_threads=1)
+  with LocalServingServer(model_dir, rest_api_port=0, batching=parameters) as server:
+    url = f'http://{server.rest_address}/v1/models/{schema.MODEL_NAME}:predict'
+
+    def post(rows):
+      body = {'signature_name': 'serving_default', 'inputs': {'images': rows.tolist()}}
+      return requests.post(url, json=body, timeout=60).json()['outputs']['weather']
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      answers = list(pool.map(post, [pixels[:4], pixels[4:]]))   # 8 rows: the batch is full
+    grpc_answer = predict_in_requests(server.address, pixels, 8)[0]
+
+  assert server.model_call_requests == [2, 1]
+  np.testing.assert_allclose(np.concatenate(answers), grpc_answer, rtol=1e-5, atol=1e-6)
 
 
 def test_the_job_handler_retries_a_full_queue_and_predicts_every_image(model_dir):
