@@ -40,7 +40,7 @@ from model.errors import InputRefused
 
 __all__ = ['BUCKET_BYTES', 'BatchByBucket', 'CarryOver', 'Decide', 'FingerprintBatch',
            'ReadRowBatches', 'add_counts', 'bucket_count', 'bucket_of', 'fingerprint_file',
-           'row_name', 'thumbnail_items']
+           'fingerprint_files', 'row_name', 'thumbnail_items']
 
 BUCKET_BYTES = 8 << 20     # earlier rows per bucket: about 8,000 rows of about 1 KB
 MIN_BUCKETS = 8            # enough for a few workers to share a small join
@@ -120,9 +120,14 @@ class BatchByBucket(beam.DoFn):
     self._batches = {}
 
 
+def fingerprint_files(batch: list, max_file_bytes: int) -> list:
+  """`fingerprint_file` of each (name, path) of `batch`, in order."""
+  return [fingerprint_file(element, max_file_bytes) for element in batch]
+
+
 class FingerprintBatch(beam.DoFn):
   """(bucket, ('current', [(name, path)])) -> the same with (name, path, sha256): read and hashed
-  in a few threads."""
+  in a few threads, one slice of the batch each (one task per image cost as much as its hash)."""
 
   def __init__(self, max_file_bytes: int, threads: int = 4):
     self._max_file_bytes = max_file_bytes
@@ -135,8 +140,10 @@ class FingerprintBatch(beam.DoFn):
 
   def process(self, element):
     bucket, (source, batch) = element
-    yield bucket, (source, list(self._pool.map(
-        fingerprint_file, batch, [self._max_file_bytes] * len(batch))))
+    step = math.ceil(len(batch) / self._threads)
+    slices = [batch[i:i + step] for i in range(0, len(batch), step)]
+    yield bucket, (source, [fingerprinted for done in self._pool.map(
+        fingerprint_files, slices, [self._max_file_bytes] * len(slices)) for fingerprinted in done])
 
   def teardown(self):
     if self._pool:
