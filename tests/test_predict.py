@@ -7,6 +7,7 @@ import pytest
 
 from beam_jobs import predict
 from beam_jobs.common.image_decoder import decode_image
+from beam_jobs.predict.pipeline import write_text_file
 from model import metrics, schema
 from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO
 from tests.conftest import PREDICT_IMAGE_SIZE as IMAGE_SIZE, read_jsonl as _read_jsonl
@@ -153,7 +154,8 @@ def test_dataflow_dry_run_translates_the_job(monkeypatch, export_base, mixed_fol
       '--model_dir', str(export_base / 'PlanetModel'), '--labels_csv', str(labels_csv),
       *DATAFLOW_DRY_RUN_ARGS])
   assert summary['dry_run']
-  for step in ('ListImages', 'ReadAndDecode', 'RunInference', 'WritePredictions',
+  # SpreadReads: Dataflow rebalances the reads; the local runner runs without that shuffle.
+  for step in ('ListImages', 'SpreadReads', 'ReadAndDecode', 'RunInference', 'WritePredictions',
                'WriteDeadLetters', 'WriteSubmission', 'WriteSummary', 'WriteReport', 'AttachTruth'):
     assert step in summary['transforms'], step
 
@@ -186,3 +188,10 @@ def test_multi_processing_gives_the_same_outputs(tmp_path, predict_job, export_b
   assert keyed(f'{tmp_path}/multi/{DEAD_LETTERS}') == dead
   assert ((tmp_path / 'multi' / schema.SUBMISSION_FILE).read_text()
           == (out / schema.SUBMISSION_FILE).read_text())
+
+
+def test_a_one_element_output_is_its_string_and_a_newline_written_again_the_same(tmp_path):
+  path = str(tmp_path / schema.SUMMARY_FILE)
+  for _ in range(2):   # a retried bundle writes the file again, whole
+    write_text_file('{"a": "\u00e9"}', path, 'application/json')
+    assert (tmp_path / schema.SUMMARY_FILE).read_bytes() == '{"a": "\u00e9"}\n'.encode('utf-8')
