@@ -332,7 +332,7 @@ def test_served_image_size_names_expected_and_found(model_dir):
 def test_handler_pickles_and_batches():
   handler = sh.ServingGrpcHandler('127.0.0.1:8500', max_batch_size=48)
   restored = pickler.loads(pickler.dumps(handler))
-  assert restored.batch_elements_kwargs() == {'min_batch_size': 1, 'max_batch_size': 48}
+  assert restored.batch_elements_kwargs() == {'min_batch_size': 48, 'max_batch_size': 48}
   assert restored.get_num_bytes(images(2)) == 2 * IMAGE_SIZE * IMAGE_SIZE * 3
   with pytest.raises(ValueError, match='no inference_args'):
     restored.validate_inference_args({'x': 1})
@@ -407,6 +407,22 @@ def test_unavailable_30_percent_every_image_once(local_server):
   assert_all_predicted(results, batch)
   # 20 requests needed; the server saw those plus the failed attempts.
   assert len(local_server.predict_request_bytes) > 20
+
+
+def test_a_batch_streams_its_requests_max_requests_in_flight_at_a_time(local_server):
+  handler = sh.ServingGrpcHandler(local_server.address, max_images_per_request=2)
+  run_direct(handler, images(1))   # the model traced before the calls that are counted
+  local_server.set_faults(Faults(latency_secs=0.5))
+  # By default a RunInference batch is REQUESTS_PER_BATCH full requests, 4 of them in flight.
+  assert handler.batch_elements_kwargs() == {'min_batch_size': 2 * sh.REQUESTS_PER_BATCH,
+                                             'max_batch_size': 2 * sh.REQUESTS_PER_BATCH}
+  batch = images(2 * sh.REQUESTS_PER_BATCH)
+
+  results = run_direct(handler, batch)
+
+  assert_all_predicted(results, batch)
+  assert len(local_server.predict_request_bytes) == 1 + sh.REQUESTS_PER_BATCH
+  assert local_server.peak_predicts_in_progress == 4
 
 
 def test_a_refused_request_is_sent_again_image_by_image(local_server):

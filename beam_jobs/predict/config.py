@@ -117,7 +117,9 @@ def parse_args(argv) -> tuple[Any, list[str]]:
   parser.add_argument('--labels_csv', help='score the predictions against these labels')
   parser.add_argument('--max_bad_fraction', type=float,
                       default=dead_letters.DEFAULT_MAX_BAD_FRACTION)
-  parser.add_argument('--batch_size', type=int, default=DEFAULT_MAX_BATCH_SIZE)
+  parser.add_argument('--batch_size', type=int,
+                      help=f'images per RunInference batch (default {DEFAULT_MAX_BATCH_SIZE} '
+                           'in-process; serving: 16 requests of 32 images, streamed)')
   parser.add_argument('--max_pixels', type=int, default=DEFAULT_MAX_PIXELS)
   parser.add_argument('--max_file_bytes', type=int, default=DEFAULT_MAX_FILE_BYTES,
                       help='refuse image files larger than this without reading them '
@@ -149,7 +151,7 @@ def parse_args(argv) -> tuple[Any, list[str]]:
     parser.error('--retry_budget_secs must be 0 or more')
   if not 0 <= args.max_bad_fraction <= 1:
     parser.error('--max_bad_fraction must be between 0 and 1')
-  if args.batch_size < 1:
+  if args.batch_size is not None and args.batch_size < 1:
     parser.error('--batch_size must be at least 1')
   for name in ('max_pixels', 'max_file_bytes'):
     if getattr(args, name) < 1:
@@ -188,8 +190,8 @@ def make_backend(args) -> Backend:
     from beam_jobs.predict.backends.in_process import SavedModelHandler  # pylint: disable=import-outside-toplevel
     thresholds = ThresholdsByVersion(export.ground_thresholds,
                                      known={export.version: export.ground_thresholds})
-    return Backend(SavedModelHandler(export, max_batch_size=args.batch_size), export.image_size,
-                   thresholds, 'in_process',
+    handler = SavedModelHandler(export, max_batch_size=args.batch_size or DEFAULT_MAX_BATCH_SIZE)
+    return Backend(handler, export.image_size, thresholds, 'in_process',
                    {'model_dir': args.model_dir, 'version_dir': export.version_dir,
                     'version': export.version})
 

@@ -64,7 +64,8 @@ class ReadAndDecode(beam.DoFn):
   LOOKAHEAD = 128   # images decoded ahead: 2 batches, 6 MB at 128 px
 
   def __init__(self, image_size: int, max_pixels: int, threads: int = 2,
-               max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
+               max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, lookahead: int = LOOKAHEAD):
+    self._lookahead = lookahead
     self._size = image_size
     self._max_pixels = max_pixels
     self._max_file_bytes = max_file_bytes
@@ -93,7 +94,7 @@ class ReadAndDecode(beam.DoFn):
     self._pending.append((self._pool.submit(read_and_decode, name, path, self._size,
                                             self._max_pixels, self._max_file_bytes),
                           window, timestamp))
-    while len(self._pending) > self.LOOKAHEAD or (self._pending and self._pending[0][0].done()):
+    while len(self._pending) > self._lookahead or (self._pending and self._pending[0][0].done()):
       yield self._emit(windowed=False)
 
   def finish_bundle(self):
@@ -208,7 +209,10 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
     to_predict = to_predict | 'SpreadReads' >> beam.Reshuffle()
   decoded = (to_predict
              | 'ReadAndDecode' >> beam.ParDo(ReadAndDecode(
-                 config.image_size, config.max_pixels, max_file_bytes=config.max_file_bytes))
+                 config.image_size, config.max_pixels, max_file_bytes=config.max_file_bytes,
+                 # Two of the backend's batches: one decodes while the other is predicted.
+                 lookahead=2 * model_handler.batch_elements_kwargs().get(
+                     'max_batch_size', ReadAndDecode.LOOKAHEAD // 2)))
              .with_outputs('refused', main='decoded'))
   inferred, failed = (decoded.decoded
                       | 'RunInference' >> RunInference(KeyedModelHandler(model_handler))
