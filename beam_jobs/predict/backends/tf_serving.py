@@ -66,9 +66,10 @@ _log = logging.getLogger('planet.serving')
 # Below gRPC's default limit (model.serving.protocol says why), with room for the request's framing.
 DEFAULT_MAX_REQUEST_BYTES = GRPC_DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024
 # Requests per RunInference batch by default. Within a batch, requests stream (a new one leaves as
-# each answer comes back); between two batches the server waits while the job handles the rows
-# (profile of the 4-in-flight, 2-request batches: 30% of the job's main thread waited on answers
-# while the server idled between batches). 16 requests of 32 images: 512 images, 25 MB at 128 px.
+# each answer comes back); only at a batch's end is nothing in flight while the job handles its
+# rows. With batches of 64 (2 requests), py-spy found the job's main thread waiting on answers in
+# about three quarters of its samples while the pipeline ran. 16 requests of 32 images: 512
+# images, 25 MB at 128 px.
 REQUESTS_PER_BATCH = 16
 # Model spec, map key, dtype and shape of a request: a few dozen bytes. The exact size is
 # measured before sending; this only keeps the first plan close.
