@@ -245,8 +245,31 @@ def test_transient_codes_and_backoff():
     assert cap / 2 <= next(delays) <= cap
 
 
+def test_requests_in_flight_do_not_throttle_a_healthy_server():
+  from apache_beam.io.components.adaptive_throttler import AdaptiveThrottler
+  now = time.time() * 1000
+  # Beam's own throttler counts an attempt when it leaves: with 4 requests in flight and none
+  # answered yet, the next one is throttled with P = (4 - 2 * 0) / (4 + 1).
+  beams = AdaptiveThrottler(window_ms=1000, bucket_ms=1000, overload_ratio=2)
+  for _ in range(4):
+    beams.throttle_request(now)
+  assert beams._throttling_probability(now) == pytest.approx(0.8)  # pylint: disable=protected-access
+
+  ours = serving_retry.AnsweredRequestsThrottler(window_ms=1000, bucket_ms=1000, overload_ratio=2,
+                                                 namespace='test', throttle_delay_secs=1)
+  assert not any(ours.throttle_request(now) for _ in range(1000))   # in flight: not counted
+  for _ in range(4):
+    ours.answered(now, accepted=True)
+  ours.successful_request(now)   # Beam's call around the whole batch adds nothing
+  assert not any(ours.throttle_request(now) for _ in range(1000))
+  for _ in range(50):   # the server goes away: transient failures count against it
+    ours.answered(now, accepted=False)
+  assert sum(ours.throttle_request(now) for _ in range(1000)) > 700   # P = (54 - 8) / 55
+  assert not any(ours.throttle_request(now + 2000) for _ in range(1000))   # the window moved on
+
+
 class _ScriptedThrottler:
-  """Beam's AdaptiveThrottler as the retry policy sees it, throttling the asks numbered `throttled`."""
+  """The throttler as the retry policy sees it, throttling the asks numbered `throttled`."""
 
   throttle_delay_secs = 0.01
 
@@ -254,13 +277,15 @@ class _ScriptedThrottler:
     self.throttled = set(throttled)
     self.asks = 0
     self.successes = 0
+    self.failures = 0
 
   def throttle_request(self, now_ms: float) -> bool:  # pylint: disable=unused-argument
     self.asks += 1
     return self.asks in self.throttled
 
-  def successful_request(self, now_ms: float) -> None:  # pylint: disable=unused-argument
-    self.successes += 1
+  def answered(self, now_ms: float, accepted: bool) -> None:  # pylint: disable=unused-argument
+    self.successes += accepted
+    self.failures += not accepted
 
 
 class _Unavailable(grpc.RpcError):
@@ -302,7 +327,7 @@ def test_a_client_throttled_after_a_failure_gives_up_when_the_budget_runs_out():
     policy.call(predict, predict_pb2.PredictRequest(), throttler=throttler, tally=tally,
                 address='here:8500')
 
-  assert (tally.requests, tally.retries, throttler.successes) == (1, 1, 0)
+  assert (tally.requests, tally.retries, throttler.successes, throttler.failures) == (1, 1, 0, 1)
   assert tally.throttled_secs >= 0.15
 
 
@@ -317,7 +342,7 @@ def test_served_image_size_names_expected_and_found(model_dir):
   found = signature_map(model_dir)
   assert sh.served_image_size(found, schema.SERVING_SIGNATURE, 'here') == IMAGE_SIZE
   with pytest.raises(ValueError, match=r"here has no signature 'nope'; it has "
-                                       r"\['predict_float', 'serving_default'\]"):
+                                       r"\['predict_float', 'serving_default', 'serving_tta'\]"):
     sh.served_image_size(found, 'nope', 'here')
   with pytest.raises(ValueError, match=r"takes inputs \['input_image'\]; expected one input "
                                        r"'images'"):
@@ -351,7 +376,7 @@ def test_check_serving_model(server):
     (dict(model_version=7), r'does not serve PlanetModel version 7 .*it has versions 1 '
                             r'\(AVAILABLE\)'),
     (dict(signature='nope'), r"has no signature 'nope'; it has \['predict_float', "
-                             r"'serving_default'\]"),
+                             r"'serving_default', 'serving_tta'\]"),
     (dict(image_size=128), r'takes 32x32 images; expected 128x128'),
 ])
 def test_check_serving_model_names_expected_and_found(server, kwargs, message):

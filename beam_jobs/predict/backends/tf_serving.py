@@ -7,7 +7,8 @@ the next one sent as each answer comes back. A RunInference batch is 16 requests
 the server is kept busy for the whole batch (while the job's decode threads prepare the next one)
 and idles only at its end, while the job writes the batch's rows. Each call has a deadline; calls that
 fail with a transient code (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) are retried with
-jittered exponential backoff for up to `retry_budget_secs`, behind Beam's client-side throttler.
+jittered exponential backoff for up to `retry_budget_secs`, behind a client-side throttler
+(retry_policy.AnsweredRequestsThrottler).
 A request refused for a reason that may lie in one image (INVALID_ARGUMENT, INTERNAL, ...) is
 re-sent image by image, so one bad image never takes its batch down. Nothing is raised for an
 image that cannot be predicted: it comes back as an `InputRefused` (UNAVAILABLE when the server
@@ -44,7 +45,7 @@ from beam_jobs.common import progress
 from beam_jobs.predict.backends import model_id, prediction
 from beam_jobs.predict.backends.retry_policy import CallTally
 from beam_jobs.predict.backends.retry_policy import GaveUp
-from beam_jobs.predict.backends.retry_policy import RetryPolicy
+from beam_jobs.predict.backends.retry_policy import AnsweredRequestsThrottler, RetryPolicy
 from beam_jobs.predict.backends.retry_policy import may_be_one_image
 from model import schema
 from model.errors import InputRefused
@@ -74,6 +75,9 @@ REQUESTS_PER_BATCH = 16
 # Model spec, map key, dtype and shape of a request: a few dozen bytes. The exact size is
 # measured before sending; this only keeps the first plan close.
 _REQUEST_OVERHEAD_BYTES = 512
+# The client-side throttler's window (Beam's RemoteModelHandler default): a server back from a
+# restart is no longer held back a second after its last failure.
+_THROTTLE_WINDOW_MS = 1000
 
 
 def read_root_certificates(path: str) -> bytes:
@@ -290,6 +294,10 @@ class ServingGrpcHandler(RemoteModelHandler[np.ndarray, PredictionResult, Servin
     super().__init__(namespace=progress.METRICS_NAMESPACE, num_retries=0,
                      throttle_delay_secs=throttle_delay_secs, retry_filter=_never_retry,
                      overload_ratio=overload_ratio)
+    # Beam's window and K, but attempts counted as they are answered (see the class).
+    self.throttler = AnsweredRequestsThrottler(
+        window_ms=_THROTTLE_WINDOW_MS, bucket_ms=_THROTTLE_WINDOW_MS, overload_ratio=overload_ratio,
+        namespace=progress.METRICS_NAMESPACE, throttle_delay_secs=throttle_delay_secs)
     self._address = address
     self._model_name = model_name
     self._model_version = model_version
