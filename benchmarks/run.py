@@ -5,7 +5,7 @@ Usage: python -m benchmarks [--quick | --tiny] [--work /tmp/planet_bench] [--out
                                     preprocess_vs_script,predict_vs_script]
 
   (default) the full run: 2,000 and 10,000 chips, 3 runs of every figure (preprocess against
-            the plain script at 10,000 and 50,000, and each job's memory at 100,000); writes
+            the plain script at 20,000 and 50,000, and each job's memory at 100,000); writes
             benchmarks/RESULTS.md and benchmarks/results.json.
   --quick   300 and 1,500 chips (1,500 and 6,000 for preprocess against the plain script), 1 run
             each (a few minutes); writes to WORK/quick/.

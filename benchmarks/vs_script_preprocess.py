@@ -3,10 +3,11 @@
 Usage: python -m benchmarks --only preprocess_vs_script [--quick] [--work /tmp/planet_bench]
 
 Contenders, each a whole command in its own process, interleaved in every repeat, at
-`plan.script_small` and `plan.script_big` chips (10,000 and 50,000 in the full plan):
+`plan.script_small` and `plan.script_big` chips (20,000 and 50,000 in the full plan):
   plain_script:    python -m benchmarks.plain_preprocess: a multiprocessing.Pool over every core,
                    each worker decoding with Pillow and writing its own TFRecord file.
-  job_in_process:  python -m beam_jobs.preprocess, DirectRunner in-process (its default).
+  job:             python -m beam_jobs.preprocess as its user runs it: in one process below
+                   20,000 CSV rows, on a local worker process per core from there on.
 Then one run of the job at `plan.memory_big` chips (100,000): its peak RSS against the run at
 `plan.script_small`, since a job's memory must not grow with its input.
 """
@@ -18,14 +19,14 @@ import shutil
 from benchmarks import commands, workspace
 from benchmarks.plan import Plan, ratio, two_size_figures
 
-CONTENDERS = ('plain_script', 'job_in_process')
+CONTENDERS = ('plain_script', 'job')
 
 
 def command(contender: str, chips: str, out: str) -> list[str]:
   csv, images = os.path.join(chips, 'train_v2.csv'), os.path.join(chips, 'train-jpg')
   module = {'plain_script': 'benchmarks.plain_preprocess',
-            'job_in_process': 'beam_jobs.preprocess'}[contender]
-  extra = ('--overwrite',) if contender == 'job_in_process' else ()
+            'job': 'beam_jobs.preprocess'}[contender]
+  extra = ('--overwrite',) if contender == 'job' else ()
   return commands.python_module(module, '--labels_csv', csv, '--images_dir', images,
                                 '--output_dir', out, *extra)
 
@@ -65,11 +66,11 @@ def measure(plan: Plan, work: str, log=print) -> dict:
     figures[contender]['examples_written_big'] = written[(contender, 'big')]
 
   memory_chips = workspace.chips(work, plan.memory_big)
-  memory_run, memory_written = _run('job_in_process', memory_chips,
+  memory_run, memory_written = _run('job', memory_chips,
                                     os.path.join(work, 'runs', 'vs_script_prep_memory'), plan)
   log(f'  preprocess job {plan.memory_big:,} chips: {memory_run.seconds:6.1f} s, '
       f'peak RSS {memory_run.peak_rss_mb:6.0f} MB')
-  job, script = figures['job_in_process'], figures['plain_script']
+  job, script = figures['job'], figures['plain_script']
   figures['memory'] = {'chips': plan.memory_big, 'seconds': round(memory_run.seconds, 2),
                        'examples_written': memory_written,
                        'peak_rss_mb': memory_run.peak_rss_mb,

@@ -112,7 +112,7 @@ def test_tiny_run_measures_every_figure_and_renders_the_tables(tmp_path):
       number(f'decode.{chips}.{figure}')
   plan = on_disk['plan']
   prep = on_disk['preprocess_vs_script']
-  for contender in ('plain_script', 'job_in_process'):
+  for contender in ('plain_script', 'job'):
     for figure in ('images_per_s_overall_small', 'images_per_s_overall_big', 'peak_rss_mb_big'):
       number(f'preprocess_vs_script.{contender}.{figure}')
     assert prep[contender]['examples_written_big'] == plan['script_big']   # every chip, both

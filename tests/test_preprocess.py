@@ -5,6 +5,7 @@ shard names, empty shards, gzip, two worker processes.
 """
 import io
 import json
+import os
 import pathlib
 import socket
 
@@ -17,11 +18,12 @@ from PIL import Image
 
 from beam_jobs import preprocess
 from beam_jobs.common.dead_letters import TooManyBadInputs
-from beam_jobs.common import tfrecord_sink
+from beam_jobs.common import runner_options, tfrecord_sink
 from beam_jobs.common.image_decoder import decode_image
 from beam_jobs.common.labels import CsvFormat, LabelRow, parse_label_line
 from beam_jobs.make_sample import make_sample
 from beam_jobs.preprocess import ConfigError, EncodedExample, LabelledImage
+from beam_jobs.preprocess import job as preprocess_job
 from model import schema
 from model.output_dir import OutputRefused
 from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO
@@ -442,12 +444,16 @@ def test_shards_hold_the_decoders_pixels_and_the_rows_labels(bad_mix, mixed_run)
   assert examples['nowx_1']['weather'] == (0.0,) * 4
 
 
-def test_two_worker_processes_give_the_same_examples(bad_mix, mixed_run, tmp_path):
+def test_a_large_input_runs_on_a_worker_process_per_core_with_the_same_examples(
+    bad_mix, mixed_run, tmp_path, monkeypatch, capsys):
   root, _ = bad_mix
   out, outcome = mixed_run
-  multi = preprocess.run(_args(root, tmp_path, '--max_bad_fraction', '0.9',
-                               '--direct_running_mode=multi_processing',
-                               '--direct_num_workers=2'))
+  cores = len(os.sched_getaffinity(0))
+  monkeypatch.setattr(preprocess_job, 'LOCAL_WORKERS_FROM_ROWS', 10)   # "large" for this input
+  multi = preprocess.run(_args(root, tmp_path, '--max_bad_fraction', '0.9'))
+  said = capsys.readouterr().out
+  assert (f'{cores} local worker processes (--direct_num_workers=1 keeps one)' in said) == (
+      cores >= 2), said
 
   def summary(directory, manifest):
     examples = {n: (e['split'], e['sha256'], e['pixels'].tobytes(), e['weather'], e['ground'])
@@ -457,6 +463,16 @@ def test_two_worker_processes_give_the_same_examples(bad_mix, mixed_run, tmp_pat
 
   assert summary(tmp_path, multi.manifest) == summary(out, outcome.manifest)
   assert multi.counters['csv_rows'] == outcome.manifest['counts']['csv_rows']
+
+
+def test_worker_processes_only_where_the_user_left_the_choice_and_the_job_runs_here():
+  cores = len(os.sched_getaffinity(0))
+  spread = runner_options.local_worker_processes([])
+  assert spread == ([] if cores < 2 else ['--direct_running_mode=multi_processing',
+                                          f'--direct_num_workers={cores}'])
+  for chosen in (['--direct_num_workers=1'], ['--direct_running_mode', 'in_memory'],
+                 ['--runner=DataflowRunner', '--project=p']):
+    assert runner_options.local_worker_processes(chosen) == chosen
 
 
 def test_too_many_bad_rows_fail_unpublished_and_reruns_never_mix_shards(bad_mix, tmp_path):

@@ -1,13 +1,16 @@
 """Facts about how a job was asked to run, shared by both Beam jobs."""
 import argparse
 import difflib
+import os
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
 from model import command_line
 
 __all__ = ['beam_flags', 'check_beam_flags', 'dry_run_description', 'is_dataflow_dry_run',
-           'local_runner', 'parse_job_args']
+           'local_runner', 'local_worker_processes', 'parse_job_args']
+
+_LOCAL_MODE_FLAGS = ('--direct_running_mode', '--direct_num_workers')
 
 
 def is_dataflow_dry_run(options: PipelineOptions) -> bool:
@@ -46,6 +49,17 @@ def local_runner(options: PipelineOptions):
   encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
   return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
       beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
+
+
+def local_worker_processes(beam_args: list[str]) -> list[str]:
+  """Beam flags that run a local job on one worker process per core; `beam_args` unchanged when
+  the job does not run locally, the user chose a local mode, or there is one core."""
+  runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  chosen = any(arg.split('=', 1)[0] in _LOCAL_MODE_FLAGS for arg in beam_args)
+  if runner not in (None, 'DirectRunner') or chosen or (cores or 1) < 2:
+    return beam_args
+  return [*beam_args, '--direct_running_mode=multi_processing', f'--direct_num_workers={cores}']
 
 
 def _option_classes(cls=PipelineOptions):
