@@ -26,7 +26,8 @@ One image, keyed by its name (the file stem) from the match to the last write:
                                       'model_name', 'model_version', 'sha256'} (rows.result_row),
                                       also kept in OUT/completed/ for --resume (completed_rows)
   -> its lines in the outputs         a line of predictions-*.jsonl, a line of submission.csv
-                                      (rows.submission_text), and its share of summary.json
+                                      (submission: sorted in ordered name buckets, never all
+                                      lines in one place), and its share of summary.json
                                       (stats) and report.html (report_html)
 
 An image that cannot be read, decoded or predicted becomes one line of
@@ -35,6 +36,7 @@ letters. The job fails after the run, publishing nothing, when more than --max_b
 the images are dead letters; otherwise it writes manifest.json last.
 
 Modules: config (flags, checks, backend), rows (pure row logic), pipeline (DoFns and the graph),
+submission (submission.csv from ordered name buckets),
 incremental (which earlier rows are reused: pure) and carry_over (its join), completed_rows
 (kept work for --resume), stats (summary.json), thumbnails, report_html and report_incremental
 (report.html), backends/ (the model handlers), job (`run` and `main`).

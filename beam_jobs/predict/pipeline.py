@@ -161,10 +161,10 @@ class AttachTruth(beam.DoFn):
 # ----------------------------------------------------------------------------- the graph
 
 
-def _write_one_file(pcoll, path: str, label: str, trailing_newline: bool = True):
+def _write_one_file(pcoll, path: str, label: str):
   """Writes a PCollection of lines as exactly `path` (no shard suffix)."""
   return pcoll | label >> beam.io.WriteToText(path, num_shards=1, shard_name_template='',
-                                              append_trailing_newlines=trailing_newline)
+                                              append_trailing_newlines=True)
 
 
 def write_text_file(text: str, path: str, mime_type: str = 'text/plain') -> None:

@@ -19,8 +19,8 @@ from model import schema
 __all__ = ['DEFAULT_MAX_BATCH_SIZE', 'model_id', 'prediction']
 
 # 64 chips at 128 px are 3 MB of uint8: big enough to keep the CPU's matrix units busy, small
-# enough that a worker's threads can each hold a batch. The default of --batch_size and of the
-# handlers' max_batch_size.
+# enough that a worker's threads can each hold a batch. The in-process backend's --batch_size
+# default (the TF Serving backends send RunInference batches of several requests: tf_serving).
 DEFAULT_MAX_BATCH_SIZE = 64
 
 
