@@ -10,9 +10,11 @@ Usage:
 Each element is `(images, targets, sample_weights)`: `uint8 [batch, H, W, 3]` pixels (the model
 rescales them itself), `{'weather': [batch, 4], 'ground': [batch, 13]}` and per-output weights
 that are 0 for the weather of a row that has no weather tag, so such a row adds no weather loss.
+With `with_names=True` (evaluation), a fourth item: the image names, which `eval_half` splits.
 """
 import concurrent.futures
 import dataclasses
+import hashlib
 import math
 import os
 import zlib
@@ -25,7 +27,7 @@ from model.tf_example import feature_spec
 
 __all__ = [
     'augment_batch', 'AUTOTUNE', 'check_shard', 'check_split_count', 'combine_summaries',
-    'CorruptShard', 'DEFAULT_SHUFFLE_BUFFER', 'find_corrupt_shard', 'load_prepared',
+    'CorruptShard', 'DEFAULT_SHUFFLE_BUFFER', 'eval_half', 'find_corrupt_shard', 'load_prepared',
     'make_dataset', 'parse_batch', 'PreparedData', 'SPLITS', 'SplitSummary', 'steps_per_epoch',
     'verify_shards'
 ]
@@ -126,13 +128,33 @@ def load_prepared(data_dir: str, image_size: int | None = None,
   return PreparedData(data_dir, size, _COMPRESSION[compression], shards, counts, manifest)
 
 
-def parse_batch(serialized: tf.Tensor, image_size: int):
-  """Parses a batch of serialized tf.train.Examples into (images, targets, sample_weights).
+def eval_half(image_name: str) -> str:
+  """Which half of the eval split an image is in: 'tuning' or 'test' (schema.EVAL_HALVES).
+
+  model.train tunes the ground thresholds on the tuning half and scores them on the test half,
+  so the F2 it calls honest comes from chips that never influenced a threshold. The first 8 bytes
+  of sha256('eval-half:' + name), read as a fraction of 2**64, put the image in the tuning half
+  when below 0.5. The prefix makes the rule independent of the preprocess job's train/eval hash
+  (sha256 of the bare name), which would otherwise leave every eval name below 0.2. E.g.
+  sha256('eval-half:train_100') starts 03924fd1842768ec = 0.0140: tuning;
+  sha256('eval-half:train_0') starts 89e0af20458fa8e6 = 0.5386: test.
+  """
+  position = int.from_bytes(hashlib.sha256(f'eval-half:{image_name}'.encode('utf-8')).digest()[:8],
+                            'big')
+  return schema.EVAL_HALVES[0] if position < 2**63 else schema.EVAL_HALVES[1]
+
+
+def parse_batch(serialized: tf.Tensor, image_size: int, with_names: bool = False):
+  """Parses a batch of serialized tf.train.Examples into (images, targets, sample_weights), and
+  the image names last when `with_names`.
 
   Fails (InvalidArgumentError) on a record whose pixels are not image_size x image_size x 3:
   a silent reshape of the wrong bytes would train on noise.
   """
-  features = tf.io.parse_example(serialized, feature_spec())
+  spec = feature_spec()
+  if with_names:
+    spec[schema.KEY_NAME] = feature_spec(with_identity=True)[schema.KEY_NAME]
+  features = tf.io.parse_example(serialized, spec)
   expected = tf.constant([image_size, image_size, schema.CHANNELS], tf.int64)
   tf.debugging.assert_equal(
       features[schema.KEY_SHAPE], tf.broadcast_to(expected, tf.shape(features[schema.KEY_SHAPE])),
@@ -148,6 +170,8 @@ def parse_batch(serialized: tf.Tensor, image_size: int):
       schema.OUTPUT_WEATHER: tf.cast(tf.reduce_sum(weather, axis=1) > 0, tf.float32),
       schema.OUTPUT_GROUND: tf.ones_like(ground[:, 0]),
   }
+  if with_names:
+    return images, targets, weights, features[schema.KEY_NAME]
   return images, targets, weights
 
 
@@ -190,8 +214,8 @@ def steps_per_epoch(data: PreparedData, split: str, batch_size: int) -> int:
 
 
 def make_dataset(data: PreparedData, split: str, batch_size: int, training: bool,
-                 augment: bool = True, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
-                 ) -> tf.data.Dataset:
+                 augment: bool = True, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                 with_names: bool = False) -> tf.data.Dataset:
   """Builds the input pipeline of one split.
 
   Training: an endless stream (give Keras `steps_per_epoch`): shard order reshuffled on every
@@ -209,7 +233,10 @@ def make_dataset(data: PreparedData, split: str, batch_size: int, training: bool
     training: repeat, shuffle and augment.
     augment: random flips and rotations (training only).
     shuffle_buffer: serialized records held for shuffling.
+    with_names: each element ends with the batch's image names (one pass only, for evaluation).
   """
+  if with_names and training:
+    raise ValueError('with_names is for a one-pass (evaluation) dataset')
   files = tf.data.Dataset.from_tensor_slices(list(data.shards[split]))
   if training:
     files = files.shuffle(len(data.shards[split]), reshuffle_each_iteration=True).repeat()
@@ -221,8 +248,8 @@ def make_dataset(data: PreparedData, split: str, batch_size: int, training: bool
     records = records.shuffle(shuffle_buffer, reshuffle_each_iteration=True)
   # Batch serialized records first: one vectorised parse per batch instead of one per chip.
   batches = records.batch(batch_size).map(
-      lambda serialized: parse_batch(serialized, data.image_size), num_parallel_calls=AUTOTUNE,
-      deterministic=not training)
+      lambda serialized: parse_batch(serialized, data.image_size, with_names),
+      num_parallel_calls=AUTOTUNE, deterministic=not training)
   if training and augment:
     batches = batches.map(lambda images, targets, weights: (augment_batch(images), targets, weights),
                           num_parallel_calls=AUTOTUNE, deterministic=False)

@@ -91,11 +91,13 @@ def _write_checksums(version_dir: str) -> None:
 def export_model(model, export_base: str, info: dict | None = None) -> str:
   """Exports a model built by `model.network.build_model` as the next version; returns its path.
 
-  Signatures: `serving_default` (input `images`, uint8) and `predict_float` (input `input_image`,
-  float32 in [0, 1]); both output `weather` and `ground`. `assets.extra/planet.json` holds the label
-  order, the image size, and whatever `info` adds (thresholds, metrics).
+  Signatures: `serving_default` (input `images`, uint8), `serving_tta` (the same input; each
+  output the mean over the 8 flips/rotations of the chip: test-time augmentation, about 8x the
+  compute) and `predict_float` (input `input_image`, float32 in [0, 1]); all output `weather` and
+  `ground`. `assets.extra/planet.json` holds the label order, the image size, and whatever `info`
+  adds (thresholds, metrics).
   """
-  from model.network import CORE_NAME  # pylint: disable=import-outside-toplevel
+  from model.network import CORE_NAME, dihedral_mean  # pylint: disable=import-outside-toplevel
   import keras  # pylint: disable=import-outside-toplevel
 
   image_size = int(model.input.shape[1])
@@ -107,6 +109,10 @@ def export_model(model, export_base: str, info: dict | None = None) -> str:
   archive.add_endpoint(
       name=schema.SERVING_SIGNATURE,
       fn=lambda images: model(images, training=False),
+      input_signature=[tf.TensorSpec(shape, tf.uint8, name=schema.INPUT_IMAGES)])
+  archive.add_endpoint(
+      name=schema.TTA_SIGNATURE,
+      fn=lambda images: dihedral_mean(model, images),
       input_signature=[tf.TensorSpec(shape, tf.uint8, name=schema.INPUT_IMAGES)])
   archive.add_endpoint(
       name=schema.FLOAT_SIGNATURE,
@@ -147,7 +153,8 @@ def info_from_metrics(metrics: dict) -> dict:
   """The planet.json fields an export takes from model.train's JOB/metrics.json.
 
   The tuned ground thresholds (so predictions decide as the evaluation did) and a summary of the
-  evaluation (so an export says how good it is without its JOB folder).
+  evaluation (so an export says how good it is without its JOB folder): the honest F2 (test half
+  of eval, thresholds tuned on the other half) beside the tuned one and the one at 0.2.
 
   Raises:
     ValueError: the JSON holds no valid thresholds (it is not a model.train metrics.json).
@@ -159,8 +166,13 @@ def info_from_metrics(metrics: dict) -> dict:
                      'pass the metrics.json that model.train wrote in its --job_dir')
   evaluation = metrics.get('eval', {})
   summary = {
+      'eval_mean_f2_honest': evaluation.get('mean_f2_honest'),
       'eval_mean_f2': evaluation.get('mean_f2'),
       'eval_mean_f2_default_thresholds': evaluation.get('mean_f2_default_thresholds'),
+      'eval_mean_f2_honest_without_label_rule': evaluation.get(
+          'mean_f2_honest_without_label_rule'),
+      'label_rule': evaluation.get('label_rule'),
+      'eval_halves': evaluation.get('halves'),
       'baseline_mean_f2': evaluation.get('baseline', {}).get('mean_f2'),
       'eval_examples': evaluation.get('examples'),
       'best_epoch': metrics.get('best_epoch'),
@@ -186,6 +198,8 @@ def main(argv=None):
       metrics = json.load(f)
     info = info_from_metrics(metrics)
   import keras  # pylint: disable=import-outside-toplevel
+  # model.network registers the layers a preset's checkpoint holds (BackbonePreprocess).
+  from model import network  # pylint: disable=import-outside-toplevel,unused-import
   model = keras.models.load_model(args.checkpoint)
   if info and metrics.get('image_size') not in (None, int(model.input.shape[1])):
     raise ValueError(f'{args.info_json} is for {metrics["image_size"]} px images but '

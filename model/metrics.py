@@ -13,6 +13,7 @@ __all__ = [
 ]
 
 BETA = 2.0
+_CLOUDY = schema.WEATHER_LABELS.index('cloudy')
 
 
 def _fbeta(tp, fp, fn):
@@ -60,14 +61,28 @@ def scores_from_counts(tp, fp, fn, labels=schema.ALL_LABELS) -> dict[str, dict[s
           for i, label in enumerate(labels)}
 
 
-def decide(weather_probs: np.ndarray, ground_probs: np.ndarray,
-           thresholds) -> np.ndarray:
-  """Turns probabilities into a [images, 17] 0/1 matrix: weather by argmax, ground by threshold."""
+def decide(weather_probs: np.ndarray, ground_probs: np.ndarray, thresholds,
+           label_rule: str = schema.DEFAULT_LABEL_RULE) -> np.ndarray:
+  """Turns probabilities into a [images, 17] 0/1 matrix: weather by argmax, ground by threshold.
+
+  The one place tags are decided, for training's evaluation and every prediction backend alike.
+  `label_rule` (schema.LABEL_RULES) then applies the labels' structure: with
+  `cloudy_no_ground` (the default) a chip whose decided weather is `cloudy` gets no ground tag,
+  since in the real labels `cloudy` never appears with another tag; `none` leaves the ground
+  tags as the thresholds decided them.
+
+  Raises:
+    ValueError: an unknown label rule.
+  """
+  if label_rule not in schema.LABEL_RULES:
+    raise ValueError(f'unknown label rule {label_rule!r}; known: {", ".join(schema.LABEL_RULES)}')
   weather_probs = np.asarray(weather_probs)
   weather = np.zeros(weather_probs.shape, dtype=bool)
   if len(weather_probs):
     weather[np.arange(len(weather_probs)), weather_probs.argmax(axis=1)] = True
   ground = np.asarray(ground_probs) > np.asarray(thresholds, dtype=float)[None, :]
+  if label_rule == schema.LABEL_RULE_CLOUDY_NO_GROUND:
+    ground &= ~weather[:, [_CLOUDY]]
   return np.concatenate([weather, ground], axis=1)
 
 
@@ -77,25 +92,31 @@ def tags_of(decisions_row) -> list[str]:
 
 def best_ground_thresholds(y_true: np.ndarray, weather_probs: np.ndarray,
                            ground_probs: np.ndarray, start: float = schema.DEFAULT_GROUND_THRESHOLD,
-                           rounds: int = 3) -> list[float]:
+                           rounds: int = 3,
+                           label_rule: str = schema.DEFAULT_LABEL_RULE) -> list[float]:
   """Per-label ground thresholds that maximise mean F2, by coordinate ascent from `start`.
 
   One label at a time, every threshold on a 0.01 grid is tried with the others held fixed; a few
   rounds over all labels converge in practice. Ties keep the threshold closest to `start`, so a
-  label the eval set never shows stays at the default.
+  label the eval set never shows stays at the default. Tags are decided as predictions will
+  decide them, `label_rule` included.
   """
   grid = np.round(np.arange(0.01, 1.0, 0.01), 2)
+
+  def score(trial):
+    return mean_f2(y_true, decide(weather_probs, ground_probs, trial, label_rule))
+
   thresholds = np.full(schema.NUM_GROUND, start, dtype=float)
   for _ in range(rounds):
     changed = False
     for j in range(schema.NUM_GROUND):
-      best, best_score = thresholds[j], mean_f2(y_true, decide(weather_probs, ground_probs, thresholds))
+      best, best_score = thresholds[j], score(thresholds)
       for candidate in sorted(grid, key=lambda t: abs(t - start)):
         trial = thresholds.copy()
         trial[j] = candidate
-        score = mean_f2(y_true, decide(weather_probs, ground_probs, trial))
-        if score > best_score + 1e-12:
-          best, best_score = candidate, score
+        trial_score = score(trial)
+        if trial_score > best_score + 1e-12:
+          best, best_score = candidate, trial_score
       changed |= best != thresholds[j]
       thresholds[j] = best
     if not changed:

@@ -124,8 +124,14 @@ def signature_image_size(signature_defs, signature: str, where: str,
     ExportError (a ValueError): naming what was expected and what was found.
   """
   if signature not in signature_defs:
-    raise ExportError(f'{where} has no signature {signature!r}; it has '
-                      f'{sorted(k for k in signature_defs if not k.startswith("__"))}')
+    found = sorted(k for k in signature_defs if not k.startswith('__'))
+    if signature == schema.TTA_SIGNATURE:
+      raise ExportError(
+          f'{where} has no signature {signature!r} (test-time augmentation, --tta): it was '
+          f'exported before that signature existed (it has {found}). Re-export it: python -m '
+          'model.export --checkpoint JOB/checkpoints/epoch_NNN.keras --export_base EXPORT '
+          '--info_json JOB/metrics.json; or predict without --tta')
+    raise ExportError(f'{where} has no signature {signature!r}; it has {found}')
   found = signature_defs[signature]
   if set(found.inputs) != {schema.INPUT_IMAGES}:
     raise ExportError(f'signature {signature!r} of {where} takes inputs {sorted(found.inputs)}; '
@@ -153,13 +159,14 @@ def signature_image_size(signature_defs, signature: str, where: str,
   return shape[1]
 
 
-def inspect_export(model_dir: str, verify: bool = True) -> ExportInfo:
-  """Resolves, verifies and describes an export; raises ExportError with what to do."""
+def inspect_export(model_dir: str, verify: bool = True,
+                   signature: str = schema.SERVING_SIGNATURE) -> ExportInfo:
+  """Resolves, verifies and describes an export whose `signature` a job will call; raises
+  ExportError with what to do."""
   version_dir = resolve_version_dir(model_dir)
   if verify:
     verify_checksums(version_dir)
-  image_size = signature_image_size(read_signature_defs(version_dir), schema.SERVING_SIGNATURE,
-                                    version_dir)
+  image_size = signature_image_size(read_signature_defs(version_dir), signature, version_dir)
   with tf.io.gfile.GFile(os.path.join(version_dir, schema.EXPORT_INFO_FILE)) as f:
     info = json.load(f)
   if (info.get('weather_labels') != list(schema.WEATHER_LABELS)

@@ -6,13 +6,14 @@ server and the tests all import this one module, so every fact below is written 
 
 __all__ = [
     'ALL_LABELS', 'CHANNELS', 'COMPRESSIONS', 'COUNTS_FILE', 'DEAD_LETTERS_DIR',
-    'DEFAULT_GROUND_THRESHOLD', 'DEFAULT_IMAGE_SIZE', 'EXPORT_CHECKSUMS_FILE', 'EXPORT_INFO_FILE',
-    'FLOAT_SIGNATURE', 'GROUND_LABELS', 'INPUT_FLOAT', 'INPUT_IMAGES', 'KEY_GROUND', 'KEY_NAME',
-    'KEY_PIXELS', 'KEY_SHA256', 'KEY_SHAPE', 'KEY_WEATHER', 'MANIFEST_FILE', 'MODEL_NAME',
-    'NUM_GROUND', 'NUM_WEATHER', 'OUTPUT_GROUND', 'OUTPUT_NAMES', 'OUTPUT_WEATHER',
-    'PREDICTIONS_PREFIX', 'REPORT_FILE', 'SERVING_SIGNATURE', 'SHARD_SUFFIXES', 'SPLITS',
-    'STAGE_PREDICT', 'STAGE_PREPROCESS', 'STAGE_TRAIN', 'SUBMISSION_FILE', 'SUMMARY_FILE',
-    'TIMESTAMP_FORMAT', 'WEATHER_LABELS'
+    'DEFAULT_GROUND_THRESHOLD', 'DEFAULT_IMAGE_SIZE', 'DEFAULT_LABEL_RULE', 'EVAL_HALVES',
+    'EXPORT_CHECKSUMS_FILE', 'EXPORT_INFO_FILE', 'FLOAT_SIGNATURE', 'GROUND_LABELS',
+    'INPUT_FLOAT', 'INPUT_IMAGES', 'KEY_GROUND', 'KEY_NAME', 'KEY_PIXELS', 'KEY_SHA256',
+    'KEY_SHAPE', 'KEY_WEATHER', 'LABEL_RULES', 'LABEL_RULE_CLOUDY_NO_GROUND', 'LABEL_RULE_NONE',
+    'MANIFEST_FILE', 'MODEL_NAME', 'NUM_GROUND', 'NUM_WEATHER', 'OUTPUT_GROUND', 'OUTPUT_NAMES',
+    'OUTPUT_WEATHER', 'PREDICTIONS_PREFIX', 'REPORT_FILE', 'SERVING_SIGNATURE',
+    'SHARD_SUFFIXES', 'SPLITS', 'STAGE_PREDICT', 'STAGE_PREPROCESS', 'STAGE_TRAIN',
+    'SUBMISSION_FILE', 'SUMMARY_FILE', 'TIMESTAMP_FORMAT', 'TTA_SIGNATURE', 'WEATHER_LABELS'
 ]
 
 # The original tutorial's label order, so its label CSV (KagglePlanetMCML.csv) stays usable.
@@ -44,6 +45,9 @@ KEY_GROUND = 'label/ground'      # float [13]: multi-hot
 MODEL_NAME = 'PlanetModel'
 SERVING_SIGNATURE = 'serving_default'   # input INPUT_IMAGES: uint8 [batch, H, W, 3]
 FLOAT_SIGNATURE = 'predict_float'       # input INPUT_FLOAT: float32 [batch, H, W, 3] in [0, 1]
+# Test-time augmentation: SERVING_SIGNATURE's input and outputs, each output the mean over the 8
+# flips/rotations of the chip (exports made before it existed lack it: re-export them).
+TTA_SIGNATURE = 'serving_tta'
 INPUT_IMAGES = 'images'
 INPUT_FLOAT = 'input_image'
 OUTPUT_WEATHER = 'weather'              # float32 [batch, 4], softmax
@@ -65,6 +69,9 @@ STAGE_PREDICT = 'predict'
 
 # The splits of a preprocess output, each a folder of shards (model.dataset reads both).
 SPLITS = ('train', 'eval')
+# model.train's halves of the eval split, by a hash of the image name (model.dataset.eval_half):
+# the ground thresholds are tuned on the first and scored, honestly, on the second.
+EVAL_HALVES = ('tuning', 'test')
 # TFRecord compression: the --compression names and the suffix of a shard written with each.
 SHARD_SUFFIXES = {'none': '.tfrecord', 'gzip': '.tfrecord.gz'}
 COMPRESSIONS = tuple(SHARD_SUFFIXES)
@@ -83,3 +90,12 @@ TIMESTAMP_FORMAT = '%Y-%m-%dT%H:%M:%SZ'
 
 # Decision threshold for a ground label when an export carries none (the tutorial's choice).
 DEFAULT_GROUND_THRESHOLD = 0.2
+
+# How probabilities become tags (model.metrics.decide), the same in training's evaluation and in
+# every prediction backend. `cloudy_no_ground`: a chip whose decided weather is cloudy gets no
+# ground tags (in the real labels cloudy never appears with another tag); `none`: each ground
+# label by its threshold alone.
+LABEL_RULE_CLOUDY_NO_GROUND = 'cloudy_no_ground'
+LABEL_RULE_NONE = 'none'
+LABEL_RULES = (LABEL_RULE_CLOUDY_NO_GROUND, LABEL_RULE_NONE)
+DEFAULT_LABEL_RULE = LABEL_RULE_CLOUDY_NO_GROUND

@@ -4,11 +4,14 @@ Usage:
   python -m model.train --data_dir PREP_OUT --job_dir JOB --export_base EXPORT \
       [--epochs 10] [--batch_size 32] [--learning_rate 1e-3] [--patience 3] [--resume] \
       [--no_augment] [--image_size 128] [--architecture model.network:tutorial_cnn]
+  Transfer learning from a keras.applications backbone, its head trained first:
+  python -m model.train ... --architecture mobilenet_v2 --backbone_weights NO_TOP.h5 \
+      --frozen_epochs 2 [--fine_tune_learning_rate 1e-4]
 
 Writes JOB/checkpoints/epoch_NNN.keras (model + optimizer, every epoch), JOB/logs/ (TensorBoard),
-JOB/history.json (per-epoch losses, kept across --resume), JOB/metrics.json (eval F2, per-label
-scores, tuned ground thresholds, the prior-only baseline), the next EXPORT/PlanetModel/<N>/, and
-JOB/manifest.json last.
+JOB/history.json (per-epoch losses, kept across --resume), JOB/metrics.json (eval F2: honest on
+the test half of eval, tuned on its tuning half; per-label scores, tuned ground thresholds, the
+prior-only baseline), the next EXPORT/PlanetModel/<N>/, and JOB/manifest.json last.
 """
 from model import command_line
 
@@ -35,26 +38,23 @@ from tensorflow.core.framework import summary_pb2
 from model import export as export_lib
 from model import dataset as dataset_lib
 from model import manifest as manifest_lib
-from model import metrics as metrics_lib
 from model import network
 from model import schema
+from model.evaluation import describe_evaluation, evaluate, predict_split
 from model.output_dir import (OutputLayout, OutputRefused, check_outputs_apart,
                               refuse_unknown_files)
 # pylint: enable=wrong-import-position,wrong-import-order
 
 __all__ = [
-    'BASELINE_MIN_FREQUENCY', 'check_output_folders', 'checkpoint_dir', 'CHECKPOINT_PATTERN',
-    'compile_model', 'DEFAULT_ARCHITECTURE', 'EpochHistory', 'EpochSummaries', 'evaluate',
-    'FIT_VERBOSITY', 'fit_verbosity', 'JOB_LAYOUT', 'list_checkpoints', 'load_architecture',
-    'main', 'parse_args', 'predict_split', 'prior_baseline', 'read_history', 'restore_or_build',
-    'ResumableEarlyStopping', 'train'
+    'check_output_folders', 'checkpoint_dir', 'CHECKPOINT_PATTERN', 'compile_model',
+    'DEFAULT_ARCHITECTURE', 'EpochHistory', 'EpochSummaries', 'FIT_VERBOSITY', 'fit_verbosity',
+    'JOB_LAYOUT', 'list_checkpoints', 'load_architecture', 'main', 'parse_args', 'read_history',
+    'restore_or_build', 'ResumableEarlyStopping', 'set_backbone_frozen', 'train'
 ]
 
 DEFAULT_ARCHITECTURE = 'model.network:tutorial_cnn'
 CHECKPOINT_PATTERN = 'epoch_{epoch:03d}.keras'
 _CHECKPOINT_RE = re.compile(r'^epoch_(\d+)\.keras$')
-# The prior-only baseline predicts every label at least this common in the training labels.
-BASELINE_MIN_FREQUENCY = 0.2
 # --progress -> Keras' fit verbosity ('auto' is decided by `fit_verbosity`).
 FIT_VERBOSITY = {'auto': None, 'bar': 1, 'epoch': 2, 'none': 0}
 # Everything model.train writes in JOB: a JOB holding anything else is refused.
@@ -93,8 +93,18 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--image_size', type=int,
                       help='refuse data prepared at another size (default: the manifest\'s)')
   parser.add_argument('--architecture', default=DEFAULT_ARCHITECTURE,
-                      help='module:function building float features from a [0, 1] image tensor '
+                      help='module:function building float features from a [0, 1] image tensor, '
+                           f'or a keras.applications preset: {", ".join(network.PRESETS)} '
                            '(ignored on --resume: the checkpoint holds the network)')
+  parser.add_argument('--backbone_weights',
+                      help="a preset's backbone weights file you have (Keras' *_no_top.h5, or a "
+                           '.weights.h5 saved from such a backbone); nothing is downloaded. '
+                           'Default: random initial weights')
+  parser.add_argument('--frozen_epochs', type=int, default=0,
+                      help="a preset's first epochs train the heads only, its backbone frozen; "
+                           'then the whole model is fine-tuned at --fine_tune_learning_rate')
+  parser.add_argument('--fine_tune_learning_rate', type=float,
+                      help='Adam, after --frozen_epochs (default: --learning_rate / 10)')
   parser.add_argument('--shuffle_buffer', type=int, default=dataset_lib.DEFAULT_SHUFFLE_BUFFER)
   parser.add_argument('--seed', type=int, help='seed every random draw (weights, shuffle, augment)')
   parser.add_argument('--progress', choices=sorted(FIT_VERBOSITY), default='auto',
@@ -110,15 +120,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     load_architecture(args.architecture)   # a typo fails now, not after the data checks
   except ValueError as e:
     parser.error(str(e))
+  _check_transfer_flags(parser, args)
   return args
 
 
-def load_architecture(spec: str) -> Callable:
-  """Imports `module:function`, the feature extractor `network.build_model` wraps."""
+def _check_transfer_flags(parser, args) -> None:
+  """The transfer-learning flags go with a preset, and a weights file must exist."""
+  preset = args.architecture in network.PRESETS
+  if not preset and (args.backbone_weights or args.frozen_epochs):
+    parser.error(f'--backbone_weights and --frozen_epochs go with a preset --architecture '
+                 f'({", ".join(network.PRESETS)}), not {args.architecture}')
+  if not 0 <= args.frozen_epochs <= args.epochs:
+    parser.error(f'--frozen_epochs must be between 0 and --epochs ({args.epochs})')
+  if args.fine_tune_learning_rate is not None:
+    if not args.frozen_epochs:
+      parser.error('--fine_tune_learning_rate is the rate after --frozen_epochs: give both')
+    if args.fine_tune_learning_rate <= 0:
+      parser.error('--fine_tune_learning_rate must be positive')
+  else:
+    args.fine_tune_learning_rate = args.learning_rate / 10
+  if args.backbone_weights and not tf.io.gfile.exists(args.backbone_weights):
+    parser.error(f'--backbone_weights {args.backbone_weights} does not exist')
+
+
+def load_architecture(spec: str, backbone_weights: str | None = None) -> Callable:
+  """The feature extractor `network.build_model` wraps: a preset's backbone (with
+  `backbone_weights` loaded into it, when given), or the function `module:function` names."""
+  if spec in network.PRESETS:
+    return network.preset_features(spec, backbone_weights)
   module_name, _, function_name = spec.partition(':')
   if not module_name or not function_name:
-    raise ValueError(f'--architecture {spec!r} must be module:function, '
-                     f'e.g. {DEFAULT_ARCHITECTURE}')
+    raise ValueError(f'--architecture {spec!r} must be module:function, e.g. '
+                     f'{DEFAULT_ARCHITECTURE}, or a preset: {", ".join(network.PRESETS)}')
   try:
     function = getattr(importlib.import_module(module_name), function_name)
   except (ImportError, AttributeError) as e:
@@ -135,6 +168,22 @@ def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
       loss={schema.OUTPUT_WEATHER: keras.losses.CategoricalCrossentropy(),
             schema.OUTPUT_GROUND: keras.losses.BinaryCrossentropy()})
   return model
+
+
+def set_backbone_frozen(model: keras.Model, frozen: bool, learning_rate: float) -> keras.Model:
+  """Freezes (or unfreezes) a preset's backbone and compiles the model again with a new Adam, as
+  Keras requires for a change of `trainable` to take effect. A frozen backbone's batch
+  normalisation runs in inference mode (Keras 3 does so for a layer that is not trainable).
+
+  Raises:
+    ValueError: the model has no backbone (not built from a preset).
+  """
+  backbone = network.find_backbone(model)
+  if backbone is None:
+    raise ValueError('--frozen_epochs needs a model built from a preset --architecture '
+                     f'({", ".join(network.PRESETS)}); this one has no backbone')
+  backbone.trainable = not frozen
+  return compile_model(model, learning_rate)
 
 
 def checkpoint_dir(job_dir: str) -> str:
@@ -179,7 +228,15 @@ def restore_or_build(args: argparse.Namespace, image_size: int) -> tuple[keras.M
   if args.resume:
     logging.warning('--resume: no checkpoint in %s, starting from scratch',
                     checkpoint_dir(args.job_dir))
-  model = network.build_model(image_size, load_architecture(args.architecture))
+  try:
+    model = network.build_model(image_size, load_architecture(args.architecture,
+                                                               args.backbone_weights))
+  except (OSError, ValueError) as e:
+    if not args.backbone_weights:
+      raise
+    raise ValueError(f'--backbone_weights {args.backbone_weights} cannot be loaded into the '
+                     f'{args.architecture} backbone ({type(e).__name__}: {e}); give the '
+                     f'no-top weights file of {args.architecture}') from None
   return compile_model(model, args.learning_rate), 0
 
 
@@ -270,54 +327,6 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
       self.wait = len(self.prior_losses) - 1 - best
 
 
-def predict_split(model: keras.Model, dataset: tf.data.Dataset) -> dict[str, np.ndarray]:
-  """Runs the model over an (unshuffled) split; returns true labels and probabilities in order."""
-  parts = {k: [] for k in ('weather_true', 'ground_true', 'weather_probs', 'ground_probs')}
-  for images, targets, _ in dataset:
-    outputs = model(images, training=False)
-    parts['weather_true'].append(targets[schema.OUTPUT_WEATHER].numpy())
-    parts['ground_true'].append(targets[schema.OUTPUT_GROUND].numpy())
-    parts['weather_probs'].append(np.asarray(outputs[schema.OUTPUT_WEATHER]))
-    parts['ground_probs'].append(np.asarray(outputs[schema.OUTPUT_GROUND]))
-  return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def prior_baseline(train_frequencies: dict[str, float], y_true: np.ndarray) -> dict:
-  """F2 of predicting, for every image, each label whose train frequency is above 0.2."""
-  labels = [l for l in schema.ALL_LABELS if train_frequencies[l] > BASELINE_MIN_FREQUENCY]
-  prediction = np.array([l in labels for l in schema.ALL_LABELS], dtype=bool)
-  return {
-      'rule': f'predict every label whose train frequency is above {BASELINE_MIN_FREQUENCY}',
-      'labels': labels,
-      'mean_f2': metrics_lib.mean_f2(y_true, np.broadcast_to(prediction, y_true.shape)),
-  }
-
-
-def evaluate(predictions: dict[str, np.ndarray], train_frequencies: dict[str, float]) -> dict:
-  """Kaggle's F2, per-label scores and confusion at the tuned ground thresholds, and the baseline.
-
-  The thresholds are tuned on the same eval split they are scored on (the tutorial has no third
-  split), so `mean_f2` is optimistic; `mean_f2_default_thresholds` (0.2 for every label) is not.
-  """
-  y_true = np.concatenate([predictions['weather_true'], predictions['ground_true']], axis=1)
-  weather_probs, ground_probs = predictions['weather_probs'], predictions['ground_probs']
-  default = [schema.DEFAULT_GROUND_THRESHOLD] * schema.NUM_GROUND
-  tuned = metrics_lib.best_ground_thresholds(y_true, weather_probs, ground_probs)
-  decided = metrics_lib.decide(weather_probs, ground_probs, tuned)
-  return {
-      'examples': int(len(y_true)),
-      'mean_f2': metrics_lib.mean_f2(y_true, decided),
-      'mean_f2_default_thresholds': metrics_lib.mean_f2(
-          y_true, metrics_lib.decide(weather_probs, ground_probs, default)),
-      'ground_thresholds': dict(zip(schema.GROUND_LABELS, tuned)),
-      'per_label': metrics_lib.per_label_scores(y_true, decided),
-      'weather_confusion': {'labels': list(schema.WEATHER_LABELS),
-                            'rows_true_columns_predicted': metrics_lib.weather_confusion(
-                                predictions['weather_true'], weather_probs)},
-      'baseline': prior_baseline(train_frequencies, y_true),
-  }
-
-
 def check_output_folders(args: argparse.Namespace) -> None:
   """Refuses, before anything is read or written, a JOB or EXPORT_BASE that is not ours.
 
@@ -330,6 +339,31 @@ def check_output_folders(args: argparse.Namespace) -> None:
     raise OutputRefused(f'--job_dir {args.job_dir} is a file, not a folder: give a folder path')
   refuse_unknown_files(args.job_dir, JOB_LAYOUT, '--job_dir')
   export_lib.check_export_base(args.export_base)
+
+
+def _phases(args: argparse.Namespace, initial_epoch: int) -> list[tuple[int, int, bool]]:
+  """The fits still to run, as (initial_epoch, epochs, backbone frozen) for `model.fit`: with
+  --frozen_epochs N, epochs 1 to N with the backbone frozen, then the rest fine-tuning it."""
+  bounds = [(min(args.frozen_epochs, args.epochs), True), (args.epochs, False)]
+  phases, first = [], initial_epoch
+  for last, frozen in bounds:
+    if first < last:
+      phases.append((first, last, frozen))
+      first = last
+  return phases
+
+
+def _enter_phase(model: keras.Model, frozen: bool, first: int, args: argparse.Namespace) -> None:
+  """Freezes or unfreezes a preset's backbone (recompiling) where the phase wants the other state."""
+  backbone = network.find_backbone(model)
+  if backbone is None and not frozen:
+    return   # nothing to unfreeze (a frozen phase without a backbone is refused below)
+  if backbone is not None and backbone.trainable == (not frozen):
+    return   # already in the phase's state: a resumed checkpoint keeps its optimizer
+  rate = args.learning_rate if frozen else args.fine_tune_learning_rate
+  logging.info('epoch %d on: backbone %s, learning rate %g', first + 1,
+               'frozen' if frozen else 'fine-tuned', rate)
+  set_backbone_frozen(model, frozen, rate)
 
 
 def _best_epoch(rows: list[dict]) -> int | None:
@@ -353,41 +387,43 @@ def train(args: argparse.Namespace) -> dict:
 
   history = [r for r in read_history(args.job_dir) if r['epoch'] <= initial_epoch]
   steps = dataset_lib.steps_per_epoch(data, 'train', args.batch_size)
+  epoch_history = EpochHistory(args.job_dir, history, steps * args.batch_size)
   callbacks = [
-      EpochHistory(args.job_dir, history, steps * args.batch_size),
+      epoch_history,
       keras.callbacks.ModelCheckpoint(os.path.join(checkpoint_dir(args.job_dir), CHECKPOINT_PATTERN)),
       EpochSummaries(os.path.join(args.job_dir, 'logs')),
   ]
-  if args.patience > 0:
-    callbacks.append(ResumableEarlyStopping(args.patience, history))
   train_data = dataset_lib.make_dataset(data, 'train', args.batch_size, training=True,
                                       augment=args.augment, shuffle_buffer=args.shuffle_buffer)
   eval_data = dataset_lib.make_dataset(data, 'eval', args.batch_size, training=False)
-  if initial_epoch < args.epochs:
+  phases = _phases(args, initial_epoch)
+  if not phases:
+    logging.warning('%d epochs already done (--epochs %d): evaluating and exporting only',
+                    initial_epoch, args.epochs)
+  for first, last, frozen in phases:
+    _enter_phase(model, frozen, first, args)
+    # A new early stopping per phase, that knows every epoch before it (kept by EpochHistory).
+    stopping = [ResumableEarlyStopping(args.patience, epoch_history.rows)] if args.patience else []
     try:
-      model.fit(train_data, validation_data=eval_data, epochs=args.epochs,
-                initial_epoch=initial_epoch, callbacks=callbacks,
-                verbose=fit_verbosity(args.progress),
-                steps_per_epoch=steps,
-                shuffle=False)
+      model.fit(train_data, validation_data=eval_data, epochs=last, initial_epoch=first,
+                callbacks=callbacks + stopping, verbose=fit_verbosity(args.progress),
+                steps_per_epoch=steps, shuffle=False)
     except tf.errors.DataLossError:
       # A shard changed after the check above; name it rather than print a byte offset.
       corrupt = dataset_lib.find_corrupt_shard(data)
       if corrupt:
         raise corrupt from None
       raise
-  else:
-    logging.warning('%d epochs already done (--epochs %d): evaluating and exporting only',
-                    initial_epoch, args.epochs)
 
-  rows = callbacks[0].rows
+  rows = epoch_history.rows
   best = _best_epoch(rows)
   checkpoints = list_checkpoints(args.job_dir)
   if best is not None and best in checkpoints and best != max(checkpoints):
     # Early stopping ends past the best epoch; evaluate and export the best one.
     model.load_weights(checkpoints[best])
-  evaluation = evaluate(predict_split(model, eval_data),
-                        summaries['train'].label_frequencies())
+  named_eval = dataset_lib.make_dataset(data, 'eval', args.batch_size, training=False,
+                                        with_names=True)
+  evaluation = evaluate(predict_split(model, named_eval), summaries['train'].label_frequencies())
   thresholds = [evaluation['ground_thresholds'][label] for label in schema.GROUND_LABELS]
   speeds = [r['train_images_per_second'] for r in rows[1:]] or [
       r['train_images_per_second'] for r in rows]
@@ -423,6 +459,7 @@ def train(args: argparse.Namespace) -> dict:
       'outputs': {'metrics': metrics_path, 'checkpoint': result['checkpoint'],
                   'export': exported},
       'eval_mean_f2': evaluation['mean_f2'],
+      'eval_mean_f2_honest': evaluation['mean_f2_honest'],
   })
   return result
 
@@ -438,10 +475,7 @@ def _train_command(argv):
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
   args = parse_args(argv)
   result = train(args)
-  evaluation = result['eval']
-  print(f'train: eval F2 {evaluation["mean_f2"]:.4f} with tuned thresholds, '
-        f'{evaluation["mean_f2_default_thresholds"]:.4f} at 0.2, prior-only baseline '
-        f'{evaluation["baseline"]["mean_f2"]:.4f}; best epoch {result["best_epoch"]}; '
+  print(f'train: {describe_evaluation(result["eval"])}; best epoch {result["best_epoch"]}; '
         f'exported {result["export"]}')
 
 

@@ -1,4 +1,5 @@
-"""Exports: both signatures give the Keras model's outputs, and no partial version is ever visible."""
+"""Exports: the signatures give the Keras model's outputs (TTA: their mean over the 8 flips and
+rotations), and no partial version is ever visible."""
 import hashlib
 import json
 import os
@@ -70,6 +71,21 @@ def test_both_signatures_give_the_keras_models_outputs(model, tmp_path):
   assert info['image_size'] == SIZE and info['version'] == 1
   assert info['ground_thresholds'] == thresholds and info['metrics'] == {'eval_mean_f2': 0.9}
   _assert_only_complete_versions(os.path.dirname(path))
+
+
+def test_the_tta_signature_is_the_mean_over_the_8_flips_and_rotations(model, tmp_path):
+  loaded = tf.saved_model.load(export_lib.export_model(model, str(tmp_path)))
+  images = _images()
+  views = [np.rot90(flipped, k, axes=(1, 2)) for flipped in (images, images[:, :, ::-1])
+           for k in range(4)]
+  tta = loaded.signatures[schema.TTA_SIGNATURE](**{schema.INPUT_IMAGES: tf.constant(images)})
+  plain = loaded.signatures[schema.SERVING_SIGNATURE](**{schema.INPUT_IMAGES: tf.constant(images)})
+  for output in schema.OUTPUT_NAMES:
+    expected = np.mean([np.asarray(model(np.ascontiguousarray(view), training=False)[output])
+                        for view in views], axis=0)
+    np.testing.assert_allclose(tta[output].numpy(), expected, atol=1e-6)
+    assert np.abs(tta[output].numpy() - plain[output].numpy()).max() > 1e-4   # not one view
+  assert tta[schema.OUTPUT_GROUND].shape == (5, schema.NUM_GROUND)
 
 
 def test_an_export_that_fails_part_way_leaves_no_trace(model, tmp_path, monkeypatch):

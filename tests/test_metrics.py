@@ -24,12 +24,26 @@ def test_per_label_scores():
 
 
 def test_decide_takes_weather_argmax_and_ground_thresholds():
-  weather = np.array([[0.1, 0.6, 0.2, 0.1]])
+  weather = np.array([[0.6, 0.1, 0.2, 0.1]])
   ground = np.full((1, schema.NUM_GROUND), 0.3)
   ground[0, 8] = 0.9
   thresholds = [0.5] * schema.NUM_GROUND
   decisions = metrics.decide(weather, ground, thresholds)
-  assert metrics.tags_of(decisions[0]) == ['cloudy', 'primary']
+  assert metrics.tags_of(decisions[0]) == ['clear', 'primary']
+
+
+def test_the_label_rule_leaves_a_cloudy_chip_without_ground_tags():
+  weather = np.array([[0.1, 0.6, 0.2, 0.1], [0.1, 0.3, 0.2, 0.4]])
+  ground = np.full((2, schema.NUM_GROUND), 0.3)
+  ground[:, 8] = 0.9
+  thresholds = [0.5] * schema.NUM_GROUND
+  ruled = metrics.decide(weather, ground, thresholds)   # the default: cloudy_no_ground
+  assert [metrics.tags_of(row) for row in ruled] == [['cloudy'], ['partly_cloudy', 'primary']]
+  plain = metrics.decide(weather, ground, thresholds, schema.LABEL_RULE_NONE)
+  assert [metrics.tags_of(row) for row in plain] == [['cloudy', 'primary'],
+                                                    ['partly_cloudy', 'primary']]
+  with pytest.raises(ValueError, match='unknown label rule'):
+    metrics.decide(weather, ground, thresholds, 'cloudy')
 
 
 def test_best_thresholds_beat_the_default():

@@ -289,7 +289,7 @@ EXPORT_DAMAGE = {
         drop_variables_index, '2 cannot be used: variables/variables.index is missing'),
     'no serving_default': (
         without_serving_default, r"2 has no signature 'serving_default'; it has "
-                                 r"\['predict_float', 'serving_other__'\]"),
+                                 r"\['predict_float', 'serving_other__', 'serving_tta'\]"),
     'no SHA256SUMS': (drop_checksums, '2 cannot be used: no assets.extra/SHA256SUMS'),
 }
 

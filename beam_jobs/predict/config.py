@@ -100,6 +100,14 @@ def parse_args(argv) -> tuple[Any, list[str]]:
   parser.add_argument('--serving_protocol', choices=('grpc', 'rest'), default='grpc',
                       help="TF Serving's API to use: gRPC (default) or REST (its JSON API)")
   parser.add_argument('--model_name', default=schema.MODEL_NAME)
+  parser.add_argument('--tta', action='store_true',
+                      help=f'test-time augmentation: the export\'s {schema.TTA_SIGNATURE} '
+                           'signature, the mean over 8 flips/rotations of each chip (about 8x '
+                           'the compute)')
+  parser.add_argument('--label_rule', choices=schema.LABEL_RULES,
+                      default=schema.DEFAULT_LABEL_RULE,
+                      help='cloudy_no_ground: a chip predicted cloudy gets no ground tags; '
+                           'none: ground tags by threshold alone (default %(default)s)')
   parser.add_argument('--model_version', type=int,
                       help='serving: a fixed version (default: latest)')
   parser.add_argument('--tls', action='store_true',
@@ -185,15 +193,20 @@ def make_backend(args) -> Backend:
   """
   # TensorFlow and gRPC are imported only once the flags are known to be right.
   from model.saved_model_info import inspect_export  # pylint: disable=import-outside-toplevel
-  export = inspect_export(args.model_dir) if args.model_dir else None
+  signature = schema.TTA_SIGNATURE if args.tta else schema.SERVING_SIGNATURE
+  decision = {'label_rule': args.label_rule, 'signature': signature}
   if not args.serving_address:
+    export = inspect_export(args.model_dir, signature=signature)
     from beam_jobs.predict.backends.in_process import SavedModelHandler  # pylint: disable=import-outside-toplevel
     thresholds = ThresholdsByVersion(export.ground_thresholds,
-                                     known={export.version: export.ground_thresholds})
-    handler = SavedModelHandler(export, max_batch_size=args.batch_size or DEFAULT_MAX_BATCH_SIZE)
+                                     known={export.version: export.ground_thresholds}, **decision)
+    handler = SavedModelHandler(export, max_batch_size=args.batch_size or DEFAULT_MAX_BATCH_SIZE,
+                                signature=signature)
     return Backend(handler, export.image_size, thresholds, 'in_process',
                    {'model_dir': args.model_dir, 'version_dir': export.version_dir,
-                    'version': export.version})
+                    'version': export.version, **decision})
+
+  export = inspect_export(args.model_dir) if args.model_dir else None
 
   from beam_jobs.predict.backends import tf_serving  # pylint: disable=import-outside-toplevel
   if args.serving_protocol == 'rest':
@@ -206,7 +219,7 @@ def make_backend(args) -> Backend:
                'root_certificates': (tf_serving.read_root_certificates(args.root_cert)
                                      if args.root_cert else None)}
   image_size, version = protocol.check_serving_model(
-      args.serving_address, args.model_name, args.model_version,
+      args.serving_address, args.model_name, args.model_version, signature,
       image_size=export.image_size if export else None, **transport)
   limits = {key: value for key, value in (('max_request_bytes', args.max_request_bytes),
                                           ('timeout_secs', args.request_timeout_secs),
@@ -214,15 +227,17 @@ def make_backend(args) -> Backend:
             if value is not None}
   handler = handler_class(
       args.serving_address, model_name=args.model_name, model_version=args.model_version,
-      image_size=image_size, max_batch_size=args.batch_size, **limits, **transport)
+      signature=signature, image_size=image_size, max_batch_size=args.batch_size, **limits,
+      **transport)
   if export:
     versions_dir = FileSystems.split(export.version_dir.rstrip('/'))[0]
-    thresholds = ThresholdsByVersion(export.ground_thresholds, versions_dir)
+    thresholds = ThresholdsByVersion(export.ground_thresholds, versions_dir, **decision)
   else:
     logging.warning('no --model_dir: ground labels are decided at the default threshold %s; '
                     'give the export folder TF Serving serves to use its tuned thresholds',
                     schema.DEFAULT_GROUND_THRESHOLD)
-    thresholds = ThresholdsByVersion((schema.DEFAULT_GROUND_THRESHOLD,) * schema.NUM_GROUND)
+    thresholds = ThresholdsByVersion((schema.DEFAULT_GROUND_THRESHOLD,) * schema.NUM_GROUND,
+                                     **decision)
   return Backend(handler, image_size, thresholds, args.serving_protocol,
                  {'serving_address': args.serving_address, 'version_at_start': str(version),
-                  'model_dir': args.model_dir})
+                  'model_dir': args.model_dir, **decision})

@@ -2,7 +2,8 @@
 
 An earlier row is reused only when it is exactly what this run would predict: the same image
 name, the same file bytes (the sha256 of the file, which every prediction row records), the same
-model name and version, and the same ground thresholds. Earlier rows come from two places:
+model name, version and signature (serving_default, or serving_tta with --tta), and the same
+ground thresholds and label rule. Earlier rows come from two places:
 
 - --previous_output OUT_PREV, a finished prediction output read through its manifest: rows
   reused from it are *carried*; its images that are gone from the inputs are *removed*.
@@ -58,6 +59,9 @@ class PreviousOutput:
   model_name: str | None
   ground_thresholds: dict          # version -> thresholds the rows of that version were decided by
   fingerprinted: bool
+  # Outputs written before these were recorded predicted with serving_default, without a rule.
+  signature: str = schema.SERVING_SIGNATURE
+  label_rule: str = schema.LABEL_RULE_NONE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,11 +105,14 @@ def read_previous_output(path: str) -> PreviousOutput:
   thresholds = {str(version): tuple(float(t) for t in values)
                 for version, values in (model.get('ground_thresholds') or {}).items()}
   return PreviousOutput(path, files, model.get('name'), thresholds,
-                        record.get('row_fingerprint') == FINGERPRINT)
+                        record.get('row_fingerprint') == FINGERPRINT,
+                        model.get('signature', schema.SERVING_SIGNATURE),
+                        model.get('label_rule', schema.LABEL_RULE_NONE))
 
 
 def _why_not_carried(previous: PreviousOutput, model_name: str, version: str,
-                     thresholds: tuple[float, ...]) -> str | None:
+                     thresholds: tuple[float, ...], signature: str = schema.SERVING_SIGNATURE,
+                     label_rule: str = schema.DEFAULT_LABEL_RULE) -> str | None:
   where = f'--previous_output {previous.path}'
   if not previous.fingerprinted:
     return (f'{where} was written before rows recorded their file\'s sha256: every image is '
@@ -120,6 +127,12 @@ def _why_not_carried(previous: PreviousOutput, model_name: str, version: str,
   if previous.ground_thresholds[version] != tuple(thresholds):
     return (f'{where} decided version {version}\'s ground labels with other thresholds than this '
             'run: every image is predicted again')
+  if previous.signature != signature:
+    return (f'{where} was predicted with signature {previous.signature}, this run uses '
+            f'{signature}: every image is predicted again')
+  if previous.label_rule != label_rule:
+    return (f'{where} decided its tags with label rule {previous.label_rule}, this run uses '
+            f'{label_rule}: every image is predicted again')
   return None
 
 
@@ -129,7 +142,8 @@ def plan_carry_over(previous: PreviousOutput | None, completed_files: tuple[str,
   """The plan for this run's earlier rows; None when there are none (every image is new)."""
   if previous is None and not completed_files:
     return None
-  note = previous and _why_not_carried(previous, model_name, version, thresholds(version))
+  note = previous and _why_not_carried(previous, model_name, version, thresholds(version),
+                                       thresholds.signature, thresholds.label_rule)
   return CarryPlan(model_name, version,
                    previous_output=previous.path if previous else None,
                    previous_files=previous.prediction_files if previous else (),
@@ -155,6 +169,8 @@ def parse_known_row(line: str) -> dict | None:
     return None
   if not isinstance(row.setdefault('sha256', None), (str, type(None))):
     return None   # a row written before rows had fingerprints has none: never reused
+  if not isinstance(row.setdefault('signature', schema.SERVING_SIGNATURE), str):
+    return None   # rows written before rows named theirs came from serving_default
   for head, labels in _LABELS.items():
     probabilities = row.get(head)
     # JSON numbers are int or float (never bool): anything else is not a probability.

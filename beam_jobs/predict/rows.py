@@ -23,18 +23,26 @@ FORMULA_PREFIXES = ('=', '+', '-', '@', '\t', '\r')
 
 
 class ThresholdsByVersion:
-  """The ground thresholds of each model version, read from the export's planet.json.
+  """How a run turns probabilities into tags: the ground thresholds of each model version (read
+  from the export's planet.json), the label rule, and the signature whose outputs they decide.
 
   The in-process backend runs one version; through TF Serving a new version can appear mid-job,
   and its rows must be decided with its own thresholds. Without a readable export (gRPC without
-  --model_dir) every version gets `default`.
+  --model_dir) every version gets `default`. `label_rule` (schema.LABEL_RULES) and `signature`
+  (serving_default, or serving_tta with --tta) are the run's, the same for every version.
   """
 
   def __init__(self, default: tuple[float, ...], versions_dir: str | None = None,
-               known: dict[str, tuple[float, ...]] | None = None):
+               known: dict[str, tuple[float, ...]] | None = None,
+               label_rule: str = schema.DEFAULT_LABEL_RULE,
+               signature: str = schema.SERVING_SIGNATURE):
+    if label_rule not in schema.LABEL_RULES:
+      raise ValueError(f'unknown label rule {label_rule!r}; known: {", ".join(schema.LABEL_RULES)}')
     self._default = tuple(default)
     self._versions_dir = versions_dir
     self._known = dict(known or {})
+    self.label_rule = label_rule
+    self.signature = signature
 
   def __call__(self, version: str) -> tuple[float, ...]:
     if version not in self._known:
@@ -70,12 +78,14 @@ def pick_path(name: str, paths: Iterable[str]) -> tuple[str, list[str]]:
 
 def result_row(name: str, path: str, inference: dict, thresholds: ThresholdsByVersion,
                model_name: str, sha256: str | None = None) -> dict:
-  """One prediction row: probabilities by label name, the tags after its version's thresholds,
-  and the sha256 of the file bytes that were predicted (what --previous_output matches on)."""
+  """One prediction row: probabilities by label name, the tags after its version's thresholds and
+  the run's label rule, the signature that predicted it, and the sha256 of the file bytes that
+  were predicted (what --previous_output matches on)."""
   version = str(inference['model_version'])
   weather = np.asarray(inference[schema.OUTPUT_WEATHER], dtype=float)
   ground = np.asarray(inference[schema.OUTPUT_GROUND], dtype=float)
-  decisions = metrics.decide(weather[None], ground[None], thresholds(version))[0]
+  decisions = metrics.decide(weather[None], ground[None], thresholds(version),
+                             thresholds.label_rule)[0]
   return {
       'image_name': name,
       'path': path,
@@ -84,6 +94,7 @@ def result_row(name: str, path: str, inference: dict, thresholds: ThresholdsByVe
       'tags': metrics.tags_of(decisions),
       'model_name': model_name,
       'model_version': version,
+      'signature': thresholds.signature,
       'sha256': sha256,
   }
 
