@@ -143,6 +143,8 @@ def concatenate_parts(_, path: str, parts_dir: str, parts: list[tuple[int, str]]
   if FileSystems.exists(path):   # left by a retried attempt of this step
     FileSystems.delete([path])
   FileSystems.rename([staged], [path])
+  if parts:   # one by one: on GCS a folder is only a prefix, and deleting it leaves its objects
+    FileSystems.delete([part for _, part in parts])
   try:
     FileSystems.delete([parts_dir])
   except (IOError, BeamIOError):
