@@ -17,8 +17,8 @@ from model import dataset as dataset_lib
 from model import metrics as metrics_lib
 from model import schema
 
-__all__ = ['BASELINE_MIN_FREQUENCY', 'describe_evaluation', 'evaluate', 'HALVES_RULE', 'predict_split',
-           'prior_baseline']
+__all__ = ['BASELINE_MIN_FREQUENCY', 'describe_evaluation', 'evaluate', 'HALVES_RULE',
+           'predict_split', 'prior_baseline']
 
 # The prior-only baseline predicts every label at least this common in the training labels.
 BASELINE_MIN_FREQUENCY = 0.2
@@ -74,7 +74,9 @@ def evaluate(predictions: dict[str, np.ndarray], train_frequencies: dict[str, fl
     return metrics_lib.decide(weather_probs[half], ground_probs[half], thresholds, rule)
 
   def f2(half, thresholds, rule=label_rule):
-    return metrics_lib.mean_f2(y_true[half], decided(half, thresholds, rule)) if half.any() else None
+    if not half.any():
+      return None
+    return metrics_lib.mean_f2(y_true[half], decided(half, thresholds, rule))
 
   tuned = metrics_lib.best_ground_thresholds(y_true[tuning], weather_probs[tuning],
                                              ground_probs[tuning], label_rule=label_rule)

@@ -8,8 +8,8 @@ import numpy as np
 from model import schema
 
 __all__ = [
-    'best_ground_thresholds', 'BETA', 'decide', 'f2_per_image', 'mean_f2', 'per_label_scores',
-    'scores_from_counts', 'tags_of', 'weather_confusion'
+    'best_ground_thresholds', 'BETA', 'check_label_rule', 'decide', 'f2_per_image', 'mean_f2',
+    'per_label_scores', 'scores_from_counts', 'tags_of', 'weather_confusion'
 ]
 
 BETA = 2.0
@@ -74,8 +74,7 @@ def decide(weather_probs: np.ndarray, ground_probs: np.ndarray, thresholds,
   Raises:
     ValueError: an unknown label rule.
   """
-  if label_rule not in schema.LABEL_RULES:
-    raise ValueError(f'unknown label rule {label_rule!r}; known: {", ".join(schema.LABEL_RULES)}')
+  check_label_rule(label_rule)
   weather_probs = np.asarray(weather_probs)
   weather = np.zeros(weather_probs.shape, dtype=bool)
   if len(weather_probs):
@@ -84,6 +83,12 @@ def decide(weather_probs: np.ndarray, ground_probs: np.ndarray, thresholds,
   if label_rule == schema.LABEL_RULE_CLOUDY_NO_GROUND:
     ground &= ~weather[:, [_CLOUDY]]
   return np.concatenate([weather, ground], axis=1)
+
+
+def check_label_rule(label_rule: str) -> None:
+  """Raises ValueError for a name that is not one of schema.LABEL_RULES."""
+  if label_rule not in schema.LABEL_RULES:
+    raise ValueError(f'unknown label rule {label_rule!r}; known: {", ".join(schema.LABEL_RULES)}')
 
 
 def tags_of(decisions_row) -> list[str]:

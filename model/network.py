@@ -60,6 +60,12 @@ PRESETS = {
 }
 
 
+def _preset(name: str) -> Preset:
+  if name not in PRESETS:
+    raise ValueError(f'unknown preset {name!r}; known: {", ".join(PRESETS)}')
+  return PRESETS[name]
+
+
 @keras.saving.register_keras_serializable(package='planet')
 class BackbonePreprocess(keras.layers.Layer):
   """The backbone's own `preprocess_input`, applied to the core's [0, 1] input scaled to [0, 255].
@@ -71,12 +77,11 @@ class BackbonePreprocess(keras.layers.Layer):
 
   def __init__(self, preset: str, **kwargs):
     super().__init__(**kwargs)
-    if preset not in PRESETS:
-      raise ValueError(f'unknown preset {preset!r}; known: {", ".join(PRESETS)}')
+    self._module = _preset(preset).module
     self.preset = preset
 
   def call(self, inputs):
-    return PRESETS[self.preset].module.preprocess_input(inputs * 255.0)
+    return self._module.preprocess_input(inputs * 255.0)
 
   def get_config(self):
     return {**super().get_config(), 'preset': self.preset}
@@ -93,11 +98,10 @@ def preset_features(preset: str, weights_path: str | None = None) -> Callable:
   Raises:
     ValueError: an unknown preset.
   """
-  if preset not in PRESETS:
-    raise ValueError(f'unknown preset {preset!r}; known: {", ".join(PRESETS)}')
+  application = _preset(preset).application
 
   def features(inputs):
-    backbone = PRESETS[preset].application(
+    backbone = application(
         include_top=False, weights=None, input_shape=tuple(inputs.shape[1:]), pooling='avg',
         name=BACKBONE_NAME)
     if weights_path:

@@ -141,6 +141,9 @@ def _check_transfer_flags(parser, args) -> None:
     args.fine_tune_learning_rate = args.learning_rate / 10
   if args.backbone_weights and not tf.io.gfile.exists(args.backbone_weights):
     parser.error(f'--backbone_weights {args.backbone_weights} does not exist')
+  if args.frozen_epochs and not args.backbone_weights and not args.resume:
+    logging.warning('--frozen_epochs without --backbone_weights: the first %d epochs train the '
+                    'heads on a random backbone', args.frozen_epochs)
 
 
 def load_architecture(spec: str, backbone_weights: str | None = None) -> Callable:
@@ -354,7 +357,7 @@ def _phases(args: argparse.Namespace, initial_epoch: int) -> list[tuple[int, int
 
 
 def _enter_phase(model: keras.Model, frozen: bool, first: int, args: argparse.Namespace) -> None:
-  """Freezes or unfreezes a preset's backbone (recompiling) where the phase wants the other state."""
+  """Freezes or unfreezes a preset's backbone, recompiling, if the phase wants the other state."""
   backbone = network.find_backbone(model)
   if backbone is None and not frozen:
     return   # nothing to unfreeze (a frozen phase without a backbone is refused below)

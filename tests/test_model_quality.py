@@ -43,7 +43,8 @@ def _synthetic_predictions(count: int = 600, seed: int = 0) -> dict[str, np.ndar
       'names': np.array([f'chip_{i}' for i in range(count)]),
       'weather_true': weather_true, 'ground_true': ground_true,
       'weather_probs': np.clip(weather_true * 0.6 + rng.random(weather_true.shape) * 0.3, 0, 1),
-      'ground_probs': np.clip(0.4 + 0.2 * ground_true + rng.normal(0, 0.12, ground_true.shape), 0, 1),
+      'ground_probs': np.clip(0.4 + 0.2 * ground_true + rng.normal(0, 0.12, ground_true.shape),
+                              0, 1),
   }
 
 

@@ -59,9 +59,8 @@ class PreviousOutput:
   model_name: str | None
   ground_thresholds: dict          # version -> thresholds the rows of that version were decided by
   fingerprinted: bool
-  # Outputs written before these were recorded predicted with serving_default, without a rule.
-  signature: str = schema.SERVING_SIGNATURE
-  label_rule: str = schema.LABEL_RULE_NONE
+  signature: str                   # the signature and label rule its rows were made with
+  label_rule: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +103,7 @@ def read_previous_output(path: str) -> PreviousOutput:
   model = record.get('model') or {}
   thresholds = {str(version): tuple(float(t) for t in values)
                 for version, values in (model.get('ground_thresholds') or {}).items()}
+  # Outputs written before these were recorded predicted with serving_default, without a rule.
   return PreviousOutput(path, files, model.get('name'), thresholds,
                         record.get('row_fingerprint') == FINGERPRINT,
                         model.get('signature', schema.SERVING_SIGNATURE),
@@ -111,8 +111,8 @@ def read_previous_output(path: str) -> PreviousOutput:
 
 
 def _why_not_carried(previous: PreviousOutput, model_name: str, version: str,
-                     thresholds: tuple[float, ...], signature: str = schema.SERVING_SIGNATURE,
-                     label_rule: str = schema.DEFAULT_LABEL_RULE) -> str | None:
+                     thresholds: tuple[float, ...], signature: str,
+                     label_rule: str) -> str | None:
   where = f'--previous_output {previous.path}'
   if not previous.fingerprinted:
     return (f'{where} was written before rows recorded their file\'s sha256: every image is '

@@ -36,8 +36,7 @@ class ThresholdsByVersion:
                known: dict[str, tuple[float, ...]] | None = None,
                label_rule: str = schema.DEFAULT_LABEL_RULE,
                signature: str = schema.SERVING_SIGNATURE):
-    if label_rule not in schema.LABEL_RULES:
-      raise ValueError(f'unknown label rule {label_rule!r}; known: {", ".join(schema.LABEL_RULES)}')
+    metrics.check_label_rule(label_rule)   # refused before the pipeline, not on a worker
     self._default = tuple(default)
     self._versions_dir = versions_dir
     self._known = dict(known or {})
