@@ -81,9 +81,12 @@ def _why_predict(r):
 
 def _why_startup(r):
   q = r.get('predict_vs_script')
-  if not q or q.get('startup_gap_s') is None:
+  if not q:
     return None
-  gap = q['startup_gap_s']
+  gap = q.get('startup_gap_s')
+  if gap is None:
+    return None, ('No start-up could be separated: a steady rate needs the big run to be slower '
+                  'than the small one, for the job and for the plain loop.')
   return gap, (f'Start-up (the seconds the steady rate leaves unexplained): '
                f'{_n(q["job_in_process"]["startup_s"], 1)} s for the job, '
                f'{_n(q["plain_loop"]["startup_s"], 1)} s for the plain loop: {gap:+.1f} s.')
