@@ -15,8 +15,8 @@ from apache_beam.io.filesystems import FileSystems
 from model import metrics, schema
 
 __all__ = ['FORMULA_PREFIXES', 'ThresholdsByVersion', 'image_name', 'pick_path', 'result_row',
-           'row_decisions', 'spreadsheet_safe', 'submission_fields', 'submission_text',
-           'thumbnail_key']
+           'row_decisions', 'spreadsheet_safe', 'SUBMISSION_HEADER', 'csv_line', 'submission_line',
+           'submission_text', 'thumbnail_key']
 
 # A cell starting with one of these is run as a formula by spreadsheets (OWASP's CSV injection).
 FORMULA_PREFIXES = ('=', '+', '-', '@', '\t', '\r')
@@ -113,23 +113,28 @@ def spreadsheet_safe(cell: str) -> str:
   return "'" + cell if cell.startswith(FORMULA_PREFIXES) else cell
 
 
-def submission_fields(row) -> dict:
-  """What submission.csv needs of a prediction row: only the name and the tags travel on.
+def csv_line(fields: list[str]) -> str:
+  """One line of submission.csv, RFC 4180 quoting, CRLF included (then CR and LF in a name are
+  quoted too, and a name with a comma, a quote or a line break stays one field)."""
+  buffer = io.StringIO()
+  csv.writer(buffer, lineterminator='\r\n').writerow(fields)
+  return buffer.getvalue()
 
-  `row` is left unannotated: Beam would check it against ToResultRow's tagged outputs.
-  """
-  return {'image_name': row['image_name'], 'tags': row['tags']}
+
+SUBMISSION_HEADER = csv_line(['image_name', 'tags'])
+
+
+def submission_line(row) -> tuple[str, str]:
+  """A prediction row -> (its image name, the sort key; its line of submission.csv)."""
+  name = row['image_name']
+  return name, csv_line([spreadsheet_safe(name), ' '.join(row['tags'])])
 
 
 def submission_text(rows: Iterable[dict]) -> str:
-  """submission.csv: a header and one row per prediction, sorted by name, quoted as RFC 4180
-  says (a name with a comma, a quote or a line break stays one field)."""
-  buffer = io.StringIO()
-  writer = csv.writer(buffer, lineterminator='\r\n')   # CRLF: then CR and LF in names are quoted
-  writer.writerow(['image_name', 'tags'])
-  for row in sorted(rows, key=lambda r: r['image_name']):
-    writer.writerow([spreadsheet_safe(row['image_name']), ' '.join(row['tags'])])
-  return buffer.getvalue()
+  """submission.csv of `rows` rendered at once: the header and their lines sorted by name (the
+  job writes the same bytes from ordered name buckets: submission.py)."""
+  lines = sorted((submission_line(row) for row in rows), key=lambda pair: pair[0])
+  return SUBMISSION_HEADER + ''.join(line for _, line in lines)
 
 
 def thumbnail_key(item) -> str:

@@ -15,8 +15,6 @@ Usage:
 """
 import bisect
 import collections
-import csv
-import io
 import logging
 import math
 import shutil
@@ -28,10 +26,11 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
 from beam_jobs.common.progress import counter
-from beam_jobs.predict.rows import spreadsheet_safe
+from beam_jobs.predict.rows import SUBMISSION_HEADER as HEADER
+from beam_jobs.predict.rows import submission_line
 
 __all__ = ['DEFAULT_ROWS_PER_BUCKET', 'HEADER', 'WriteSubmission', 'bucket_boundaries',
-           'concatenate_parts', 'csv_line', 'submission_line', 'write_bucket_part']
+           'concatenate_parts', 'write_bucket_part']
 
 DEFAULT_ROWS_PER_BUCKET = 200_000   # about 60 MB of Python strings to sort on one worker
 # Quantiles of the names computed: boundaries are picked among them, so a run can have up to
@@ -41,22 +40,6 @@ _BATCH = 1000            # names per element into the quantiles, lines per eleme
 _COPY_CHUNK_BYTES = 1 << 20
 
 _log = logging.getLogger('planet.submission')
-
-
-def csv_line(fields: list[str]) -> str:
-  """One line of submission.csv, CRLF included (then CR and LF in a name are quoted)."""
-  buffer = io.StringIO()
-  csv.writer(buffer, lineterminator='\r\n').writerow(fields)
-  return buffer.getvalue()
-
-
-HEADER = csv_line(['image_name', 'tags'])
-
-
-def submission_line(row) -> tuple[str, str]:
-  """A prediction row -> (its image name, the sort key; its line of submission.csv)."""
-  name = row['image_name']
-  return name, csv_line([spreadsheet_safe(name), ' '.join(row['tags'])])
 
 
 def bucket_boundaries(quantiles: list[str], count: int, rows_per_bucket: int) -> list[str]:
