@@ -9,6 +9,7 @@ from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS, decode_image
 from beam_jobs.common.labels import LabelRow
 from model import schema
 from model.errors import Reason
+from model.tf_example import build_example
 
 __all__ = ['CSV_ROWS', 'DEAD_LETTERED_ROWS', 'DEAD_LETTERS', 'EXAMPLES', 'EncodedExample',
            'IMAGES_WITHOUT_ROWS', 'LABELS', 'LabelledImage', 'ROWS_WITHOUT_WEATHER',
@@ -84,9 +85,6 @@ def image_to_example(row: LabelRow, data: bytes, image_size: int,
   Raises:
     InputRefused: from the decoder (EMPTY_FILE, NOT_AN_IMAGE, TRUNCATED_IMAGE, ...).
   """
-  # Imported here so that importing this module (the driver, Dataflow job submission) does not
-  # load TensorFlow; workers pay for it once, on their first image.
-  from model.tf_example import build_example  # pylint: disable=import-outside-toplevel
   pixels = decode_image(data, image_size, max_pixels=max_pixels)
   return build_example(row, pixels, hashlib.sha256(data).hexdigest())
 
