@@ -3,6 +3,7 @@
 The fixed-shard TFRecord sink (beam_jobs/common/tfrecord_sink.py) is tested here, through the job:
 shard names, empty shards, gzip, two worker processes.
 """
+import dataclasses
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from beam_jobs.common.labels import CsvFormat, LabelRow, parse_label_line
 from beam_jobs.make_sample import make_sample
 from beam_jobs.preprocess import ConfigError, EncodedExample, LabelledImage
 from beam_jobs.preprocess import job as preprocess_job
+from beam_jobs.preprocess import rules
 from model import schema
 from model.output_dir import OutputRefused
 from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO
@@ -246,7 +248,8 @@ def test_the_fused_encoder_writes_in_input_order_and_refuses_with_the_reason(tmp
   encoder = EncodeAndWriteExamples(config, parts_dirs, threads=4)
   encoder.setup()
   encoder.start_bundle()
-  outputs = [out for image in images for out in encoder.process(image)]
+  # Lists as the join gives them (a bucket's images), of sizes around the chunk size.
+  outputs = [out for batch in (images[:5], images[5:21], images[21:]) for out in encoder.process(batch)]
   outputs += list(encoder.finish_bundle())
   encoder.teardown()
   tagged = [(getattr(o, 'tag', None), getattr(o, 'value', o)) for o in outputs]
@@ -352,9 +355,13 @@ def test_bad_configuration_fails_before_the_pipeline(small_sample, tmp_path, cha
 
 # ---- The pipeline on a TestPipeline -----------------------------------------------------------
 
-def test_pipeline_routes_every_bad_input_to_its_dead_letter(bad_mix, tmp_path):
+@pytest.mark.parametrize('join_buckets', [1, 5])
+def test_pipeline_routes_every_bad_input_to_its_dead_letter(bad_mix, tmp_path, join_buckets):
   root, expected = bad_mix
   config, _ = preprocess.validate_config(preprocess.parse_args(_args(root, tmp_path))[0])
+  # One bucket (this small CSV's own), and several: a duplicate, a refused line and a file
+  # without a row each meet their name's other inputs in its bucket, whichever it is.
+  config = dataclasses.replace(config, join_buckets=join_buckets)
   good = [f'train_{i}' for i in range(GOOD) if i != 4] + ['nowx_1']
   with test_pipeline.TestPipeline() as p:
     outputs = preprocess.build_pipeline(p, config)
@@ -370,6 +377,30 @@ def test_pipeline_routes_every_bad_input_to_its_dead_letter(bad_mix, tmp_path):
       (n, preprocess.assign_split(n, 0.2)) for n in good)
   counts = json.loads((tmp_path / schema.COUNTS_FILE).read_text())
   assert counts['csv_rows'] == len(good) + sum(r != 'IMAGE_WITHOUT_ROW' for _, r in expected)
+
+
+def test_bucket_batches_let_go_full_lists_and_hold_at_most_max_held_items():
+  from beam_jobs.preprocess.pipeline import BucketBatches
+  batches = BucketBatches(batch=3, max_held=5)
+  out = []
+  for i in range(20):
+    out += batches.add(i % 4, i)
+    let_go = sum(len(items) for _, items in out)
+    assert i + 1 - let_go < 5                                       # never 5 items held
+  out += batches.drain()
+  items = sorted(item for _, items in out for item in items)
+  assert items == list(range(20))                                   # each item exactly once
+  assert all(all(item % 4 == bucket for item in items) for bucket, items in out)
+  assert max(len(items) for _, items in out) <= 3
+  assert list(BucketBatches().drain()) == []
+
+
+def test_join_buckets_grow_with_the_csv_and_a_name_has_one_bucket_everywhere():
+  assert [rules.join_buckets(rows) for rows in (0, 1, 1000, 1001, 50_000)] == [1, 1, 1, 2, 50]
+  assert rules.join_buckets(None) >= 100       # a dry run that did not read the CSV
+  names = ['train_0', '=1,2 "x"', 'été', '\udcff-undecodable']
+  assert [rules.name_bucket(n, 7) for n in names] == [rules.name_bucket(n, 7) for n in names]
+  assert len({rules.name_bucket(f'train_{i}', 50) for i in range(2000)}) == 50
 
 
 # ---- The whole job ----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from apache_beam.io.filesystems import FileSystems
 from beam_jobs.common import dead_letters, labels, runner_options
 from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS
 from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files
-from beam_jobs.preprocess.rules import estimate_num_shards
+from beam_jobs.preprocess.rules import estimate_num_shards, join_buckets
 from model import command_line, schema
 from model.manifest import is_local_path, sha256_of_file
 
@@ -42,6 +42,7 @@ class PreprocessConfig:
   max_bad_fraction: float = dead_letters.DEFAULT_MAX_BAD_FRACTION
   max_pixels: int = DEFAULT_MAX_PIXELS
   max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+  join_buckets: int = 1   # rules.join_buckets of the CSV's rows
 
   def shard_prefix(self, split: str) -> str:
     return FileSystems.join(self.output_dir, split, SHARD_FILE_PREFIX)
@@ -180,5 +181,6 @@ def validate_config(args: argparse.Namespace,
       image_size=args.image_size, eval_fraction=args.eval_fraction,
       num_shards=tuple(_shards_per_split(args, facts.rows).items()),
       compression=args.compression, max_bad_fraction=args.max_bad_fraction,
-      max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes)
+      max_pixels=args.max_pixels, max_file_bytes=args.max_file_bytes,
+      join_buckets=join_buckets(facts.rows))
   return config, facts

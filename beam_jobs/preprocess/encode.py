@@ -17,10 +17,11 @@ from apache_beam.transforms.window import GlobalWindows
 
 from beam_jobs.common.image_files import read_image_file
 from beam_jobs.common.progress import count_progress, counter, tally_folder_exists
-from beam_jobs.common.tfrecord_sink import ShardPartWriter, shard_of, shard_pattern
+from beam_jobs.common.tfrecord_sink import ShardPartWriter, shard_pattern
 from beam_jobs.preprocess.config import PreprocessConfig
 from beam_jobs.preprocess.rules import (EncodedExample, LabelledImage, assign_split,
-                                        image_to_example, row_dead_letter, tally_example)
+                                        example_shard, image_to_example, row_dead_letter,
+                                        tally_example)
 from model.errors import InputRefused
 
 __all__ = ['EncodeAndWriteExamples', 'encode_labelled_image']
@@ -63,7 +64,8 @@ def _dead_letter(image: LabelledImage, refusal: InputRefused) -> dict:
 
 
 class EncodeAndWriteExamples(beam.DoFn):
-  """LabelledImage -> its Example, written into this bundle's part of its split's shard.
+  """A list of LabelledImages (a join bucket's) -> their Examples, each written into this
+  bundle's part of its split's shard.
 
   Outputs: main, at the end of a bundle: (split, (shard, part path)) for each part it wrote;
   'refused': dead letters; 'tally': (tally key, count) pairs, at the end of a bundle. Examples
@@ -103,17 +105,18 @@ class EncodeAndWriteExamples(beam.DoFn):
                      for split, folder in self._parts_dirs.items()}
     self._tally = collections.Counter()
 
-  def process(self, image: LabelledImage) -> Iterator:
-    self._chunk.append(image)
-    if len(self._chunk) < _CHUNK_IMAGES:
-      return
-    self._pending.append(self._pool.submit(_encode_chunk, self._chunk, self._config))
-    self._chunk = []
-    while self._pending and (len(self._pending) > self._window or self._pending[0].done()):
-      for outcome in self._pending.popleft().result():
-        letter = self._settle(outcome)
-        if letter is not None:
-          yield beam.pvalue.TaggedOutput(self.REFUSED, letter)
+  def process(self, images: list[LabelledImage]) -> Iterator:
+    for image in images:
+      self._chunk.append(image)
+      if len(self._chunk) < _CHUNK_IMAGES:
+        continue
+      self._pending.append(self._pool.submit(_encode_chunk, self._chunk, self._config))
+      self._chunk = []
+      while self._pending and (len(self._pending) > self._window or self._pending[0].done()):
+        for outcome in self._pending.popleft().result():
+          letter = self._settle(outcome)
+          if letter is not None:
+            yield beam.pvalue.TaggedOutput(self.REFUSED, letter)
 
   def _settle(self, outcome: tuple[EncodedExample | None, dict | None, int]) -> dict | None:
     """Writes a good image's Example and counts it; returns a bad one's dead letter."""
@@ -121,8 +124,8 @@ class EncodeAndWriteExamples(beam.DoFn):
     self._bytes_read.inc(bytes_read)
     if example is None:
       return letter
-    self._writers[example.split].write(shard_of(example.serialized, self._shards[example.split]),
-                                       example.serialized)
+    self._writers[example.split].write(
+        example_shard(example.row.image_name, self._shards[example.split]), example.serialized)
     self._tally.update(tally_example(example))
     if self._count_progress:
       count_progress(self._progress_folder, 1)

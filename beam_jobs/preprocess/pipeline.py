@@ -1,4 +1,5 @@
 """The preprocess job's Beam graph: thin DoFns over the rules, composite transforms, the builder."""
+import itertools
 import json
 import posixpath
 from typing import Iterator, NamedTuple
@@ -13,20 +14,49 @@ from beam_jobs.common.tfrecord_sink import PublishShards, parts_dir_for
 from beam_jobs.preprocess.config import IMAGE_EXTENSION, PreprocessConfig
 from beam_jobs.preprocess.encode import EncodeAndWriteExamples
 from beam_jobs.preprocess.rules import (CSV_ROWS, DEAD_LETTERED_ROWS, DEAD_LETTERS,
-                                        counter_name, join_rows_with_image, raw_image_name,
-                                        row_dead_letter, tally_dead_letter, tally_key)
+                                        counter_name, join_one_bucket, name_bucket,
+                                        raw_image_name, row_dead_letter, tally_dead_letter,
+                                        tally_key)
 from model import schema
 from model.errors import InputRefused
 
-__all__ = ['JoinRowsWithImages', 'KeyImageByName', 'ListImages', 'PreprocessOutputs', 'ReadLabelRows', 'ReadLabels',
-           'ResolveAndJoinOneName', 'WriteCounts', 'build_pipeline', 'count_tally']
+__all__ = ['BucketBatches', 'JoinOneBucket', 'JoinRowsWithImages', 'ListImageFiles', 'ListImages',
+           'PreprocessOutputs', 'ReadLabelRows', 'ReadLabels', 'WriteCounts', 'build_pipeline',
+           'count_tally']
+
+
+class BucketBatches:
+  """Items gathered by join bucket and let go as lists: a bucket's list once it holds `batch`
+  items, and every list once `max_held` items are held, so memory stays bounded however many
+  buckets there are. Lists, not items, cross the grouping by bucket."""
+
+  def __init__(self, batch: int = 500, max_held: int = 100_000):
+    self._batch = batch
+    self._max_held = max_held
+    self._lists: dict[int, list] = {}
+    self._held = 0
+
+  def add(self, bucket: int, item) -> Iterator[tuple[int, list]]:
+    items = self._lists.setdefault(bucket, [])
+    items.append(item)
+    self._held += 1
+    if len(items) >= self._batch:
+      self._held -= len(items)
+      yield bucket, self._lists.pop(bucket)
+    elif self._held >= self._max_held:
+      yield from self.drain()
+
+  def drain(self) -> Iterator[tuple[int, list]]:
+    lists, self._lists, self._held = self._lists, {}, 0
+    yield from lists.items()
 
 
 class ReadLabelRows(beam.DoFn):
-  """Labels CSV path -> parsed rows keyed by name; refused lines to 'refused' (+ their names).
+  """Labels CSV path -> lists of parsed rows (name, line, LabelRow) by join bucket; refused lines
+  to 'refused', and lists of their (name, line) to 'refused_names'.
 
   The whole file is read by one worker, in file order, because line numbers decide the
-  duplicate rule. Parsing is microseconds a line, and the GroupByKey by name that follows
+  duplicate rule. Parsing is microseconds a line, and the grouping by bucket that follows
   spreads the work, so no Reshuffle is needed here. The rows it read go to 'tally' as one
   (CSV_ROWS, count) pair, not one element a row.
   """
@@ -34,11 +64,15 @@ class ReadLabelRows(beam.DoFn):
   REFUSED_NAMES = 'refused_names'
   TALLY = 'tally'
 
+  def __init__(self, buckets: int):
+    self._buckets = buckets
+
   def process(self, path: str) -> Iterator:
     fmt, lines = labels.read_label_lines(path)
-    rows = 0
+    rows, refused_names = BucketBatches(), BucketBatches()
+    count = 0
     for line, raw in lines:
-      rows += 1
+      count += 1
       try:
         row = labels.parse_label_line(raw, fmt)
       except InputRefused as refusal:
@@ -46,28 +80,61 @@ class ReadLabelRows(beam.DoFn):
         yield beam.pvalue.TaggedOutput(self.REFUSED, row_dead_letter(
             name or f'line:{line}', refusal.reason, refusal.message, 'parse_labels', line, path))
         if name:
-          yield beam.pvalue.TaggedOutput(self.REFUSED_NAMES, (name, line))
+          for batch in refused_names.add(name_bucket(name, self._buckets), (name, line)):
+            yield beam.pvalue.TaggedOutput(self.REFUSED_NAMES, batch)
         continue
-      yield row.image_name, (line, row)
-    yield beam.pvalue.TaggedOutput(self.TALLY, (CSV_ROWS, rows))
+      yield from rows.add(name_bucket(row.image_name, self._buckets), (row.image_name, line, row))
+    yield from rows.drain()
+    for batch in refused_names.drain():
+      yield beam.pvalue.TaggedOutput(self.REFUSED_NAMES, batch)
+    yield beam.pvalue.TaggedOutput(self.TALLY, (CSV_ROWS, count))
 
 
-class ResolveAndJoinOneName(beam.DoFn):
-  """(name, {'rows', 'refused', 'files'}) -> LabelledImage; dead letters to 'refused'."""
+class ListImageFiles(beam.DoFn):
+  """An ImageSource -> lists of (image name, path) by join bucket, each counted under
+  images_listed: every <images_dir>/*.jpg, FIFOs, links and folders so named too."""
+
+  def __init__(self, buckets: int):
+    self._buckets = buckets
+
+  def setup(self):
+    self._listed = counter('images_listed')
+
+  def process(self, source: ImageSource) -> Iterator[tuple[int, list]]:
+    files = BucketBatches()
+    for path in list_image_files(source, (IMAGE_EXTENSION,)):
+      self._listed.inc()
+      # posixpath, not FileSystems.split (10 us a call): every path here, local or gs://, is
+      # '/'-separated.
+      name = posixpath.basename(path)[:-len(IMAGE_EXTENSION)]
+      yield from files.add(name_bucket(name, self._buckets), (name, path))
+    yield from files.drain()
+
+
+class JoinOneBucket(beam.DoFn):
+  """(bucket, {'rows', 'refused', 'files'}: lists of each) -> one list of the bucket's
+  LabelledImages (none when empty); dead letters to 'refused'."""
   REFUSED = 'refused'
 
   def __init__(self, images_dir: str):
     self._images_dir = images_dir
 
+  def _expected_path(self, name: str) -> str:
+    return FileSystems.join(self._images_dir, name + IMAGE_EXTENSION)
+
   def process(self, element) -> Iterator:
-    name, grouped = element
-    image, refused = join_rows_with_image(
-        name, grouped['rows'], grouped['refused'], grouped['files'],
-        FileSystems.join(self._images_dir, name + IMAGE_EXTENSION))
-    for record in refused:
-      yield beam.pvalue.TaggedOutput(self.REFUSED, record)
-    if image is not None:
-      yield image
+    _, grouped = element
+    images = []
+    for image, refused in join_one_bucket(
+        itertools.chain.from_iterable(grouped['rows']),
+        itertools.chain.from_iterable(grouped['refused']),
+        itertools.chain.from_iterable(grouped['files']), self._expected_path):
+      for record in refused:
+        yield beam.pvalue.TaggedOutput(self.REFUSED, record)
+      if image is not None:
+        images.append(image)
+    if images:
+      yield images
 
 
 def count_tally(key_and_count: tuple[str, int]) -> tuple[str, int]:
@@ -79,46 +146,33 @@ def count_tally(key_and_count: tuple[str, int]) -> tuple[str, int]:
   return key_and_count
 
 
-class KeyImageByName(beam.DoFn):
-  """An image's path -> (image name, path), counted under images_listed."""
-
-  def setup(self):
-    self._listed = counter('images_listed')
-
-  def process(self, path: str) -> Iterator[tuple[str, str]]:
-    self._listed.inc()
-    # posixpath, not FileSystems.split (10 us a call): every path here, local or gs://, is
-    # '/'-separated, and this runs once an image.
-    yield posixpath.basename(path)[:-len(IMAGE_EXTENSION)], path
-
-
 @beam.ptransform_fn
-def ReadLabels(pipeline, labels_csv: str):  # pylint: disable=invalid-name
-  """The labels CSV -> DoOutputsTuple: rows (name, (line, LabelRow)), refused, refused_names,
-  tally."""
+def ReadLabels(pipeline, labels_csv: str, buckets: int):  # pylint: disable=invalid-name
+  """The labels CSV -> DoOutputsTuple: rows (bucket, [(name, line, LabelRow)]), refused,
+  refused_names (bucket, [(name, line)]), tally."""
   return (pipeline
           | 'CsvPath' >> beam.Create([labels_csv])
-          | 'ParseRows' >> beam.ParDo(ReadLabelRows()).with_outputs(
+          | 'ParseRows' >> beam.ParDo(ReadLabelRows(buckets)).with_outputs(
               ReadLabelRows.REFUSED, ReadLabelRows.REFUSED_NAMES, ReadLabelRows.TALLY,
               main='rows'))
 
 
 @beam.ptransform_fn
-def ListImages(pipeline, images_dir: str):  # pylint: disable=invalid-name
-  """Every <images_dir>/*.jpg as (image name, path): FIFOs, links and folders so named too."""
+def ListImages(pipeline, images_dir: str, buckets: int):  # pylint: disable=invalid-name
+  """Every <images_dir>/*.jpg as (bucket, [(image name, path)])."""
   return (pipeline
           | 'ImagesDir' >> beam.Create([ImageSource.files_in(images_dir, IMAGE_EXTENSION)])
-          | 'ListJpegs' >> beam.FlatMap(list_image_files, (IMAGE_EXTENSION,))
-          | 'KeyByName' >> beam.ParDo(KeyImageByName()))
+          | 'ListJpegs' >> beam.ParDo(ListImageFiles(buckets)))
 
 
 @beam.ptransform_fn
 def JoinRowsWithImages(inputs, images_dir: str):  # pylint: disable=invalid-name
-  """{'rows', 'refused', 'files'} keyed by name -> LabelledImage; dead letters to 'refused'."""
+  """{'rows', 'refused', 'files'} keyed by join bucket -> lists of LabelledImages; dead letters
+  to 'refused'."""
   return (inputs
-          | 'GroupByName' >> beam.CoGroupByKey()
-          | 'ResolveAndJoin' >> beam.ParDo(ResolveAndJoinOneName(images_dir)).with_outputs(
-              ResolveAndJoinOneName.REFUSED, main='images'))
+          | 'GroupByBucket' >> beam.CoGroupByKey()
+          | 'ResolveAndJoin' >> beam.ParDo(JoinOneBucket(images_dir)).with_outputs(
+              JoinOneBucket.REFUSED, main='images'))
 
 
 @beam.ptransform_fn
@@ -162,8 +216,8 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig,
     config: the validated configuration.
     progress_folder: a `ProgressTally` folder to count settled CSV rows into (a local run).
   """
-  parsed = p | 'ReadLabels' >> ReadLabels(config.labels_csv)
-  files = p | 'ListImages' >> ListImages(config.images_dir)
+  parsed = p | 'ReadLabels' >> ReadLabels(config.labels_csv, config.join_buckets)
+  files = p | 'ListImages' >> ListImages(config.images_dir, config.join_buckets)
 
   joined = ({'rows': parsed.rows, 'refused': parsed[ReadLabelRows.REFUSED_NAMES], 'files': files}
             | 'JoinRowsWithImages' >> JoinRowsWithImages(config.images_dir))
@@ -187,7 +241,7 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig,
                                                        num_shards[split], config.compression,
                                                        parts_dirs[split]))
 
-  refused = ((parsed[ReadLabelRows.REFUSED], joined[ResolveAndJoinOneName.REFUSED],
+  refused = ((parsed[ReadLabelRows.REFUSED], joined[JoinOneBucket.REFUSED],
               encoded[EncodeAndWriteExamples.REFUSED])
              | 'AllDeadLetters' >> beam.Flatten())
   _ = refused | 'WriteDeadLetters' >> dead_letters.WriteDeadLetters(config.dead_letters_prefix)

@@ -1,8 +1,10 @@
 """The preprocess rules as plain functions: split, shard count, join, tally, conservation."""
+import collections
 import csv
 import hashlib
 import math
-from typing import Iterable, NamedTuple
+import zlib
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 from beam_jobs.common import dead_letters, labels
 from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS, decode_image
@@ -14,7 +16,8 @@ from model.tf_example import build_example
 __all__ = ['CSV_ROWS', 'DEAD_LETTERED_ROWS', 'DEAD_LETTERS', 'EXAMPLES', 'EncodedExample',
            'IMAGES_WITHOUT_ROWS', 'LABELS', 'LabelledImage', 'ROWS_WITHOUT_WEATHER',
            'assign_split', 'check_conservation', 'counter_name', 'counts_from_tally',
-           'estimate_num_shards', 'image_to_example', 'join_rows_with_image', 'raw_image_name',
+           'estimate_num_shards', 'example_shard', 'image_to_example', 'join_buckets',
+           'join_one_bucket', 'join_rows_with_image', 'name_bucket', 'raw_image_name',
            'row_dead_letter', 'tally_dead_letter', 'tally_example', 'tally_key']
 
 # Shards of 100-200 MB: big enough that opening one costs nothing next to reading it, small
@@ -22,6 +25,14 @@ __all__ = ['CSV_ROWS', 'DEAD_LETTERED_ROWS', 'DEAD_LETTERS', 'EXAMPLES', 'Encode
 MAX_SHARD_BYTES = 200 * 2**20
 # An Example is its pixels plus name, sha256, shape and 17 labels (~250 bytes of protobuf).
 EXAMPLE_OVERHEAD_BYTES = 256
+
+# The join groups image names in buckets of about this many CSV rows: one grouped element, and
+# one call of the encoder, per bucket rather than per image (Beam's per-element cost, ~20 us
+# through a shuffle, is paid by a few hundred names at once), and still enough buckets to keep
+# every worker busy (a local run hands the buckets to its worker processes in turn).
+JOIN_BUCKET_ROWS = 1000
+# Buckets when the CSV was not read before the job (a Dataflow dry run of a remote CSV).
+UNKNOWN_SIZE_JOIN_BUCKETS = 1000
 
 # The tally: what the job counts. Each fact is a key of counts.json, from which the manifest's
 # `counts` are built, and a Beam counter; `tally_key` and `counter_name` spell both.
@@ -62,6 +73,24 @@ def assign_split(image_name: str, eval_fraction: float) -> str:
   return 'eval' if position < eval_fraction * 2**64 else 'train'
 
 
+def join_buckets(csv_rows: int | None) -> int:
+  """How many join buckets a CSV of `csv_rows` rows is grouped into (JOIN_BUCKET_ROWS each)."""
+  if csv_rows is None:
+    return UNKNOWN_SIZE_JOIN_BUCKETS
+  return max(1, math.ceil(csv_rows / JOIN_BUCKET_ROWS))
+
+
+def name_bucket(image_name: str, buckets: int) -> int:
+  """An image name's join bucket: the crc32 of its UTF-8 bytes, the same on every worker."""
+  return zlib.crc32(image_name.encode('utf-8', 'surrogatepass')) % buckets
+
+
+def example_shard(image_name: str, num_shards: int) -> int:
+  """The shard of a split that holds an image's Example: from its name alone (a salted crc32,
+  independent of the join bucket), so it costs nothing next to hashing the 48 KB Example."""
+  return zlib.crc32(b'shard:' + image_name.encode('utf-8', 'surrogatepass')) % num_shards
+
+
 def estimate_num_shards(csv_rows: int, image_size: int, split_fraction: float) -> int:
   """Shards for one split so that each holds at most MAX_SHARD_BYTES (100-200 MB when >1)."""
   example_bytes = image_size * image_size * schema.CHANNELS + EXAMPLE_OVERHEAD_BYTES
@@ -87,6 +116,33 @@ def image_to_example(row: LabelRow, data: bytes, image_size: int,
   """
   pixels = decode_image(data, image_size, max_pixels=max_pixels)
   return build_example(row, pixels, hashlib.sha256(data).hexdigest())
+
+
+def join_one_bucket(rows: Iterable[tuple[str, int, LabelRow]],
+                    refused_names: Iterable[tuple[str, int]], files: Iterable[tuple[str, str]],
+                    expected_path: Callable[[str], str]) -> Iterator:
+  """Everything in one join bucket -> `join_rows_with_image` for each name, in name order.
+
+  Args:
+    rows: (name, line, LabelRow) of the parsed CSV rows.
+    refused_names: (name, line) of the lines refused while parsing that gave a name.
+    files: (name, path) of the image files listed.
+    expected_path: name -> where its file should be (only called for a row without a file).
+
+  Yields:
+    (LabelledImage or None, dead letters) for each name.
+  """
+  by_name = collections.defaultdict(lambda: ([], [], []))
+  for name, line, row in rows:
+    by_name[name][0].append((line, row))
+  for name, line in refused_names:
+    by_name[name][1].append(line)
+  for name, path in files:
+    by_name[name][2].append(path)
+  for name in sorted(by_name):
+    name_rows, refused_lines, paths = by_name[name]
+    yield join_rows_with_image(name, name_rows, refused_lines, paths,
+                               '' if paths else expected_path(name))
 
 
 class LabelledImage(NamedTuple):
