@@ -434,9 +434,12 @@ def test_a_rows_name_is_found_without_parsing_it_and_checked_once_parsed():
   decide = carry_over.Decide(PLAN, THRESHOLDS)
   decide.start_bundle()
   outputs = list(decide.process((0, batches)))
-  tagged = sorted((o.tag, o.value['image_name']) for o in outputs
-                  if isinstance(o, beam.pvalue.TaggedOutput))
+  tagged = sorted((o.tag, row['image_name']) for o in outputs
+                  if isinstance(o, beam.pvalue.TaggedOutput)
+                  for row in (o.value.rows if o.tag == 'reused' else [o.value]))
   assert tagged == [('removed', 'gone'), ('reused', 'kept')]
+  reused, = [o.value for o in outputs if getattr(o, 'tag', None) == 'reused']   # a RowBatch
+  assert reused.lines == [json.dumps(row, sort_keys=True) for row in reused.rows]
   assert sorted(o for o in outputs if not isinstance(o, beam.pvalue.TaggedOutput)) == [
       (hostile, f'/in/{hostile}.jpg'), ('new', '/in/new.jpg')]
   assert [o.value.value for o in decide.finish_bundle()] == [   # (tag, windowed value)

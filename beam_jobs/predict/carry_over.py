@@ -13,7 +13,7 @@ GIL); the images left to predict then take the usual path.
 Usage:
   carry = unique_images | 'CarryOver' >> CarryOver(config)
   carry['to_predict']   # (name, path): to read, decode and predict as usual
-  carry['reused']       # the rows carried over or resumed, ready for the outputs
+  carry['reused']       # the rows carried over or resumed, ready for the outputs (RowBatches)
   carry['removed']      # {'image_name', 'path'}: --previous_output's images gone from the inputs
   carry['kinds']        # {kind: count}, one element: the summary's `incremental` counts
 """
@@ -36,6 +36,7 @@ from beam_jobs.common.progress import counter
 from beam_jobs.predict.config import JobConfig
 from beam_jobs.predict.incremental import (CARRIED, REMOVED, RESUMED, decide, fingerprint,
                                            parse_known_row, row_inference)
+from beam_jobs.predict.rows import row_batch
 from model.errors import InputRefused
 
 __all__ = ['BUCKET_BYTES', 'BatchByBucket', 'CarryOver', 'Decide', 'FingerprintBatch',
@@ -183,9 +184,9 @@ class ReadRowBatches(beam.DoFn):
 
 
 class Decide(beam.DoFn):
-  """(bucket, batches) -> (name, path) to predict on the main output, or a reused row
-  ('reused'), or a removed image ('removed'); {kind: count} of each bundle on 'kinds' (one
-  element per bundle, not one per image).
+  """(bucket, batches) -> (name, path) to predict on the main output, the reused rows of each of
+  its batches as a `rows.RowBatch` ('reused'), or a removed image ('removed'); {kind: count} of
+  each bundle on 'kinds' (one element per bundle, not one per image).
 
   A bucket's earlier rows are parsed and held (about BUCKET_BYTES of them); its images are then
   decided batch by batch, and the earlier rows left over are the removed images.
@@ -224,14 +225,17 @@ class Decide(beam.DoFn):
     for source, batch in batches:
       if source != _CURRENT:
         continue
+      reused = []
       for name, path, sha256 in batch:
         kind, value = decide(name, [(path, sha256)], previous.pop(name, []),
                              completed.pop(name, []), self._plan, self._thresholds)
         kinds[kind] += 1
         if kind in (CARRIED, RESUMED):
-          yield beam.pvalue.TaggedOutput('reused', value)
+          reused.append(value)
         else:
           yield value
+      if reused:
+        yield beam.pvalue.TaggedOutput('reused', row_batch(reused))
     for name, rows in previous.items():   # earlier images gone from the inputs
       kinds[REMOVED] += 1
       yield beam.pvalue.TaggedOutput('removed', decide(name, [], rows, [], self._plan,

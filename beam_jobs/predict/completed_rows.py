@@ -8,12 +8,11 @@ manifest is written. A run killed at any point leaves every part file written be
 rows inferred in the last few seconds before it are inferred again by the resumed run.
 
 Usage:
-  rows | 'KeepCompleted' >> beam.ParDo(KeepCompleted(output_dir))
+  row_batches | 'KeepCompleted' >> beam.ParDo(KeepCompleted(output_dir))   # rows.RowBatch
   parts = list_completed(output_dir)    # before a resumed run's pipeline starts
   delete_completed(output_dir)          # after its manifest is written
 """
 import fnmatch
-import json
 import os
 import threading
 import time
@@ -71,7 +70,8 @@ def delete_completed(output_dir: str) -> None:
 
 
 class KeepCompleted(beam.DoFn):
-  """Writes each prediction row it sees into part files under OUT/completed/; outputs nothing.
+  """Writes the rows of each `rows.RowBatch` it sees (their lines, as encoded for the predictions
+  files) into part files under OUT/completed/; outputs nothing.
 
   A thread writes the waiting rows as a part when there are MAX_ROWS_PER_PART of them or the
   oldest has waited MAX_WAIT_SECONDS, so rows are kept even while the pipeline waits (a slow
@@ -95,12 +95,11 @@ class KeepCompleted(beam.DoFn):
     self._stop = threading.Event()
     threading.Thread(target=self._write_when_due, name='keep-completed', daemon=True).start()
 
-  def process(self, row):
-    line = json.dumps(row, sort_keys=True)
+  def process(self, batch):
     with self._waiting_lock:
       if not self._lines:
         self._oldest = time.monotonic()
-      self._lines.append(line)
+      self._lines.extend(batch.lines)
 
   def _write_waiting(self, due_only: bool) -> None:
     with self._writing_lock:

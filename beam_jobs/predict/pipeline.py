@@ -13,26 +13,26 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
-from apache_beam.utils.windowed_value import WindowedValue
+from apache_beam.transforms.window import GlobalWindows
 
 from beam_jobs.common import dead_letters, labels
 from beam_jobs.common.image_decoder import decode_image
 from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, list_image_files, read_image_file
-from beam_jobs.common.progress import CountProgress, counter
+from beam_jobs.common.progress import CountProgress, count_progress, counter, tally_folder_exists
 from beam_jobs.predict import report_html, thumbnails
 from beam_jobs.predict.carry_over import CarryOver, thumbnail_items
 from beam_jobs.predict.completed_rows import KeepCompleted
 from beam_jobs.predict.config import IMAGE_EXTENSIONS, REMOVED_FILE, JobConfig
 from beam_jobs.predict.incremental import fingerprint
-from beam_jobs.predict.rows import (ThresholdsByVersion, image_name, pick_path, result_row,
-                                    thumbnail_key)
+from beam_jobs.predict.rows import (RowBatch, ThresholdsByVersion, image_name, pick_path,
+                                    result_rows, row_batch)
 from beam_jobs.predict.stats import DeadLetterStatsFn, PredictionStatsFn, build_summary
 from beam_jobs.predict.submission import WriteSubmission
 from model import schema
 from model.errors import InputRefused, Reason
 
-__all__ = ['AttachTruth', 'ReadAndDecode', 'ToResultRow', 'build_pipeline',
-           'failed_batch_to_dead_letters', 'one_path_per_name',
+__all__ = ['AttachTruth', 'CountRows', 'KeyedBatchResults', 'OnePathPerName', 'ReadAndDecode', 'ToResultRows',
+           'build_pipeline', 'failed_batch_to_dead_letters', 'keyed_image_files',
            'read_and_decode', 'write_text_file']
 
 STAGE = schema.STAGE_PREDICT
@@ -76,62 +76,141 @@ class ReadAndDecode(beam.DoFn):
   def setup(self):
     self._pool = concurrent.futures.ThreadPoolExecutor(self._threads,
                                                        thread_name_prefix='decode')
+    # Counters on the bundle's thread (Beam keeps metrics per thread), made once.
+    self._decoded, self._refused = counter('images_decoded'), counter('images_refused')
 
   def start_bundle(self):
     self._pending = collections.deque()
 
-  def _emit(self, windowed: bool):
-    future, window, timestamp = self._pending.popleft()
-    kind, value = future.result()
-    # Counters on the bundle's thread: Beam keeps metrics per thread.
-    counter('images_decoded' if kind == 'decoded' else 'images_refused').inc()
-    if windowed:
-      value = WindowedValue(value, timestamp, [window])
-    return value if kind == 'decoded' else beam.pvalue.TaggedOutput('refused', value)
+  def _emit(self):
+    kind, value = self._pending.popleft().result()
+    if kind == 'decoded':
+      self._decoded.inc()
+      return value
+    self._refused.inc()
+    return beam.pvalue.TaggedOutput('refused', value)
 
-  def process(self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
+  def process(self, element):
     name, path = element
-    self._pending.append((self._pool.submit(read_and_decode, name, path, self._size,
-                                            self._max_pixels, self._max_file_bytes),
-                          window, timestamp))
-    while len(self._pending) > self._lookahead or (self._pending and self._pending[0][0].done()):
-      yield self._emit(windowed=False)
+    self._pending.append(self._pool.submit(read_and_decode, name, path, self._size,
+                                           self._max_pixels, self._max_file_bytes))
+    while len(self._pending) > self._lookahead or (self._pending and self._pending[0].done()):
+      yield self._emit()
 
   def finish_bundle(self):
+    # A batch job: every element is in the global window.
     while self._pending:
-      yield self._emit(windowed=True)
+      output = self._emit()
+      if isinstance(output, beam.pvalue.TaggedOutput):
+        yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
+      else:
+        yield GlobalWindows.windowed_value(output)
 
   def teardown(self):
     if self._pool:
       self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class ToResultRow(beam.DoFn):
-  """PredictionResult -> result row, or a dead letter when the backend refused the image."""
+class KeyedBatchResults(KeyedModelHandler):
+  """A `KeyedModelHandler` whose RunInference output is one element per batch: the list of its
+  (key, PredictionResult) pairs, so that the steps after RunInference run once a batch."""
+
+  def run_inference(self, batch, model, inference_args=None):
+    return [list(super().run_inference(batch, model, inference_args))]
+
+
+class ToResultRows(beam.DoFn):
+  """A batch's [(key, PredictionResult), ...] -> a `RowBatch` of its rows, and a dead letter
+  ('refused') for each image the backend refused; each bundle's candidates for the report's
+  sample ('sample', one list per bundle: `thumbnails.Sample`).
+
+  The rows of a batch are made together (their tags decided at once, each row's line encoded
+  once for every output).
+  """
 
   def __init__(self, thresholds: ThresholdsByVersion, model_name: str):
     self._thresholds = thresholds
     self._model_name = model_name
+    self._sample = None
+    self._predictions = None
+
+  def setup(self):
+    self._predictions = counter('predictions')
+
+  def start_bundle(self):
+    self._sample = thumbnails.Sample()
+
+  def process(self, results):
+    predicted = []
+    for item in results:
+      (name, path, sha256), result = item
+      if isinstance(result.inference, InputRefused):
+        yield beam.pvalue.TaggedOutput('refused', dead_letters.from_refusal(
+            name, result.inference, STAGE, path))
+      else:
+        predicted.append((name, path, sha256, result.inference))
+        self._sample.add(item)
+    if predicted:
+      self._predictions.inc(len(predicted))
+      yield row_batch(result_rows(predicted, self._thresholds, self._model_name))
+
+  def finish_bundle(self):
+    sample = self._sample.items()
+    if sample:
+      yield beam.pvalue.TaggedOutput('sample', GlobalWindows.windowed_value(sample))
+
+
+class OnePathPerName(beam.DoFn):
+  """(name, paths) -> (name, the path predicted), and a DUPLICATE_NAME dead letter per other path
+  ('duplicate'); the distinct paths it saw, once per bundle ('matched').
+
+  A path listed twice (overlapping --input folders) is one file: it is predicted once and counted
+  once, never a duplicate of itself.
+  """
+
+  def __init__(self):
+    self._matched = 0
+
+  def start_bundle(self):
+    self._matched = 0
 
   def process(self, element):
-    (name, path, sha256), result = element
-    if isinstance(result.inference, InputRefused):
-      yield beam.pvalue.TaggedOutput('refused', dead_letters.from_refusal(
-          name, result.inference, STAGE, path))
-      return
-    counter('predictions').inc()
-    yield result_row(name, path, result.inference, self._thresholds, self._model_name, sha256)
+    name, paths = element
+    kept, duplicates = pick_path(name, paths)
+    self._matched += 1 + len(duplicates)
+    yield name, kept
+    for path in duplicates:
+      yield beam.pvalue.TaggedOutput('duplicate', dead_letters.dead_letter(
+          name, Reason.DUPLICATE_NAME, f'another file has the same image name: {kept}; '
+          'only that one is predicted (rename one of them)', STAGE, path))
+
+  def finish_bundle(self):
+    yield beam.pvalue.TaggedOutput('matched', GlobalWindows.windowed_value(self._matched))
 
 
-def one_path_per_name(element):
-  """(name, paths) -> (name, the path predicted), and a DUPLICATE_NAME dead letter per other."""
-  name, paths = element
-  kept, duplicates = pick_path(name, paths)
-  yield name, kept
-  for path in duplicates:
-    yield beam.pvalue.TaggedOutput('duplicate', dead_letters.dead_letter(
-        name, Reason.DUPLICATE_NAME, f'another file has the same image name: {kept}; '
-        'only that one is predicted (rename one of them)', STAGE, path))
+def keyed_image_files(source, extensions: tuple[str, ...]):
+  """An --input's image files, each keyed by its image name: (name, path)."""
+  for path in list_image_files(source, extensions):
+    yield image_name(path), path
+
+
+class CountRows(beam.DoFn):
+  """Counts the rows of each `RowBatch` into a `ProgressTally` folder (None: no counting)."""
+
+  def __init__(self, tally_folder: str | None):
+    self._folder = tally_folder
+    self._active = False
+
+  def setup(self):
+    self._active = tally_folder_exists(self._folder)
+
+  def process(self, batch: RowBatch):
+    if self._active:
+      count_progress(self._folder, len(batch.rows))
+
+  def finish_bundle(self):
+    if self._active:
+      count_progress(self._folder, 0, write_now=True)
 
 
 def failed_batch_to_dead_letters(failure) -> Iterable[dict]:
@@ -144,7 +223,8 @@ def failed_batch_to_dead_letters(failure) -> Iterable[dict]:
 
 
 class AttachTruth(beam.DoFn):
-  """row -> (row, 17-vector of true labels or None), from the labels CSV loaded once per worker."""
+  """`RowBatch` -> (its rows, the 17-vector of true labels of each, None where a name has none),
+  from the labels CSV loaded once per worker."""
 
   def __init__(self, labels_csv: str):
     self._labels_csv = labels_csv
@@ -154,8 +234,18 @@ class AttachTruth(beam.DoFn):
     rows, _ = labels.parse_label_file(self._labels_csv)
     self._truth = {name: np.array(r.weather + r.ground, dtype=bool) for name, r in rows.items()}
 
-  def process(self, row):
-    yield row, self._truth.get(row['image_name'])
+  def process(self, batch: RowBatch):
+    yield batch.rows, [self._truth.get(row['image_name']) for row in batch.rows]
+
+
+def _reused_sample_items(batch: RowBatch) -> list:
+  """A batch of reused rows as the report's sample takes them: ((name, path, sha256), row)."""
+  return [((row['image_name'], row['path'], row['sha256']), row) for row in batch.rows]
+
+
+def _batch_text(batch: RowBatch) -> str:
+  """A batch's lines of predictions-*.jsonl as one element (WriteToText adds the last newline)."""
+  return '\n'.join(batch.lines)
 
 
 # ----------------------------------------------------------------------------- the graph
@@ -193,18 +283,18 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
   """
   matched = (p
              | 'Inputs' >> beam.Create(config.sources)
-             | 'ListImages' >> beam.FlatMap(list_image_files, IMAGE_EXTENSIONS)
-             | 'OncePerPath' >> beam.Distinct()   # overlapping --input folders
-             | 'KeyByName' >> beam.Map(lambda path: (image_name(path), path)))
-  matched_count = matched | 'CountMatched' >> beam.combiners.Count.Globally()
+             | 'ListImages' >> beam.FlatMap(keyed_image_files, IMAGE_EXTENSIONS))
+  # Grouped by name once: a path listed twice (overlapping --input folders) is in one group, so
+  # the same grouping finds duplicates and counts the distinct paths.
   unique = (matched
             | 'GroupByName' >> beam.GroupByKey()
-            | 'OnePathPerName' >> beam.FlatMap(one_path_per_name).with_outputs(
-                'duplicate', main='unique'))
+            | 'OnePathPerName' >> beam.ParDo(OnePathPerName()).with_outputs(
+                'duplicate', 'matched', main='unique'))
+  matched_count = unique.matched | 'CountMatched' >> beam.CombineGlobally(sum)
   to_predict, reused = unique.unique, None
   if config.carry:   # earlier rows to reuse: only the images they do not cover are predicted
     carry = unique.unique | 'CarryOver' >> CarryOver(config)
-    to_predict, reused = carry['to_predict'], carry['reused']
+    to_predict, reused = carry['to_predict'], carry['reused']   # reused: RowBatches
   if spread_reads:
     to_predict = to_predict | 'SpreadReads' >> beam.Reshuffle()
   decoded = (to_predict
@@ -215,12 +305,16 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
                      'max_batch_size', ReadAndDecode.LOOKAHEAD // 2)))
              .with_outputs('refused', main='decoded'))
   inferred, failed = (decoded.decoded
-                      | 'RunInference' >> RunInference(KeyedModelHandler(model_handler))
+                      | 'RunInference' >> RunInference(KeyedBatchResults(model_handler))
                       .with_exception_handling())
+  # From here on, rows travel in batches (RowBatch): every output takes the batch.
   rows = inferred | 'ToResultRow' >> beam.ParDo(
-      ToResultRow(config.thresholds, config.model_name)).with_outputs('refused', main='rows')
-  _ = rows.rows | 'KeepCompleted' >> beam.ParDo(KeepCompleted(config.output_dir))
-  all_rows = rows.rows if reused is None else (rows.rows, reused) | 'AllRows' >> beam.Flatten()
+      ToResultRows(config.thresholds, config.model_name)).with_outputs(
+          'refused', 'sample', main='batches')
+  # Only the rows inferred in this run are kept for --resume: the reused ones are kept already.
+  _ = rows.batches | 'KeepCompleted' >> beam.ParDo(KeepCompleted(config.output_dir))
+  all_batches = (rows.batches if reused is None
+                 else (rows.batches, reused) | 'AllRows' >> beam.Flatten())
 
   refused = ((unique.duplicate, decoded.refused, rows.refused,
               failed.failed_inferences | 'FailedBatches' >> beam.FlatMap(failed_batch_to_dead_letters))
@@ -229,20 +323,22 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
   # An image is settled once it is a prediction or a dead letter: the progress total is matched.
   # Counted on each branch, not after a Flatten: the local runner runs a Flatten of several
   # stages' outputs only once they all end, and the count would jump from 0 to the total.
-  for label, settled in (('Predicted', rows.rows), ('Carried', reused), ('DeadLettered', refused)):
-    if settled is not None:
-      _ = settled | f'Progress{label}' >> beam.ParDo(CountProgress(progress_folder))
+  _ = rows.batches | 'ProgressPredicted' >> beam.ParDo(CountRows(progress_folder))
+  if reused is not None:
+    _ = reused | 'ProgressCarried' >> beam.ParDo(CountRows(progress_folder))
+  _ = refused | 'ProgressDeadLettered' >> beam.ParDo(CountProgress(progress_folder))
 
-  _ = (all_rows
-       | 'PredictionToJson' >> beam.Map(lambda row: json.dumps(row, sort_keys=True))
+  _ = (all_batches
+       | 'PredictionLines' >> beam.Map(_batch_text)
        | 'WritePredictions' >> beam.io.WriteToText(
            config.output_path(schema.PREDICTIONS_PREFIX), file_name_suffix='.jsonl'))
-  _ = all_rows | 'WriteSubmission' >> WriteSubmission(config.output_path(schema.SUBMISSION_FILE))
+  _ = all_batches | 'WriteSubmission' >> WriteSubmission(
+      config.output_path(schema.SUBMISSION_FILE), batched=True)
 
   if config.labels_csv:
-    with_truth = all_rows | 'AttachTruth' >> beam.ParDo(AttachTruth(config.labels_csv))
+    with_truth = all_batches | 'AttachTruth' >> beam.ParDo(AttachTruth(config.labels_csv))
   else:
-    with_truth = all_rows | 'NoTruth' >> beam.Map(lambda row: (row, None))
+    with_truth = all_batches | 'NoTruth' >> beam.Map(lambda batch: (batch.rows, None))
   stats = with_truth | 'PredictionStats' >> beam.CombineGlobally(PredictionStatsFn())
   dead_stats = refused | 'DeadLetterStats' >> beam.CombineGlobally(DeadLetterStatsFn())
   carry_kinds = {'kinds': beam.pvalue.AsSingleton(carry['kinds'])} if config.carry else {}
@@ -263,14 +359,11 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
                         config.output_path(REMOVED_FILE), 'WriteRemoved')
 
   # The report's sample is drawn from every row; a reused row's image is decoded only if drawn.
-  sample_items = inferred | 'Predicted' >> beam.Filter(
-      lambda item: not isinstance(item[1].inference, InputRefused))
+  sample_items = rows.sample
   if reused is not None:
-    sample_items = (sample_items, reused | 'ReusedSampleItems' >> beam.Map(
-        lambda row: ((row['image_name'], row['path'], row['sha256']), row))
+    sample_items = (sample_items, reused | 'ReusedSampleItems' >> beam.Map(_reused_sample_items)
                     ) | 'AllSampleItems' >> beam.Flatten()
-  sampled = sample_items | 'SampleThumbnails' >> beam.combiners.Top.Of(
-      thumbnails.MAX_THUMBNAILS, key=thumbnail_key, reverse=True)
+  sampled = sample_items | 'SampleThumbnails' >> beam.CombineGlobally(thumbnails.SampleFn())
   _ = (summary
        | 'RenderReport' >> beam.Map(
            lambda s, sample: report_html.render_report(s, thumbnails.make_thumbnails(

@@ -5,21 +5,23 @@ No Beam here: every function takes and returns plain values, so each is tested o
 import csv
 import hashlib
 import io
+import json
 import logging
 import posixpath
-from typing import Iterable
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from model import metrics, schema
 
-__all__ = ['FORMULA_PREFIXES', 'ThresholdsByVersion', 'image_name', 'pick_path', 'result_row',
-           'row_decisions', 'spreadsheet_safe', 'SUBMISSION_HEADER', 'csv_line', 'submission_line',
-           'submission_text', 'thumbnail_key']
+__all__ = ['FORMULA_PREFIXES', 'RowBatch', 'ThresholdsByVersion', 'image_name', 'pick_path',
+           'result_row', 'result_rows', 'row_batch', 'row_line', 'rows_decisions', 'spreadsheet_safe',
+           'SUBMISSION_HEADER', 'csv_line', 'submission_line', 'submission_text', 'thumbnail_key']
 
 # A cell starting with one of these is run as a formula by spreadsheets (OWASP's CSV injection).
 FORMULA_PREFIXES = ('=', '+', '-', '@', '\t', '\r')
+_LABEL_INDEX = {label: at for at, label in enumerate(schema.ALL_LABELS)}
 
 
 class ThresholdsByVersion:
@@ -62,8 +64,9 @@ class ThresholdsByVersion:
 
 def image_name(path: str) -> str:
   """The key of an image from first read to last write: its file stem."""
-  # posixpath: a string operation, the same on local and gs:// paths.
-  return posixpath.splitext(FileSystems.split(path.rstrip('/'))[1])[0]
+  # posixpath: a string operation, the same on local and gs:// paths (FileSystems.split gives
+  # the same last part, at 10 us an image for its file system lookup).
+  return posixpath.splitext(posixpath.basename(path.rstrip('/')))[0]
 
 
 def pick_path(name: str, paths: Iterable[str]) -> tuple[str, list[str]]:
@@ -80,28 +83,71 @@ def result_row(name: str, path: str, inference: dict, thresholds: ThresholdsByVe
   """One prediction row: probabilities by label name, the tags after its version's thresholds and
   the run's label rule, the signature that predicted it, and the sha256 of the file bytes that
   were predicted (what --previous_output matches on)."""
-  version = str(inference['model_version'])
-  weather = np.asarray(inference[schema.OUTPUT_WEATHER], dtype=float)
-  ground = np.asarray(inference[schema.OUTPUT_GROUND], dtype=float)
-  decisions = metrics.decide(weather[None], ground[None], thresholds(version),
-                             thresholds.label_rule)[0]
-  return {
-      'image_name': name,
-      'path': path,
-      'weather': {label: float(p) for label, p in zip(schema.WEATHER_LABELS, weather)},
-      'ground': {label: float(p) for label, p in zip(schema.GROUND_LABELS, ground)},
-      'tags': metrics.tags_of(decisions),
-      'model_name': model_name,
-      'model_version': version,
-      'signature': thresholds.signature,
-      'sha256': sha256,
-  }
+  return result_rows([(name, path, sha256, inference)], thresholds, model_name)[0]
 
 
-def row_decisions(row: dict) -> np.ndarray:
-  """The row's tags as a boolean vector in `schema.ALL_LABELS` order."""
-  tags = set(row['tags'])
-  return np.array([label in tags for label in schema.ALL_LABELS])
+def result_rows(predicted: Sequence[tuple], thresholds: ThresholdsByVersion,
+                model_name: str) -> list[dict]:
+  """`result_row` of each (name, path, sha256, inference) of `predicted`, decided together.
+
+  The tags of all rows of one model version are decided in one call (the job's rows come in
+  batches: one `decide` per row cost more than the rest of the row).
+  """
+  if not predicted:
+    return []
+  versions = [str(inference['model_version']) for _, _, _, inference in predicted]
+  weather = np.asarray([inference[schema.OUTPUT_WEATHER] for *_, inference in predicted],
+                       dtype=float).reshape(len(predicted), schema.NUM_WEATHER)
+  ground = np.asarray([inference[schema.OUTPUT_GROUND] for *_, inference in predicted],
+                      dtype=float).reshape(len(predicted), len(schema.GROUND_LABELS))
+  decisions = np.zeros((len(predicted), len(schema.ALL_LABELS)), dtype=bool)
+  for version in set(versions):
+    at = [i for i, v in enumerate(versions) if v == version]
+    decisions[at] = metrics.decide(weather[at], ground[at], thresholds(version),
+                                   thresholds.label_rule)
+  rows = []
+  for (name, path, sha256, _), version, weather_row, ground_row, decided in zip(
+      predicted, versions, weather.tolist(), ground.tolist(), decisions):
+    rows.append({
+        'image_name': name,
+        'path': path,
+        'weather': dict(zip(schema.WEATHER_LABELS, weather_row)),
+        'ground': dict(zip(schema.GROUND_LABELS, ground_row)),
+        'tags': metrics.tags_of(decided),
+        'model_name': model_name,
+        'model_version': version,
+        'signature': thresholds.signature,
+        'sha256': sha256,
+    })
+  return rows
+
+
+def row_line(row: dict) -> str:
+  """A row's line of predictions-*.jsonl (and of the part files --resume reads)."""
+  return json.dumps(row, sort_keys=True)
+
+
+class RowBatch(NamedTuple):
+  """Prediction rows travelling together through the job's outputs, with each row's line
+  (`row_line`): every output takes the batch, so a row is encoded once and the per-element
+  steps run once a batch. Never empty."""
+  rows: list
+  lines: list
+
+
+def row_batch(rows: list[dict]) -> RowBatch:
+  """`rows` (at least one) and their lines."""
+  return RowBatch(rows, [row_line(row) for row in rows])
+
+
+def rows_decisions(rows: Sequence[dict]) -> np.ndarray:
+  """The rows' tags as a boolean [rows, 17] matrix in `schema.ALL_LABELS` order."""
+  decided = np.zeros((len(rows), len(schema.ALL_LABELS)), dtype=bool)
+  for at, row in enumerate(rows):
+    for tag in row['tags']:
+      if tag in _LABEL_INDEX:
+        decided[at, _LABEL_INDEX[tag]] = True
+  return decided
 
 
 def spreadsheet_safe(cell: str) -> str:

@@ -1,7 +1,7 @@
 """The prediction job's summary: label and dead-letter statistics combined over all rows.
 
 Usage:
-  stats = rows_with_truth | beam.CombineGlobally(PredictionStatsFn())
+  stats = row_batches_with_truth | beam.CombineGlobally(PredictionStatsFn())
   dead = dead_letters | beam.CombineGlobally(DeadLetterStatsFn())
   summary = trigger | beam.Map(build_summary, config, matched=..., stats=..., dead=...[, kinds=...])
 """
@@ -13,14 +13,18 @@ import numpy as np
 
 from beam_jobs.predict.config import JobConfig
 from beam_jobs.predict.incremental import summary_block
-from beam_jobs.predict.rows import row_decisions
+from beam_jobs.predict.rows import rows_decisions
 from model import manifest, metrics, schema
 
 __all__ = ['DeadLetterStatsFn', 'PredictionStatsFn', 'build_summary']
 
 
 class PredictionStatsFn(beam.CombineFn):
-  """Counts predicted labels and versions; with labels, the sums Kaggle's F2 and the rest need."""
+  """Counts predicted labels and versions; with labels, the sums Kaggle's F2 and the rest need.
+
+  Takes rows in batches: (rows, truths), `truths` a 17-vector of true labels per row (None for a
+  row without) or None for a batch without labels.
+  """
 
   def create_accumulator(self):
     zeros = np.zeros(len(schema.ALL_LABELS), dtype=np.int64)
@@ -29,21 +33,26 @@ class PredictionStatsFn(beam.CombineFn):
             'fn': zeros.copy(), 'confusion': np.zeros((schema.NUM_WEATHER,) * 2, dtype=np.int64)}
 
   def add_input(self, acc, element):
-    row, truth = element
-    decided = row_decisions(row)
-    acc['predictions'] += 1
-    acc['predicted'] += decided
-    acc['versions'][row['model_version']] += 1
-    if truth is None:
-      acc['unlabelled'] += 1
+    """`element`: (rows, the true labels of each row or None for each, or None for all)."""
+    rows, truths = element
+    decided = rows_decisions(rows)
+    acc['predictions'] += len(rows)
+    acc['predicted'] += decided.sum(axis=0)
+    acc['versions'].update(row['model_version'] for row in rows)
+    labelled = [at for at, truth in enumerate(truths or ()) if truth is not None]
+    acc['unlabelled'] += len(rows) - len(labelled)
+    if not labelled:
       return acc
-    acc['labelled'] += 1
-    acc['f2_sum'] += float(metrics.f2_per_image(truth[None], decided[None])[0])
-    acc['tp'] += truth & decided
-    acc['fp'] += ~truth & decided
-    acc['fn'] += truth & ~decided
-    if truth[:schema.NUM_WEATHER].any():
-      acc['confusion'][truth[:schema.NUM_WEATHER].argmax(), decided[:schema.NUM_WEATHER].argmax()] += 1
+    truth, decided = np.array([truths[at] for at in labelled], dtype=bool), decided[labelled]
+    acc['labelled'] += len(labelled)
+    for f2 in metrics.f2_per_image(truth, decided).tolist():   # summed in row order, as one by one
+      acc['f2_sum'] += f2
+    acc['tp'] += (truth & decided).sum(axis=0)
+    acc['fp'] += (~truth & decided).sum(axis=0)
+    acc['fn'] += (truth & ~decided).sum(axis=0)
+    weather = truth[:, :schema.NUM_WEATHER].any(axis=1)
+    np.add.at(acc['confusion'], (truth[weather, :schema.NUM_WEATHER].argmax(axis=1),
+                                 decided[weather, :schema.NUM_WEATHER].argmax(axis=1)), 1)
     return acc
 
   def merge_accumulators(self, accumulators):

@@ -12,6 +12,7 @@ starting with a formula character prefixed with an apostrophe (`rows.spreadsheet
 
 Usage:
   rows | 'WriteSubmission' >> WriteSubmission('out/submission.csv')
+  row_batches | 'WriteSubmission' >> WriteSubmission('out/submission.csv', batched=True)
 """
 import bisect
 import collections
@@ -57,22 +58,24 @@ def bucket_boundaries(quantiles: list[str], count: int, rows_per_bucket: int) ->
 
 
 class SubmissionLines(beam.DoFn):
-  """row -> (name, line) on the main output, and the names in batches on 'names' (the input of
-  the quantiles: one element per batch, not per row)."""
+  """A row (or a `rows.RowBatch`, `batched`) -> its [(name, line), ...] on the main output, and
+  the names in batches on 'names' (the input of the quantiles: one element per batch, not per
+  row)."""
 
-  def __init__(self):
+  def __init__(self, batched: bool = False):
+    self._batched = batched
     self._names = []
 
   def start_bundle(self):
     self._names = []
 
-  def process(self, row):
-    name, line = submission_line(row)
-    self._names.append(name)
+  def process(self, element):
+    pairs = [submission_line(row) for row in (element.rows if self._batched else (element,))]
+    self._names.extend(name for name, _ in pairs)
     if len(self._names) >= _BATCH:
       yield beam.pvalue.TaggedOutput('names', self._names)
       self._names = []
-    yield name, line
+    yield pairs
 
   def finish_bundle(self):
     if self._names:
@@ -81,8 +84,8 @@ class SubmissionLines(beam.DoFn):
 
 
 class BucketLines(beam.DoFn):
-  """(name, line) -> (bucket, [(name, line), ...]): at most _BATCH lines an element, the rest of
-  each bucket at the end of the bundle."""
+  """[(name, line), ...] -> (bucket, [(name, line), ...]): at most _BATCH lines an element, the
+  rest of each bucket at the end of the bundle."""
 
   def __init__(self):
     self._batches = {}
@@ -90,12 +93,13 @@ class BucketLines(beam.DoFn):
   def start_bundle(self):
     self._batches = collections.defaultdict(list)
 
-  def process(self, element, boundaries):
-    bucket = bisect.bisect_right(boundaries, element[0])
-    batch = self._batches[bucket]
-    batch.append(element)
-    if len(batch) >= _BATCH:
-      yield bucket, self._batches.pop(bucket)
+  def process(self, pairs, boundaries):
+    for pair in pairs:
+      bucket = bisect.bisect_right(boundaries, pair[0])
+      batch = self._batches[bucket]
+      batch.append(pair)
+      if len(batch) >= _BATCH:
+        yield bucket, self._batches.pop(bucket)
 
   def finish_bundle(self):
     for bucket, batch in self._batches.items():
@@ -137,20 +141,22 @@ def concatenate_parts(_, path: str, parts_dir: str, parts: list[tuple[int, str]]
 
 @beam.ptransform_fn
 def WriteSubmission(rows, path: str,  # pylint: disable=invalid-name
-                    rows_per_bucket: int = DEFAULT_ROWS_PER_BUCKET):
+                    rows_per_bucket: int = DEFAULT_ROWS_PER_BUCKET, batched: bool = False):
   """Prediction rows -> `path`, the submission.csv of all of them (see the module's docstring).
 
   Args:
-    rows: prediction rows (only `image_name` and `tags` are read); names are unique.
+    rows: prediction rows (only `image_name` and `tags` are read), or `rows.RowBatch`es of them
+      (`batched`); names are unique.
     path: the file to write.
     rows_per_bucket: about how many rows a worker sorts at once.
+    batched: whether the elements are `RowBatch`es.
 
   Returns:
     A PCollection of one element: `path`, once it is written.
   """
   directory = FileSystems.split(path)[0]
   parts_dir = FileSystems.join(directory, f'beam-temp-submission-{uuid.uuid4().hex}')
-  lines = rows | 'SubmissionLines' >> beam.ParDo(SubmissionLines()).with_outputs(
+  lines = rows | 'SubmissionLines' >> beam.ParDo(SubmissionLines(batched)).with_outputs(
       'names', main='lines')
   count = (lines.names
            | 'NamesPerBatch' >> beam.Map(len)

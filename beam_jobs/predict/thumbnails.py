@@ -1,23 +1,75 @@
-"""The report's sample of predicted images: how many, and each as a small inline JPEG.
+"""The report's sample of predicted images: which, how many, and each as a small inline JPEG.
+
+The sample is the MAX_THUMBNAILS items whose `rows.thumbnail_key` (a hash of the image name) is
+smallest: content-independent, the same whatever the order or the workers, and drawn in pieces
+(a `Sample` per bundle, merged by `SampleFn`) without any step seeing every item.
 
 Usage:
-  sampled = inferred | beam.combiners.Top.Of(MAX_THUMBNAILS, key=rows.thumbnail_key)
+  sample = Sample(); sample.add(((name, path, sha256), result)); candidates = sample.items()
+  sampled = candidate_lists | beam.CombineGlobally(SampleFn())
   page = report_html.render_report(summary, make_thumbnails(sampled, thresholds, model_name))
 """
 import base64
+import heapq
 import io
 
+import apache_beam as beam
 import numpy as np
 from PIL import Image
 
-from beam_jobs.predict.rows import ThresholdsByVersion, result_row
+from beam_jobs.predict.rows import ThresholdsByVersion, result_row, thumbnail_key
 
-__all__ = ['MAX_THUMBNAILS', 'THUMBNAIL_QUALITY', 'make_thumbnail', 'make_thumbnails']
+__all__ = ['MAX_THUMBNAILS', 'THUMBNAIL_QUALITY', 'Sample', 'SampleFn', 'make_thumbnail',
+           'make_thumbnails']
 
 # A few dozen chips give a feel for the predictions; hundreds would make a multi-megabyte page.
 # The job samples this many and the report shows at most this many.
 MAX_THUMBNAILS = 36
 THUMBNAIL_QUALITY = 85
+
+
+class Sample:
+  """The `size` items with the smallest `thumbnail_key` among those added.
+
+  Items are ((name, ...), value) with unique names, so no two keys tie.
+  """
+
+  def __init__(self, size: int = MAX_THUMBNAILS):
+    self._size = size
+    self._keyed = []
+
+  def add(self, item) -> None:
+    self._keyed.append((thumbnail_key(item), item))
+    if len(self._keyed) >= 4 * self._size:   # cut back now and then, not on every item
+      self._keyed = heapq.nsmallest(self._size, self._keyed, key=lambda keyed: keyed[0])
+
+  def items(self) -> list:
+    """The sample, smallest key first."""
+    return [item for _, item in heapq.nsmallest(self._size, self._keyed,
+                                                 key=lambda keyed: keyed[0])]
+
+
+class SampleFn(beam.CombineFn):
+  """Lists of items (each a piece's candidates) -> the sample of all of them (`Sample`)."""
+
+  def create_accumulator(self):
+    return []
+
+  def add_input(self, accumulator, items):
+    return self._cut(accumulator + list(items))
+
+  def merge_accumulators(self, accumulators):
+    return self._cut([item for accumulator in accumulators for item in accumulator])
+
+  def extract_output(self, accumulator):
+    return accumulator
+
+  @staticmethod
+  def _cut(items: list) -> list:
+    sample = Sample()
+    for item in items:
+      sample.add(item)
+    return sample.items()
 
 
 def make_thumbnail(pixels: np.ndarray, side: int = 96) -> str:
