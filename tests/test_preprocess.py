@@ -13,6 +13,7 @@ import socket
 import apache_beam as beam
 import numpy as np
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
@@ -25,7 +26,7 @@ from beam_jobs.common.labels import CsvFormat, LabelRow, parse_label_line
 from beam_jobs.make_sample import make_sample
 from beam_jobs.preprocess import ConfigError, EncodedExample, LabelledImage
 from beam_jobs.preprocess import job as preprocess_job
-from beam_jobs.preprocess import rules
+from beam_jobs.preprocess import encoder_processes, rules
 from model import schema
 from model.output_dir import OutputRefused
 from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO
@@ -269,6 +270,60 @@ def test_the_fused_encoder_writes_in_input_order_and_refuses_with_the_reason(tmp
     assert tally[f'examples/{split}'] == len(expected)
 
 
+@pytest.mark.parametrize('compression', schema.COMPRESSIONS)
+def test_encoder_processes_write_owned_shards_whole_and_every_image_once(tmp_path, compression):
+  """The same DoFn with the driver's encoder processes started: Examples are written by the
+  processes, train's 2 shards each by the one process that owns it (one part each), eval's one
+  shard by both in turn (a part each); only outcomes and part names come back."""
+  import tensorflow as tf
+  from apache_beam.utils.windowed_value import WindowedValue
+  from beam_jobs.preprocess.encode import EncodeAndWriteExamples
+  (tmp_path / 'images').mkdir()
+  images = []
+  for i in range(300):
+    path = tmp_path / 'images' / f'img_{i}.jpg'
+    path.write_bytes(b'not a jpeg' if i == 7 else _jpeg(i % 24))
+    images.append(LabelledImage(f'img_{i}', i + 2, _row(f'img_{i}'), str(path)))
+  config = preprocess.PreprocessConfig(
+      labels_csv='unused.csv', images_dir=str(tmp_path / 'images'),
+      output_dir=str(tmp_path / 'out'), image_size=32, compression=compression,
+      num_shards=(('train', 2), ('eval', 1)))
+  parts_dirs = {split: str(tmp_path / f'parts_{split}') for split in schema.SPLITS}
+  with encoder_processes.started(2):
+    encoder = EncodeAndWriteExamples(config, parts_dirs)
+    encoder.setup()
+    encoder.start_bundle()
+    outputs = [out for batch in (images[:100], images[100:]) for out in encoder.process(batch)]
+    outputs += list(encoder.finish_bundle())
+    encoder.teardown()
+  tagged = [(getattr(o, 'tag', None), getattr(o, 'value', o)) for o in outputs]
+  values = [(tag, v.value if isinstance(v, WindowedValue) else v) for tag, v in tagged]
+  assert [(r['image_name'], r['reason']) for tag, r in values if tag == 'refused'] == [
+      ('img_7', 'NOT_AN_IMAGE')]
+  parts = [v for tag, v in values if tag is None]
+  writers = {os.path.basename(path).split('.')[0].rsplit('-', 1)[1] for _, (_, path) in parts}
+  assert len(writers) == 2 and str(os.getpid()) not in writers   # written by the 2 processes
+  by_shard = {}
+  for split, (shard, path) in parts:
+    by_shard.setdefault((split, shard), []).append(path)
+  assert sorted(len(paths) for key, paths in by_shard.items() if key[0] == 'train') == [1, 1]
+  assert len(by_shard[('eval', 0)]) == 2
+  written = {}
+  for (split, shard), paths in by_shard.items():
+    for record in tf.data.TFRecordDataset(paths, 'GZIP' if compression == 'gzip' else ''):
+      name = tf.train.Example.FromString(record.numpy()).features.feature[
+          schema.KEY_NAME].bytes_list.value[0].decode()
+      assert name not in written
+      written[name] = (split, shard)
+  good = [image.image_name for image in images if image.image_name != 'img_7']
+  assert sorted(written) == sorted(good)
+  for name, (split, shard) in written.items():
+    assert split == preprocess.assign_split(name, 0.2)
+    assert shard == (rules.example_shard(name, 2) if split == 'train' else 0)
+  tally = dict(v for tag, v in values if tag == 'tally')
+  assert tally['examples/train'] + tally['examples/eval'] == len(good)
+
+
 # ---- The fixed-shard TFRecord sink ------------------------------------------------------------
 
 def test_write_split_writes_every_shard_and_each_record_once(tmp_path):
@@ -475,16 +530,18 @@ def test_shards_hold_the_decoders_pixels_and_the_rows_labels(bad_mix, mixed_run)
   assert examples['nowx_1']['weather'] == (0.0,) * 4
 
 
-def test_a_large_input_runs_on_a_worker_process_per_core_with_the_same_examples(
-    bad_mix, mixed_run, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize('mode', ['threads', 'beam_worker_processes'])
+def test_encoder_processes_write_the_same_examples_as_threads_and_beams_workers(
+    bad_mix, mixed_run, tmp_path, mode):
+  """The default local run forks an encoder process per core (mixed_run); threads in one
+  process (--direct_num_workers=1) and Beam's own worker processes give the same outputs."""
   root, _ = bad_mix
   out, outcome = mixed_run
   cores = len(os.sched_getaffinity(0))
-  monkeypatch.setattr(preprocess_job, 'LOCAL_WORKERS_FROM_ROWS', 10)   # "large" for this input
-  multi = preprocess.run(_args(root, tmp_path, '--max_bad_fraction', '0.9'))
-  said = capsys.readouterr().out
-  assert (f'{cores} local worker processes (--direct_num_workers=1 keeps one)' in said) == (
-      cores >= 2), said
+  mode_args = {'threads': ['--direct_num_workers=1'],
+               'beam_worker_processes': ['--direct_running_mode=multi_processing',
+                                         '--direct_num_workers=2']}[mode]
+  other = preprocess.run(_args(root, tmp_path, '--max_bad_fraction', '0.9', *mode_args))
 
   def summary(directory, manifest):
     examples = {n: (e['split'], e['sha256'], e['pixels'].tobytes(), e['weather'], e['ground'])
@@ -492,18 +549,34 @@ def test_a_large_input_runs_on_a_worker_process_per_core_with_the_same_examples(
     letters = sorted(json.dumps(r, sort_keys=True) for r in _read_dead_letters(directory))
     return examples, letters, manifest['counts'], manifest['label_counts']
 
-  assert summary(tmp_path, multi.manifest) == summary(out, outcome.manifest)
-  assert multi.counters['csv_rows'] == outcome.manifest['counts']['csv_rows']
+  assert summary(tmp_path, other.manifest) == summary(out, outcome.manifest)
+  assert other.counters['csv_rows'] == outcome.manifest['counts']['csv_rows']
+  # A split this small has one shard, whoever writes it (its parts concatenated).
+  assert outcome.manifest['options']['num_shards'] == other.manifest['options']['num_shards'] == {
+      'train': 1, 'eval': 1}
+  assert preprocess_job.encoder_process_count(
+      PipelineOptions([]), [], preprocess.validate_config(preprocess.parse_args(
+          _args(root, tmp_path))[0])[0]) == (cores if cores > 1 else 0)
 
 
-def test_worker_processes_only_where_the_user_left_the_choice_and_the_job_runs_here():
+def test_encoder_processes_only_for_a_local_run_in_this_process_on_local_files(tmp_path):
+  config = preprocess.PreprocessConfig(labels_csv='x.csv', images_dir=str(tmp_path),
+                                       output_dir=str(tmp_path / 'out'))
   cores = len(os.sched_getaffinity(0))
-  spread = runner_options.local_worker_processes([])
-  assert spread == ([] if cores < 2 else ['--direct_running_mode=multi_processing',
-                                          f'--direct_num_workers={cores}'])
-  for chosen in (['--direct_num_workers=1'], ['--direct_running_mode', 'in_memory'],
-                 ['--runner=DataflowRunner', '--project=p']):
-    assert runner_options.local_worker_processes(chosen) == chosen
+  count = preprocess_job.encoder_process_count
+
+  def options(*args):
+    return PipelineOptions(list(args)), list(args)
+
+  assert count(*options(), config) == (cores if cores > 1 else 0)
+  assert count(*options('--direct_num_workers=3'), config) == 3
+  assert count(*options('--direct_num_workers=1'), config) == 0
+  assert count(*options('--direct_running_mode=multi_processing'), config) == 0
+  assert count(*options('--runner=DataflowRunner', '--project=p'), config) == 0
+  remote = dataclasses.replace(config, output_dir='gs://bucket/out')
+  assert count(*options('--direct_num_workers=3'), remote) == 0
+  assert [n for _, n in encoder_processes.shards_per_process(
+      (('train', 5), ('eval', 1), ('other', 4)), 2)] == [6, 1, 4]
 
 
 def test_too_many_bad_rows_fail_unpublished_and_reruns_never_mix_shards(bad_mix, tmp_path):

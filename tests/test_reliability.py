@@ -434,9 +434,11 @@ def test_hostile_csv_rows_are_refused_by_reason_and_no_file_outside_is_opened(
   expected = {len(good) + 1 + i: reason for i, (_, reason) in enumerate(rows)}   # CSV line -> reason
 
   recorded = record_opened_paths()
+  # In this process (--direct_num_workers=1: the encoder's threads), where the recorder sees every
+  # open; encoder processes run the same reading code (beam_jobs/common/image_files.py).
   outcome = preprocess.run(['--labels_csv', str(labels_csv), '--images_dir', str(images),
                             '--output_dir', str(out), '--image_size', '32',
-                            '--max_bad_fraction', '0.25'])
+                            '--max_bad_fraction', '0.25', '--direct_num_workers=1'])
   opened = list(recorded)
 
   paths = [(kind, os.path.realpath(os.fspath(path))) for kind, path in opened

@@ -375,7 +375,20 @@ def _interrupt_mid_job(argv, out: pathlib.Path) -> subprocess.CompletedProcess:
   time.sleep(1.5)   # the pipeline is running
   os.killpg(job.pid, signal.SIGINT)
   stdout, stderr = job.communicate(timeout=60)
+  # Nothing the job started outlives it (the preprocess job's encoder processes, Beam's workers).
+  deadline = time.monotonic() + 5
+  while _group_alive(job.pid) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not _group_alive(job.pid), 'a process of the interrupted job is still running'
   return subprocess.CompletedProcess(argv, job.returncode, stdout, stderr)
+
+
+def _group_alive(group: int) -> bool:
+  try:
+    os.killpg(group, 0)
+  except ProcessLookupError:
+    return False
+  return True
 
 
 def test_ctrl_c_ends_a_job_with_one_line_and_nothing_published(tmp_path, export_base):

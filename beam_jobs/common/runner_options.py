@@ -8,9 +8,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from model import command_line
 
 __all__ = ['beam_flags', 'check_beam_flags', 'dry_run_description', 'is_dataflow_dry_run',
-           'local_runner', 'local_worker_processes', 'parse_job_args']
-
-_LOCAL_MODE_FLAGS = ('--direct_running_mode', '--direct_num_workers')
+           'local_cores', 'local_runner', 'runs_here', 'parse_job_args']
 
 
 def is_dataflow_dry_run(options: PipelineOptions) -> bool:
@@ -29,6 +27,17 @@ def dry_run_description(result) -> dict:
           'transforms': sorted(t.unique_name for t in transforms)}
 
 
+def runs_here(options: PipelineOptions) -> bool:
+  """Whether the job runs on this machine: the default DirectRunner, in batch."""
+  standard = options.view_as(StandardOptions)
+  return standard.runner in (None, 'DirectRunner') and not standard.streaming
+
+
+def local_cores() -> int:
+  """The cores this process may run on."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
 def local_runner(options: PipelineOptions):
   """Beam's FnApiRunner when the job runs on the default DirectRunner; None (as asked) otherwise.
 
@@ -39,8 +48,7 @@ def local_runner(options: PipelineOptions):
   up the way DirectRunner sets it up, so `--direct_running_mode` and `--direct_num_workers` still
   apply and a local run stays on this machine.
   """
-  standard = options.view_as(StandardOptions)
-  if standard.runner not in (None, 'DirectRunner') or standard.streaming:
+  if not runs_here(options):
     return None
   # pylint: disable=import-outside-toplevel
   from apache_beam.portability.api import beam_provision_api_pb2
@@ -49,17 +57,6 @@ def local_runner(options: PipelineOptions):
   encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
   return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
       beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
-
-
-def local_worker_processes(beam_args: list[str]) -> list[str]:
-  """Beam flags that run a local job on one worker process per core; `beam_args` unchanged when
-  the job does not run locally, the user chose a local mode, or there is one core."""
-  runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  chosen = any(arg.split('=', 1)[0] in _LOCAL_MODE_FLAGS for arg in beam_args)
-  if runner not in (None, 'DirectRunner') or chosen or (cores or 1) < 2:
-    return beam_args
-  return [*beam_args, '--direct_running_mode=multi_processing', f'--direct_num_workers={cores}']
 
 
 def _option_classes(cls=PipelineOptions):

@@ -28,9 +28,9 @@ from apache_beam.transforms.window import GlobalWindows
 
 from model import schema
 
-__all__ = ['PublishShards', 'ShardPartWriter', 'WriteShardParts', 'WriteSplit',
-           'delete_parts_dir', 'parts_dir_for', 'publish_shard', 'shard_glob', 'shard_of',
-           'shard_path', 'shard_pattern']
+__all__ = ['PublishShards', 'ShardPartWriter', 'WriteShardParts', 'WriteSplit', 'append_part',
+           'delete_parts_dir', 'part_path', 'parts_dir_for', 'publish_shard', 'shard_glob',
+           'shard_of', 'shard_path', 'shard_pattern', 'write_record']
 
 # The --compression names of model/schema.py, as Beam's FileSystems spells them.
 _BEAM_COMPRESSION = {'none': CompressionTypes.UNCOMPRESSED, 'gzip': CompressionTypes.GZIP}
@@ -73,6 +73,27 @@ def parts_dir_for(file_path_prefix: str) -> str:
   return FileSystems.join(directory, f'beam-temp-{name}-parts-{uuid.uuid4().hex}')
 
 
+def part_path(parts_dir: str, shard: int, token: str, compression: str) -> str:
+  """A part file of `shard` in `parts_dir`; `token` names its writer (a bundle, a process)."""
+  return FileSystems.join(parts_dir, f'{shard:05d}-{token}{schema.SHARD_SUFFIXES[compression]}')
+
+
+def write_record(file, record: bytes) -> None:
+  """Writes one record with the framing (length, masked crc32c) that WriteToTFRecord writes:
+  Beam's private helper, kept rather than restating the framing here."""
+  tfrecordio._TFRecordUtil.write_record(file, record)  # pylint: disable=protected-access
+
+
+def append_part(path: str, framed: bytes, compression: str) -> None:
+  """Appends framed records to a local part file; compressed, as one more gzip member (gzip
+  members concatenate into one valid file)."""
+  if compression == 'gzip':
+    compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    framed = compressor.compress(framed) + compressor.flush()
+  with open(path, 'ab') as f:
+    f.write(framed)
+
+
 class ShardPartWriter:
   """One bundle's part files: one per shard it has records for, compressed as the shard will be.
 
@@ -88,13 +109,9 @@ class ShardPartWriter:
 
   def write(self, shard: int, record: bytes) -> None:
     if shard not in self._parts:
-      path = FileSystems.join(self._parts_dir, f'{shard:05d}-{uuid.uuid4().hex}'
-                                               f'{schema.SHARD_SUFFIXES[self._compression]}')
+      path = part_path(self._parts_dir, shard, uuid.uuid4().hex, self._compression)
       self._parts[shard] = path, FileSystems.create(
           path, compression_type=_BEAM_COMPRESSION[self._compression])
-    # The record framing (length, masked crc32c) that WriteToTFRecord itself writes: Beam's
-    # private helper, kept rather than restating the framing here.
-    write_record = tfrecordio._TFRecordUtil.write_record  # pylint: disable=protected-access
     write_record(self._parts[shard][1], record)
     self.bytes_written += len(record)
 

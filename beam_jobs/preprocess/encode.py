@@ -8,7 +8,9 @@ DoFn is small: the part names, dead letters, and the bundle's tally as (key, cou
 """
 import collections
 import concurrent.futures
+import io
 import os
+import uuid
 from typing import Iterator
 
 import apache_beam as beam
@@ -17,19 +19,24 @@ from apache_beam.transforms.window import GlobalWindows
 
 from beam_jobs.common.image_files import read_image_file
 from beam_jobs.common.progress import count_progress, counter, tally_folder_exists
-from beam_jobs.common.tfrecord_sink import ShardPartWriter, shard_pattern
+from beam_jobs.common.tfrecord_sink import (ShardPartWriter, append_part, part_path,
+                                            shard_pattern, write_record)
+from beam_jobs.preprocess import encoder_processes
 from beam_jobs.preprocess.config import PreprocessConfig
 from beam_jobs.preprocess.rules import (EncodedExample, LabelledImage, assign_split,
                                         example_shard, image_to_example, row_dead_letter,
                                         tally_example)
 from model.errors import InputRefused
 
-__all__ = ['EncodeAndWriteExamples', 'encode_labelled_image']
+__all__ = ['EncodeAndWriteExamples', 'encode_and_append', 'encode_labelled_image']
 
 # Images go to the threads in chunks, so that the pool's own per-task cost (a future, a lock, a
 # queue hand-off: tens of microseconds, under the GIL) is paid once per chunk, not per image.
 _CHUNK_IMAGES = 16
-# Chunks in flight per thread: enough that no thread waits for the writer, few enough that the
+# A task of an encoder process: larger, since each also pays for pickling and for appending to
+# the process's part files.
+_CHUNK_IMAGES_PER_PROCESS_TASK = 64
+# Chunks in flight per thread (or process): enough that no thread waits for the writer, few enough that the
 # bundle's memory stays a few MB (an Example is ~50 KB at 128 px).
 _IN_FLIGHT_PER_THREAD = 2
 
@@ -63,13 +70,45 @@ def _dead_letter(image: LabelledImage, refusal: InputRefused) -> dict:
                          image.line, image.path)
 
 
+def encode_and_append(images: list[LabelledImage], config: PreprocessConfig,
+                      parts_dirs: dict[str, str], bundle: str
+                      ) -> tuple[list[tuple], list[tuple[str, tuple[int, str]]]]:
+  """In an encoder process (encoder_processes.py): encodes `images` and appends each Example to
+  this process's part of its shard for `bundle`, in input order.
+
+  Returns:
+    Each image's outcome as `encode_labelled_image` gives it, in order, the Examples' bytes left
+    out; and the parts appended to, as (split, (shard, part path)).
+  """
+  shards = dict(config.num_shards)
+  framed: dict[tuple[str, int], io.BytesIO] = {}
+  outcomes = []
+  for image in images:
+    example, letter, bytes_read = encode_labelled_image(image, config)
+    if example is not None:
+      shard = example_shard(image.image_name, shards[example.split])
+      write_record(framed.setdefault((example.split, shard), io.BytesIO()), example.serialized)
+      example = example._replace(serialized=b'')
+    outcomes.append((example, letter, bytes_read))
+  parts = []
+  for (split, shard), framing in framed.items():
+    path = part_path(parts_dirs[split], shard, f'{bundle}-{os.getpid()}', config.compression)
+    os.makedirs(parts_dirs[split], exist_ok=True)
+    append_part(path, framing.getvalue(), config.compression)
+    parts.append((split, (shard, path)))
+  return outcomes, parts
+
+
 class EncodeAndWriteExamples(beam.DoFn):
   """A list of LabelledImages (a join bucket's) -> their Examples, each written into this
   bundle's part of its split's shard.
 
-  Outputs: main, at the end of a bundle: (split, (shard, part path)) for each part it wrote;
-  'refused': dead letters; 'tally': (tally key, count) pairs, at the end of a bundle. Examples
-  are written in the order their images arrived, whatever the order the threads finish in.
+  Outputs: main, at the end of a bundle: (split, (shard, part path)) for each part written;
+  'refused': dead letters; 'tally': (tally key, count) pairs, at the end of a bundle.
+
+  Where the driver started encoder processes (a local run, encoder_processes.py), batches of
+  images go to them and each writes its own parts; elsewhere a thread pool decodes and this
+  DoFn writes each Example, in the order the images arrived, into the bundle's parts.
   """
   REFUSED = 'refused'
   TALLY = 'tally'
@@ -80,7 +119,8 @@ class EncodeAndWriteExamples(beam.DoFn):
     self._parts_dirs = parts_dirs
     self._progress_folder = progress_folder
     self._threads = threads
-    self._pool = None
+    self._executors = ()
+    self._pool_is_processes = False
 
   def display_data(self):
     shards = dict(self._config.num_shards)
@@ -91,63 +131,105 @@ class EncodeAndWriteExamples(beam.DoFn):
                for split, n in shards.items()}}
 
   def setup(self):
-    threads = self._threads or os.cpu_count() or 1
-    self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix='encode')
-    self._window = threads * _IN_FLIGHT_PER_THREAD
+    processes = encoder_processes.pool()
     self._shards = dict(self._config.num_shards)
+    if processes is not None:
+      self._executors, self._pool_is_processes = processes.executors, True
+      self._chunk_images, workers = _CHUNK_IMAGES_PER_PROCESS_TASK, len(processes.executors)
+      # An image of a split whose shards the processes share evenly goes to the one process
+      # that owns its shard; others go to the processes in turn.
+      self._by_shard = {split: count % workers == 0 for split, count in self._shards.items()}
+    else:
+      workers = self._threads or os.cpu_count() or 1
+      self._executors = (concurrent.futures.ThreadPoolExecutor(workers,
+                                                               thread_name_prefix='encode'),)
+      self._pool_is_processes, self._chunk_images = False, _CHUNK_IMAGES
+      self._by_shard = {split: False for split in self._shards}
+    self._window = workers * _IN_FLIGHT_PER_THREAD
     self._count_progress = tally_folder_exists(self._progress_folder)
     self._bytes_read = counter('image_bytes_read')
 
   def start_bundle(self):
-    self._chunk = []
+    self._chunks = [[] for _ in self._executors]   # one batch being filled per lane
+    self._next_lane = 0
     self._pending = collections.deque()
     self._writers = {split: ShardPartWriter(folder, self._config.compression)
                      for split, folder in self._parts_dirs.items()}
+    self._bundle = uuid.uuid4().hex
+    self._appended = set()   # (split, (shard, part path)) that encoder processes appended to
     self._tally = collections.Counter()
+
+  def _lane_of(self, image: LabelledImage) -> int:
+    if len(self._executors) == 1:
+      return 0
+    split = assign_split(image.image_name, self._config.eval_fraction)
+    if not self._by_shard[split]:
+      return self._next_lane
+    return example_shard(image.image_name, self._shards[split]) % len(self._executors)
+
+  def _submit(self, lane: int) -> None:
+    chunk, self._chunks[lane] = self._chunks[lane], []
+    self._next_lane = (lane + 1) % len(self._executors)
+    if self._pool_is_processes:
+      self._pending.append(self._executors[lane].submit(
+          encode_and_append, chunk, self._config, self._parts_dirs, self._bundle))
+    else:
+      self._pending.append(self._executors[lane].submit(_encode_chunk, chunk, self._config))
+
+  def _settle_oldest(self) -> Iterator[dict]:
+    """Waits for the oldest batch; writes or counts its images; yields their dead letters."""
+    result = self._pending.popleft().result()
+    if self._pool_is_processes:
+      result, parts = result
+      self._appended.update(parts)
+    for outcome in result:
+      letter = self._settle(outcome)
+      if letter is not None:
+        yield letter
 
   def process(self, images: list[LabelledImage]) -> Iterator:
     for image in images:
-      self._chunk.append(image)
-      if len(self._chunk) < _CHUNK_IMAGES:
+      lane = self._lane_of(image)
+      self._chunks[lane].append(image)
+      if len(self._chunks[lane]) < self._chunk_images:
         continue
-      self._pending.append(self._pool.submit(_encode_chunk, self._chunk, self._config))
-      self._chunk = []
+      self._submit(lane)
       while self._pending and (len(self._pending) > self._window or self._pending[0].done()):
-        for outcome in self._pending.popleft().result():
-          letter = self._settle(outcome)
-          if letter is not None:
-            yield beam.pvalue.TaggedOutput(self.REFUSED, letter)
+        for letter in self._settle_oldest():
+          yield beam.pvalue.TaggedOutput(self.REFUSED, letter)
 
   def _settle(self, outcome: tuple[EncodedExample | None, dict | None, int]) -> dict | None:
-    """Writes a good image's Example and counts it; returns a bad one's dead letter."""
+    """Writes a good image's Example (unless its encoder process did) and counts it; returns a
+    bad one's dead letter."""
     example, letter, bytes_read = outcome
     self._bytes_read.inc(bytes_read)
     if example is None:
       return letter
-    self._writers[example.split].write(
-        example_shard(example.row.image_name, self._shards[example.split]), example.serialized)
+    if not self._pool_is_processes:
+      self._writers[example.split].write(
+          example_shard(example.row.image_name, self._shards[example.split]), example.serialized)
     self._tally.update(tally_example(example))
     if self._count_progress:
       count_progress(self._progress_folder, 1)
     return None
 
   def finish_bundle(self) -> Iterator:
-    if self._chunk:
-      self._pending.append(self._pool.submit(_encode_chunk, self._chunk, self._config))
-      self._chunk = []
+    for lane, chunk in enumerate(self._chunks):
+      if chunk:
+        self._submit(lane)
     while self._pending:
-      for outcome in self._pending.popleft().result():
-        letter = self._settle(outcome)
-        if letter is not None:
-          yield beam.pvalue.TaggedOutput(self.REFUSED, GlobalWindows.windowed_value(letter))
+      for letter in self._settle_oldest():
+        yield beam.pvalue.TaggedOutput(self.REFUSED, GlobalWindows.windowed_value(letter))
     for split, writer in self._writers.items():
       for shard_and_path in writer.close():
         yield GlobalWindows.windowed_value((split, shard_and_path))
+    for split_and_part in sorted(self._appended):
+      yield GlobalWindows.windowed_value(split_and_part)
     for key_and_count in sorted(self._tally.items()):
       yield beam.pvalue.TaggedOutput(self.TALLY, GlobalWindows.windowed_value(key_and_count))
     if self._count_progress:
       count_progress(self._progress_folder, 0, write_now=True)
 
   def teardown(self):
-    if self._pool is not None:
-      self._pool.shutdown(wait=False, cancel_futures=True)
+    if self._executors and not self._pool_is_processes:   # the driver ends the processes
+      self._executors[0].shutdown(wait=False, cancel_futures=True)

@@ -1,33 +1,28 @@
 """The preprocess job's driver: validate, claim the output folder, run, check, publish."""
+import contextlib
 import dataclasses
 import time
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineState
 
 from beam_jobs.common import dead_letters, runner_options
 from beam_jobs.common.progress import (ProgressTally, ShowProgress, query_counters,
                                        show_progress_logs)
-from beam_jobs.preprocess.config import ConfigError, parse_args, validate_config
+from beam_jobs.preprocess import encoder_processes
+from beam_jobs.preprocess.config import ConfigError, PreprocessConfig, parse_args, validate_config
 from beam_jobs.preprocess.pipeline import build_pipeline
 from beam_jobs.preprocess.publish import (build_manifest, list_shards, prepare_output_dir,
                                           read_counts, summary)
 from beam_jobs.preprocess.rules import CSV_ROWS, DEAD_LETTERED_ROWS, check_conservation
 from model import command_line, schema
 from model import manifest as manifest_lib
+from model.manifest import is_local_path
 from model.output_dir import OutputRefused
 
-__all__ = ['LOCAL_WORKERS_FROM_ROWS', 'RunOutcome', 'main', 'run']
-
-# A local run of this many CSV rows or more runs on one worker process per core unless the user
-# chose (--direct_running_mode / --direct_num_workers). In one process the encoder's threads
-# reach about 0.9 of a core of two (Pillow and protobuf hold the GIL for part of each image);
-# worker processes reach both cores but take 5-8 s to start. Measured on 2 cores (issue 14):
-# 10,000 chips 9.9 s in-process against 14.9 s with 2 workers, 50,000 chips 42.3 s against
-# 28.8 s: the two cross near 20,000 rows.
-LOCAL_WORKERS_FROM_ROWS = 20_000
+__all__ = ['RunOutcome', 'encoder_process_count', 'main', 'run']
 
 
 @dataclasses.dataclass
@@ -51,24 +46,23 @@ def run(argv: list[str] | None = None) -> RunOutcome:
   options = PipelineOptions(beam_args)
   dry_run = runner_options.is_dataflow_dry_run(options)
   config, facts = validate_config(args, check_paths=not dry_run)
-  if facts.rows and facts.rows >= LOCAL_WORKERS_FROM_ROWS:
-    spread = runner_options.local_worker_processes(beam_args)
-    if spread != beam_args:
-      options = PipelineOptions(spread)
-      print(f'{schema.STAGE_PREPROCESS}: {facts.rows:,} CSV rows: {spread[-1].split("=")[1]} '
-            'local worker processes (--direct_num_workers=1 keeps one)', flush=True)
+  processes = encoder_process_count(options, beam_args, config)
+  if processes and args.num_shards is None:
+    config = dataclasses.replace(config, num_shards=encoder_processes.shards_per_process(
+        config.num_shards, processes))
   show_progress_logs()
   if not dry_run:
     prepare_output_dir(config, args.overwrite)
 
   started = time.monotonic()
-  runner = runner_options.local_runner(options)
-  tally = ProgressTally.create() if runner is not None else None   # Dataflow: its counters
-  pipeline = beam.Pipeline(runner=runner, options=options)
-  build_pipeline(pipeline, config, tally.folder if tally else None)
-  with ShowProgress(schema.STAGE_PREPROCESS, facts.rows, 'CSV rows', tally):
-    result = pipeline.run()
-    result.wait_until_finish()
+  with encoder_processes.started(processes) if processes else contextlib.nullcontext():
+    runner = runner_options.local_runner(options)
+    tally = ProgressTally.create() if runner is not None else None   # Dataflow: its counters
+    pipeline = beam.Pipeline(runner=runner, options=options)
+    build_pipeline(pipeline, config, tally.folder if tally else None)
+    with ShowProgress(schema.STAGE_PREPROCESS, facts.rows, 'CSV rows', tally):
+      result = pipeline.run()
+      result.wait_until_finish()
   if not dry_run and result.state != PipelineState.DONE:
     raise RuntimeError(f'the pipeline ended in state {result.state}; nothing was published')
   if dry_run:
@@ -87,6 +81,23 @@ def run(argv: list[str] | None = None) -> RunOutcome:
   manifest_lib.write_manifest(config.output_dir, manifest)
   print(summary(manifest, config.output_dir))
   return RunOutcome(result, manifest, query_counters(result))
+
+
+def encoder_process_count(options: PipelineOptions, beam_args: list[str],
+                          config: PreprocessConfig) -> int:
+  """How many encoder processes this run forks (encoder_processes.py): one per core, or
+  --direct_num_workers when given, for a local run in this process whose images and outputs are
+  local files; 0 (the encoder's threads) for Dataflow, Beam's own worker processes
+  (--direct_running_mode=multi_processing), gs:// paths, or one worker."""
+  if not runner_options.runs_here(options) or not all(
+      is_local_path(path) for path in (config.images_dir, config.output_dir)):
+    return 0
+  direct = options.view_as(DirectOptions)
+  if direct.direct_running_mode == 'multi_processing':
+    return 0
+  chosen = any(arg.split('=', 1)[0] == '--direct_num_workers' for arg in beam_args)
+  count = direct.direct_num_workers if chosen else runner_options.local_cores()
+  return count if count > 1 else 0
 
 
 def main(argv: list[str] | None = None) -> None:
