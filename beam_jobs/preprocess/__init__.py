@@ -10,17 +10,20 @@ The same code runs on DirectRunner (in-process, or `--direct_running_mode=multi_
 --temp_location gs://... --setup_file ./setup.py`). Every path may be local or gs://.
 
 One CSV row on its way to an Example (pipeline.build_pipeline; the rules are plain functions):
-  1. ReadLabels: the CSV, read by one worker in file order, gives (line, LabelRow) keyed by image
-     name; a line that does not parse is a dead letter at its line (rules.raw_image_name).
-  2. ListImages: every <images_dir>/*.jpg, keyed by name.
-  3. JoinRowsWithImages: rows and files grouped by name; the duplicate rule and the row-file join
-     (rules.join_rows_with_image) give one LabelledImage, or dead letters (MISSING_IMAGE,
-     DUPLICATE_NAME, IMAGE_WITHOUT_ROW).
+  1. ReadLabels: the CSV, read by one worker in file order, gives (name, line, LabelRow) in
+     lists by join bucket (rules.name_bucket); a line that does not parse is a dead letter at its
+     line (rules.raw_image_name).
+  2. ListImages: every <images_dir>/*.jpg as (name, path), in lists by join bucket.
+  3. JoinRowsWithImages: rows and files grouped by bucket, then by name within it; the
+     duplicate rule and the row-file join (rules.join_rows_with_image) give one LabelledImage,
+     or dead letters (MISSING_IMAGE, DUPLICATE_NAME, IMAGE_WITHOUT_ROW).
   4. EncodeExamples (encode.py): one fused step per bundle: each file read once (bounded),
-     hashed and decoded (rules.image_to_example) on a thread pool of one thread per core, its
-     split from its name (rules.assign_split), its shard from its bytes, and the Example written
-     straight into the bundle's part file of that shard; a file that cannot be used is a dead
-     letter with the reason. Only part names, dead letters and (key, count) tallies leave it.
+     hashed and decoded (rules.image_to_example), its split and its shard from its name
+     (rules.assign_split, rules.example_shard), and the Example written straight into a part
+     file of that shard: on a local run by the encoder processes the driver forked
+     (encoder_processes.py), each writing its own parts; elsewhere on a thread pool of one
+     thread per core. A file that cannot be used is a dead letter with the reason. Only part
+     names, dead letters and (key, count) tallies leave it.
   5. WriteTrain / WriteEval: the part names grouped by shard; a shard is its one part renamed
      (a local run: every byte written once) or its parts' bytes concatenated, compressed as
      written (beam_jobs/common/tfrecord_sink.py); every shard exists, an empty one too.
@@ -43,7 +46,7 @@ Every CSV row ends up exactly once as an Example or as a dead letter, so
 csv_rows = examples[train] + examples[eval] + dead_lettered_rows, and the job checks it.
 
 Modules: config (flags, validation), rules (pure functions), encode (the fused read-decode-write
-step), pipeline (DoFns, transforms, the graph), publish (output folder, manifest, summary), job
+step), encoder_processes (a local run's processes for it), pipeline (DoFns, transforms, the graph), publish (output folder, manifest, summary), job
 (the driver).
 """
 from beam_jobs.preprocess.config import (ConfigError, CsvFacts, PreprocessConfig, parse_args,
