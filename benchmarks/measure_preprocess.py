@@ -1,4 +1,4 @@
-"""Preprocess: the Beam job (in-process and 2 worker processes) beside the tutorial-era loop.
+"""Preprocess: the Beam job (as it runs by default, and on 2 Beam workers) beside the tutorial-era loop.
 
 Usage: python -m benchmarks --only preprocess [--quick] [--work /tmp/planet_bench]
        (the same figures as the preprocess part of `python -m benchmarks`)
@@ -6,7 +6,8 @@ Usage: python -m benchmarks --only preprocess [--quick] [--work /tmp/planet_benc
 Every contender is run as its user runs it, a whole command in its own process, at two sizes:
   baseline_loop:   python -m benchmarks.preprocess_baseline (one process: full-size Pillow decode,
                    resize, float32, float_list Examples through one tf.io.TFRecordWriter).
-  job_in_process:  python -m beam_jobs.preprocess, DirectRunner in-process.
+  job_in_process:  python -m beam_jobs.preprocess, DirectRunner in this process, one encoder
+                   process per core (the default).
   job_2_workers:   the same with --direct_running_mode=multi_processing --direct_num_workers=2.
 Bytes per image: the job's TFRecord shards and the baseline's file, from the big run.
 The big in-process output is kept (WORK/runs/prep_big) for the training-input figures.

@@ -72,7 +72,8 @@ def _why_preprocess_speed(r):
   ratios = p['ratios']
   job, workers, loop = p['job_in_process'], p['job_2_workers'], p['baseline_loop']
   steady = ratios['job_in_process_steady_vs_baseline']
-  text = (f'Per image (steady rate), the in-process job runs at {_n(job["images_per_s_steady"])} '
+  text = (f'Per image (steady rate), the job (one encoder process per core) runs at '
+          f'{_n(job["images_per_s_steady"])} '
           f'images/s against the loop\'s {_n(loop["images_per_s_steady"])}: {_x(steady)}. '
           f'Counting the whole command at {r["plan"]["big"]:,} chips, start-up included '
           f'({_n(job["startup_s"], 1)} s for the job, {_n(loop["startup_s"], 1)} s for the '
@@ -83,7 +84,8 @@ def _why_preprocess_speed(r):
            ' and writes raw uint8 instead of float32. ')
   if _unsteady(workers):
     low, high = _spread(workers)
-    text += (f'With 2 worker processes the job is {_x(ratios["job_2_workers_overall_vs_baseline"])}'
+    text += (f'With 2 Beam worker processes the job is '
+             f'{_x(ratios["job_2_workers_overall_vs_baseline"])}'
              f' the loop overall at {r["plan"]["big"]:,} chips; its wall clock is mostly a fixed '
              f'cost ({_n(_median(workers["seconds_small"]), 1)} s for {r["plan"]["small"]:,} '
              f'chips, {_n(_median(workers["seconds_big"]), 1)} s for {r["plan"]["big"]:,}) that '
@@ -91,7 +93,8 @@ def _why_preprocess_speed(r):
              f'"steady" rates from {_n(low)} to {_n(high)} images/s), so no per-image rate can be '
              'read from it; only its overall rate means much.')
   else:
-    text += (f'With 2 worker processes it is {_x(ratios["job_2_workers_steady_vs_baseline"])} '
+    text += (f'With 2 Beam worker processes it is '
+             f'{_x(ratios["job_2_workers_steady_vs_baseline"])} '
              f'steady and {_x(ratios["job_2_workers_overall_vs_baseline"])} overall '
              f'({_n(workers["startup_s"], 1)} s of start-up).')
   return steady, text
@@ -250,7 +253,7 @@ def headline(r: dict) -> list[str]:
          for a in r.get('aims', [])}
   if p:
     rows.append(['preprocess, images/s (steady)',
-                 f'{_n(p["job_in_process"]["images_per_s_steady"])} (job, in-process)',
+                 f'{_n(p["job_in_process"]["images_per_s_steady"])} (job)',
                  f'{_n(p["baseline_loop"]["images_per_s_steady"])} (one-process loop)',
                  _x(p['ratios']['job_in_process_steady_vs_baseline']), '>= 2x',
                  met.get('preprocess_speed', '')])
@@ -325,8 +328,9 @@ def _preprocess_section(r: dict) -> list[str]:
       ('baseline_loop', 'baseline loop', '`benchmarks/preprocess_baseline.py`: the tutorial-era '
        'one-process loop (full-size Pillow decode, resize, float32, float_list Examples, one '
        'TFRecordWriter)'),
-      ('job_in_process', 'job, in-process', '`python -m beam_jobs.preprocess` (DirectRunner)'),
-      ('job_2_workers', 'job, 2 workers', 'the same, `--direct_running_mode=multi_processing '
+      ('job_in_process', 'job', '`python -m beam_jobs.preprocess` (DirectRunner in this process, '
+       'one encoder process per core: the default)'),
+      ('job_2_workers', 'job, 2 Beam workers', 'the same, `--direct_running_mode=multi_processing '
        '--direct_num_workers=2`')):
     f = p[key]
     if key == 'baseline_loop':

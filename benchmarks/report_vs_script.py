@@ -44,8 +44,8 @@ def _why_preprocess(r, steady_only: bool):
             f'{_cpu(script)} ms for the script.')
     if ratio is not None and ratio < 0.8:
       text += (' Both keep the two cores busy, so the CPU per image is the gap: the job\'s own '
-               'work per image (Beam\'s per-element steps, the join with the CSV, the dead-letter '
-               'and count branches) beside the decode both do.')
+               'work per image (the join with the CSV, the outcomes its encoder processes send '
+               'back, the dead-letter and count branches) beside the decode both do.')
     return ratio, text
   ratio = p['ratios']['job_overall_big_vs_script']
   text = (f'At {sizes["big"]:,} chips the job takes '
@@ -222,8 +222,8 @@ def section(r: dict) -> list[str]:
         _row('plain script', '`benchmarks/plain_preprocess.py`: `multiprocessing.Pool` over every '
              'core, Pillow draft + RGB + box resize, uint8 Examples, one TFRecord per worker',
              p['plain_script'], small, big),
-        _row('job', '`python -m beam_jobs.preprocess` (in one process below 20,000 CSV rows, '
-             'a worker process per core from there on)', p['job'], small, big)]), '',
+        _row('job', '`python -m beam_jobs.preprocess` (DirectRunner in this process, one '
+             'encoder process per core: the default)', p['job'], small, big)]), '',
               f'The job at {p["memory"]["chips"]:,} chips: {_n(p["memory"]["seconds"], 1)} s, '
               f'peak RSS {_n(p["memory"]["peak_rss_mb"])} MB.', '']
   if q:
