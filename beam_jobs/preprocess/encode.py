@@ -11,7 +11,7 @@ import concurrent.futures
 import io
 import os
 import uuid
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import apache_beam as beam
 from apache_beam.transforms.display import DisplayDataItem
@@ -28,7 +28,7 @@ from beam_jobs.preprocess.rules import (EncodedExample, LabelledImage, assign_sp
                                         tally_example)
 from model.errors import InputRefused
 
-__all__ = ['EncodeAndWriteExamples', 'encode_and_append', 'encode_labelled_image']
+__all__ = ['EncodeAndWriteExamples', 'EncodedBatch', 'encode_and_append', 'encode_labelled_image']
 
 # Images go to the threads in chunks, so that the pool's own per-task cost (a future, a lock, a
 # queue hand-off: tens of microseconds, under the GIL) is paid once per chunk, not per image.
@@ -70,33 +70,39 @@ def _dead_letter(image: LabelledImage, refusal: InputRefused) -> dict:
                          image.line, image.path)
 
 
-def encode_and_append(images: list[LabelledImage], config: PreprocessConfig,
-                      parts_dirs: dict[str, str], bundle: str
-                      ) -> tuple[list[tuple], list[tuple[str, tuple[int, str]]]]:
-  """In an encoder process (encoder_processes.py): encodes `images` and appends each Example to
-  this process's part of its shard for `bundle`, in input order.
+class EncodedBatch(NamedTuple):
+  """What an encoder process sends back for a batch: no Example, only what the DoFn reports."""
+  letters: list[dict]                          # dead letters, in input order
+  tally: collections.Counter                   # tally keys of the Examples written
+  written: int                                 # Examples written
+  bytes_read: int
+  parts: list[tuple[str, tuple[int, str]]]     # (split, (shard, part path)) appended to
 
-  Returns:
-    Each image's outcome as `encode_labelled_image` gives it, in order, the Examples' bytes left
-    out; and the parts appended to, as (split, (shard, part path)).
-  """
+
+def encode_and_append(images: list[LabelledImage], config: PreprocessConfig,
+                      parts_dirs: dict[str, str], bundle: str) -> EncodedBatch:
+  """In an encoder process (encoder_processes.py): encodes `images` and appends each Example to
+  this process's part of its shard for `bundle`, in input order; the tally is counted here, so
+  the driver's work per image is nil."""
   shards = dict(config.num_shards)
   framed: dict[tuple[str, int], io.BytesIO] = {}
-  outcomes = []
+  letters, tally, bytes_read = [], collections.Counter(), 0
   for image in images:
-    example, letter, bytes_read = encode_labelled_image(image, config)
-    if example is not None:
-      shard = example_shard(image.image_name, shards[example.split])
-      write_record(framed.setdefault((example.split, shard), io.BytesIO()), example.serialized)
-      example = example._replace(serialized=b'')
-    outcomes.append((example, letter, bytes_read))
+    example, letter, size = encode_labelled_image(image, config)
+    bytes_read += size
+    if example is None:
+      letters.append(letter)
+      continue
+    shard = example_shard(image.image_name, shards[example.split])
+    write_record(framed.setdefault((example.split, shard), io.BytesIO()), example.serialized)
+    tally.update(tally_example(example))
   parts = []
   for (split, shard), framing in framed.items():
     path = part_path(parts_dirs[split], shard, f'{bundle}-{os.getpid()}', config.compression)
     os.makedirs(parts_dirs[split], exist_ok=True)
     append_part(path, framing.getvalue(), config.compression)
     parts.append((split, (shard, path)))
-  return outcomes, parts
+  return EncodedBatch(letters, tally, len(images) - len(letters), bytes_read, parts)
 
 
 class EncodeAndWriteExamples(beam.DoFn):
@@ -179,9 +185,14 @@ class EncodeAndWriteExamples(beam.DoFn):
   def _settle_oldest(self) -> Iterator[dict]:
     """Waits for the oldest batch; writes or counts its images; yields their dead letters."""
     result = self._pending.popleft().result()
-    if self._pool_is_processes:
-      result, parts = result
-      self._appended.update(parts)
+    if self._pool_is_processes:   # written and tallied by the encoder process
+      self._appended.update(result.parts)
+      self._tally.update(result.tally)
+      self._bytes_read.inc(result.bytes_read)
+      if self._count_progress and result.written:
+        count_progress(self._progress_folder, result.written)
+      yield from result.letters
+      return
     for outcome in result:
       letter = self._settle(outcome)
       if letter is not None:
@@ -199,15 +210,13 @@ class EncodeAndWriteExamples(beam.DoFn):
           yield beam.pvalue.TaggedOutput(self.REFUSED, letter)
 
   def _settle(self, outcome: tuple[EncodedExample | None, dict | None, int]) -> dict | None:
-    """Writes a good image's Example (unless its encoder process did) and counts it; returns a
-    bad one's dead letter."""
+    """Writes a good image's Example and counts it; returns a bad one's dead letter."""
     example, letter, bytes_read = outcome
     self._bytes_read.inc(bytes_read)
     if example is None:
       return letter
-    if not self._pool_is_processes:
-      self._writers[example.split].write(
-          example_shard(example.row.image_name, self._shards[example.split]), example.serialized)
+    self._writers[example.split].write(
+        example_shard(example.row.image_name, self._shards[example.split]), example.serialized)
     self._tally.update(tally_example(example))
     if self._count_progress:
       count_progress(self._progress_folder, 1)
