@@ -286,9 +286,9 @@ def CarryOver(images, config: JobConfig):  # pylint: disable=invalid-name
 def thumbnail_items(sample, image_size: int, max_pixels: int, max_file_bytes: int) -> list:
   """The report's sample as `thumbnails.make_thumbnails` takes it: ((name, path), result).
 
-  `sample` holds ((name, path, sha256), PredictionResult) for images inferred in this run and
-  ((name, path, sha256), row) for reused rows; the image of a reused row is read and decoded
-  here (at most MAX_THUMBNAILS of them), and left out if it cannot be any more.
+  `sample` holds ((name, path, sha256), row) items (or ((name, path, sha256), PredictionResult),
+  taken as they are); the image of a row is read and decoded here (at most MAX_THUMBNAILS of
+  them), and left out if it cannot be any more.
   """
   items = []
   for (name, path, _), value in sample:

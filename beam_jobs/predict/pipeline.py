@@ -31,7 +31,8 @@ from beam_jobs.predict.submission import WriteSubmission
 from model import schema
 from model.errors import InputRefused, Reason
 
-__all__ = ['AttachTruth', 'CountRows', 'KeyedBatchResults', 'OnePathPerName', 'ReadAndDecode', 'ToResultRows',
+__all__ = ['AttachTruth', 'CountRows', 'KeyedBatchResults', 'OnePathPerName', 'ReadAndDecode',
+           'SampleRows', 'ToResultRows',
            'build_pipeline', 'failed_batch_to_dead_letters', 'keyed_image_files',
            'read_and_decode', 'write_text_file']
 
@@ -121,8 +122,7 @@ class KeyedBatchResults(KeyedModelHandler):
 
 class ToResultRows(beam.DoFn):
   """A batch's [(key, PredictionResult), ...] -> a `RowBatch` of its rows, and a dead letter
-  ('refused') for each image the backend refused; each bundle's candidates for the report's
-  sample ('sample', one list per bundle: `thumbnails.Sample`).
+  ('refused') for each image the backend refused.
 
   The rows of a batch are made together (their tags decided at once, each row's line encoded
   once for every output).
@@ -131,33 +131,41 @@ class ToResultRows(beam.DoFn):
   def __init__(self, thresholds: ThresholdsByVersion, model_name: str):
     self._thresholds = thresholds
     self._model_name = model_name
-    self._sample = None
     self._predictions = None
 
   def setup(self):
     self._predictions = counter('predictions')
 
-  def start_bundle(self):
-    self._sample = thumbnails.Sample()
-
   def process(self, results):
     predicted = []
-    for item in results:
-      (name, path, sha256), result = item
+    for (name, path, sha256), result in results:
       if isinstance(result.inference, InputRefused):
         yield beam.pvalue.TaggedOutput('refused', dead_letters.from_refusal(
             name, result.inference, STAGE, path))
       else:
         predicted.append((name, path, sha256, result.inference))
-        self._sample.add(item)
     if predicted:
       self._predictions.inc(len(predicted))
       yield row_batch(result_rows(predicted, self._thresholds, self._model_name))
 
+
+class SampleRows(beam.DoFn):
+  """`RowBatch`es -> the bundle's candidates for the report's sample, one list per bundle:
+  ((name, path, sha256), row) items (`thumbnails.Sample`); the sampled images are decoded again
+  for their thumbnails, so no pixels are held."""
+
+  def __init__(self):
+    self._sample = None
+
+  def start_bundle(self):
+    self._sample = thumbnails.Sample()
+
+  def process(self, batch: RowBatch):
+    for row in batch.rows:
+      self._sample.add(((row['image_name'], row['path'], row['sha256']), row))
+
   def finish_bundle(self):
-    sample = self._sample.items()
-    if sample:
-      yield beam.pvalue.TaggedOutput('sample', GlobalWindows.windowed_value(sample))
+    yield GlobalWindows.windowed_value(self._sample.items())
 
 
 class OnePathPerName(beam.DoFn):
@@ -238,17 +246,17 @@ class AttachTruth(beam.DoFn):
     yield batch.rows, [self._truth.get(row['image_name']) for row in batch.rows]
 
 
-def _reused_sample_items(batch: RowBatch) -> list:
-  """A batch of reused rows as the report's sample takes them: ((name, path, sha256), row)."""
-  return [((row['image_name'], row['path'], row['sha256']), row) for row in batch.rows]
-
-
 def _batch_text(batch: RowBatch) -> str:
   """A batch's lines of predictions-*.jsonl as one element (WriteToText adds the last newline)."""
   return '\n'.join(batch.lines)
 
 
 # ----------------------------------------------------------------------------- the graph
+
+
+def _build_summary(trigger, config: JobConfig, matched: list[int], **stats) -> dict:
+  """`build_summary`, the images matched given as one count per bundle."""
+  return build_summary(trigger, config, matched=sum(matched), **stats)
 
 
 def _write_one_file(pcoll, path: str, label: str):
@@ -290,7 +298,6 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
             | 'GroupByName' >> beam.GroupByKey()
             | 'OnePathPerName' >> beam.ParDo(OnePathPerName()).with_outputs(
                 'duplicate', 'matched', main='unique'))
-  matched_count = unique.matched | 'CountMatched' >> beam.CombineGlobally(sum)
   to_predict, reused = unique.unique, None
   if config.carry:   # earlier rows to reuse: only the images they do not cover are predicted
     carry = unique.unique | 'CarryOver' >> CarryOver(config)
@@ -309,8 +316,7 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
                       .with_exception_handling())
   # From here on, rows travel in batches (RowBatch): every output takes the batch.
   rows = inferred | 'ToResultRow' >> beam.ParDo(
-      ToResultRows(config.thresholds, config.model_name)).with_outputs(
-          'refused', 'sample', main='batches')
+      ToResultRows(config.thresholds, config.model_name)).with_outputs('refused', main='batches')
   # Only the rows inferred in this run are kept for --resume: the reused ones are kept already.
   _ = rows.batches | 'KeepCompleted' >> beam.ParDo(KeepCompleted(config.output_dir))
   all_batches = (rows.batches if reused is None
@@ -342,11 +348,13 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
   stats = with_truth | 'PredictionStats' >> beam.CombineGlobally(PredictionStatsFn())
   dead_stats = refused | 'DeadLetterStats' >> beam.CombineGlobally(DeadLetterStatsFn())
   carry_kinds = {'kinds': beam.pvalue.AsSingleton(carry['kinds'])} if config.carry else {}
+  # The images matched: one count per bundle of OnePathPerName, added up here (a CombineGlobally
+  # would be two more stages and six more steps for the same sum).
   summary = (p
              | 'SummaryTrigger' >> beam.Create([None])
              | 'BuildSummary' >> beam.Map(
-                 build_summary, config,
-                 matched=beam.pvalue.AsSingleton(matched_count),
+                 _build_summary, config,
+                 matched=beam.pvalue.AsList(unique.matched),
                  stats=beam.pvalue.AsSingleton(stats),
                  dead=beam.pvalue.AsSingleton(dead_stats), **carry_kinds))
   _ = (summary
@@ -358,16 +366,13 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
     _ = _write_one_file(carry['removed'] | 'RemovedToJson' >> beam.Map(json.dumps, sort_keys=True),
                         config.output_path(REMOVED_FILE), 'WriteRemoved')
 
-  # The report's sample is drawn from every row; a reused row's image is decoded only if drawn.
-  sample_items = rows.sample
-  if reused is not None:
-    sample_items = (sample_items, reused | 'ReusedSampleItems' >> beam.Map(_reused_sample_items)
-                    ) | 'AllSampleItems' >> beam.Flatten()
-  sampled = sample_items | 'SampleThumbnails' >> beam.CombineGlobally(thumbnails.SampleFn())
+  # The report's sample is drawn from every row (reused ones too); only its images are decoded.
+  sampled = all_batches | 'SampleThumbnails' >> beam.ParDo(SampleRows())
   _ = (summary
        | 'RenderReport' >> beam.Map(
-           lambda s, sample: report_html.render_report(s, thumbnails.make_thumbnails(
-               thumbnail_items(sample, config.image_size, config.max_pixels, config.max_file_bytes),
+           lambda s, candidates: report_html.render_report(s, thumbnails.make_thumbnails(
+               thumbnail_items(thumbnails.draw_sample(candidates), config.image_size,
+                               config.max_pixels, config.max_file_bytes),
                config.thresholds, config.model_name)),
-           sample=beam.pvalue.AsSingleton(sampled))
+           candidates=beam.pvalue.AsList(sampled))
        | 'WriteReport' >> beam.Map(write_text_file, config.output_path(schema.REPORT_FILE), 'text/html'))

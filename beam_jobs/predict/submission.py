@@ -58,20 +58,23 @@ def bucket_boundaries(quantiles: list[str], count: int, rows_per_bucket: int) ->
 
 
 class SubmissionLines(beam.DoFn):
-  """A row (or a `rows.RowBatch`, `batched`) -> its [(name, line), ...] on the main output, and
-  the names in batches on 'names' (the input of the quantiles: one element per batch, not per
-  row)."""
+  """A row (or a `rows.RowBatch`, `batched`) -> its [(name, line), ...] on the main output, the
+  names in batches on 'names' (the input of the quantiles: one element per batch, not per row),
+  and how many rows the bundle had on 'counts' (one element per bundle)."""
 
   def __init__(self, batched: bool = False):
     self._batched = batched
     self._names = []
+    self._count = 0
 
   def start_bundle(self):
     self._names = []
+    self._count = 0
 
   def process(self, element):
     pairs = [submission_line(row) for row in (element.rows if self._batched else (element,))]
     self._names.extend(name for name, _ in pairs)
+    self._count += len(pairs)
     if len(self._names) >= _BATCH:
       yield beam.pvalue.TaggedOutput('names', self._names)
       self._names = []
@@ -81,6 +84,7 @@ class SubmissionLines(beam.DoFn):
     if self._names:
       yield beam.pvalue.TaggedOutput('names', GlobalWindows.windowed_value(self._names))
     self._names = []
+    yield beam.pvalue.TaggedOutput('counts', GlobalWindows.windowed_value(self._count))
 
 
 class BucketLines(beam.DoFn):
@@ -157,17 +161,16 @@ def WriteSubmission(rows, path: str,  # pylint: disable=invalid-name
   directory = FileSystems.split(path)[0]
   parts_dir = FileSystems.join(directory, f'beam-temp-submission-{uuid.uuid4().hex}')
   lines = rows | 'SubmissionLines' >> beam.ParDo(SubmissionLines(batched)).with_outputs(
-      'names', main='lines')
-  count = (lines.names
-           | 'NamesPerBatch' >> beam.Map(len)
-           | 'CountRows' >> beam.CombineGlobally(sum))
+      'names', 'counts', main='lines')
   quantiles = lines.names | 'NameQuantiles' >> beam.ApproximateQuantiles.Globally(
       QUANTILES, input_batched=True)
+  # The row count: one number per bundle, added up where it is used (a CombineGlobally would
+  # be two more stages and six more steps for the same sum).
   boundaries = (rows.pipeline
                 | 'BoundariesTrigger' >> beam.Create([None])
                 | 'Boundaries' >> beam.Map(
-                    lambda _, q, n: bucket_boundaries(q, n, rows_per_bucket),
-                    beam.pvalue.AsSingleton(quantiles), beam.pvalue.AsSingleton(count)))
+                    lambda _, q, counts: bucket_boundaries(q, sum(counts), rows_per_bucket),
+                    beam.pvalue.AsSingleton(quantiles), beam.pvalue.AsList(lines.counts)))
   parts = (lines.lines
            | 'BucketLines' >> beam.ParDo(BucketLines(), beam.pvalue.AsSingleton(boundaries))
            | 'GroupBuckets' >> beam.GroupByKey()

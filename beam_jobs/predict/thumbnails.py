@@ -2,24 +2,23 @@
 
 The sample is the MAX_THUMBNAILS items whose `rows.thumbnail_key` (a hash of the image name) is
 smallest: content-independent, the same whatever the order or the workers, and drawn in pieces
-(a `Sample` per bundle, merged by `SampleFn`) without any step seeing every item.
+(a `Sample` per bundle, then the sample of those) without any step seeing every item.
 
 Usage:
-  sample = Sample(); sample.add(((name, path, sha256), result)); candidates = sample.items()
-  sampled = candidate_lists | beam.CombineGlobally(SampleFn())
+  sample = Sample(); sample.add(((name, path, sha256), row)); candidates = sample.items()
+  sampled = draw_sample(candidates_of_each_bundle)
   page = report_html.render_report(summary, make_thumbnails(sampled, thresholds, model_name))
 """
 import base64
 import heapq
 import io
 
-import apache_beam as beam
 import numpy as np
 from PIL import Image
 
 from beam_jobs.predict.rows import ThresholdsByVersion, result_row, thumbnail_key
 
-__all__ = ['MAX_THUMBNAILS', 'THUMBNAIL_QUALITY', 'Sample', 'SampleFn', 'make_thumbnail',
+__all__ = ['MAX_THUMBNAILS', 'THUMBNAIL_QUALITY', 'Sample', 'draw_sample', 'make_thumbnail',
            'make_thumbnails']
 
 # A few dozen chips give a feel for the predictions; hundreds would make a multi-megabyte page.
@@ -49,27 +48,13 @@ class Sample:
                                                  key=lambda keyed: keyed[0])]
 
 
-class SampleFn(beam.CombineFn):
-  """Lists of items (each a piece's candidates) -> the sample of all of them (`Sample`)."""
-
-  def create_accumulator(self):
-    return []
-
-  def add_input(self, accumulator, items):
-    return self._cut(accumulator + list(items))
-
-  def merge_accumulators(self, accumulators):
-    return self._cut([item for accumulator in accumulators for item in accumulator])
-
-  def extract_output(self, accumulator):
-    return accumulator
-
-  @staticmethod
-  def _cut(items: list) -> list:
-    sample = Sample()
+def draw_sample(candidate_lists) -> list:
+  """The sample of all items in `candidate_lists` (each a `Sample`'s items)."""
+  sample = Sample()
+  for items in candidate_lists:
     for item in items:
       sample.add(item)
-    return sample.items()
+  return sample.items()
 
 
 def make_thumbnail(pixels: np.ndarray, side: int = 96) -> str:
