@@ -141,7 +141,8 @@ class EncodeAndWriteExamples(beam.DoFn):
     self._shards = dict(self._config.num_shards)
     if processes is not None:
       self._executors, self._pool_is_processes = processes.executors, True
-      self._chunk_images, workers = _CHUNK_IMAGES_PER_PROCESS_TASK, len(processes.executors)
+      self._chunk_images, self._window = _CHUNK_IMAGES_PER_PROCESS_TASK, _IN_FLIGHT_PER_THREAD
+      workers = len(processes.executors)
       # An image of a split whose shards the processes share evenly goes to the one process
       # that owns its shard; others go to the processes in turn.
       self._by_shard = {split: count % workers == 0 for split, count in self._shards.items()}
@@ -151,14 +152,17 @@ class EncodeAndWriteExamples(beam.DoFn):
                                                                thread_name_prefix='encode'),)
       self._pool_is_processes, self._chunk_images = False, _CHUNK_IMAGES
       self._by_shard = {split: False for split in self._shards}
-    self._window = workers * _IN_FLIGHT_PER_THREAD
+      self._window = workers * _IN_FLIGHT_PER_THREAD
     self._count_progress = tally_folder_exists(self._progress_folder)
     self._bytes_read = counter('image_bytes_read')
 
   def start_bundle(self):
-    self._chunks = [[] for _ in self._executors]   # one batch being filled per lane
+    # Per lane (the thread pool, or each encoder process): the batch being filled, and the
+    # batches in flight, at most `_window`: a lane waits for its own oldest batch only, so one
+    # busy process never keeps another waiting for work.
+    self._chunks = [[] for _ in self._executors]
+    self._pending = [collections.deque() for _ in self._executors]
     self._next_lane = 0
-    self._pending = collections.deque()
     self._writers = {split: ShardPartWriter(folder, self._config.compression)
                      for split, folder in self._parts_dirs.items()}
     self._bundle = uuid.uuid4().hex
@@ -177,14 +181,14 @@ class EncodeAndWriteExamples(beam.DoFn):
     chunk, self._chunks[lane] = self._chunks[lane], []
     self._next_lane = (lane + 1) % len(self._executors)
     if self._pool_is_processes:
-      self._pending.append(self._executors[lane].submit(
+      self._pending[lane].append(self._executors[lane].submit(
           encode_and_append, chunk, self._config, self._parts_dirs, self._bundle))
     else:
-      self._pending.append(self._executors[lane].submit(_encode_chunk, chunk, self._config))
+      self._pending[lane].append(self._executors[lane].submit(_encode_chunk, chunk, self._config))
 
-  def _settle_oldest(self) -> Iterator[dict]:
-    """Waits for the oldest batch; writes or counts its images; yields their dead letters."""
-    result = self._pending.popleft().result()
+  def _settle_oldest(self, lane: int) -> Iterator[dict]:
+    """Waits for a lane's oldest batch; writes or counts its images; yields their dead letters."""
+    result = self._pending[lane].popleft().result()
     if self._pool_is_processes:   # written and tallied by the encoder process
       self._appended.update(result.parts)
       self._tally.update(result.tally)
@@ -205,9 +209,10 @@ class EncodeAndWriteExamples(beam.DoFn):
       if len(self._chunks[lane]) < self._chunk_images:
         continue
       self._submit(lane)
-      while self._pending and (len(self._pending) > self._window or self._pending[0].done()):
-        for letter in self._settle_oldest():
-          yield beam.pvalue.TaggedOutput(self.REFUSED, letter)
+      for other, pending in enumerate(self._pending):
+        while pending and (len(pending) > self._window or pending[0].done()):
+          for letter in self._settle_oldest(other):
+            yield beam.pvalue.TaggedOutput(self.REFUSED, letter)
 
   def _settle(self, outcome: tuple[EncodedExample | None, dict | None, int]) -> dict | None:
     """Writes a good image's Example and counts it; returns a bad one's dead letter."""
@@ -226,9 +231,10 @@ class EncodeAndWriteExamples(beam.DoFn):
     for lane, chunk in enumerate(self._chunks):
       if chunk:
         self._submit(lane)
-    while self._pending:
-      for letter in self._settle_oldest():
-        yield beam.pvalue.TaggedOutput(self.REFUSED, GlobalWindows.windowed_value(letter))
+    for lane, pending in enumerate(self._pending):
+      while pending:
+        for letter in self._settle_oldest(lane):
+          yield beam.pvalue.TaggedOutput(self.REFUSED, GlobalWindows.windowed_value(letter))
     for split, writer in self._writers.items():
       for shard_and_path in writer.close():
         yield GlobalWindows.windowed_value((split, shard_and_path))

@@ -86,9 +86,12 @@ def name_bucket(image_name: str, buckets: int) -> int:
 
 
 def example_shard(image_name: str, num_shards: int) -> int:
-  """The shard of a split that holds an image's Example: from its name alone (a salted crc32,
-  independent of the join bucket), so it costs nothing next to hashing the 48 KB Example."""
-  return zlib.crc32(b'shard:' + image_name.encode('utf-8', 'surrogatepass')) % num_shards
+  """The shard of a split that holds an image's Example: from its name alone (a salted sha256,
+  far cheaper than hashing the 48 KB Example). Not a crc32: crc32 is linear, so a salted crc32
+  of the names in one join bucket (`name_bucket`, the same crc32 modulo the buckets) would share
+  their low bits and send a whole bucket to one shard."""
+  digest = hashlib.sha256(b'shard:' + image_name.encode('utf-8', 'surrogatepass')).digest()
+  return int.from_bytes(digest[:8], 'big') % num_shards
 
 
 def estimate_num_shards(csv_rows: int, image_size: int, split_fraction: float) -> int:
