@@ -101,6 +101,9 @@ def detect_format(header: str | bytes) -> CsvFormat:
                      + _EXPECTED_HEADERS) from None
 
 
+_CONTROL_CHARACTER = re.compile(r'[\x00-\x1f\x7f]')
+
+
 def validate_image_name(name: str) -> str:
   """Returns `name` if it is a plain file stem, else raises BAD_IMAGE_NAME.
 
@@ -114,7 +117,7 @@ def validate_image_name(name: str) -> str:
   elif any(c in name for c in '/\\:') or '..' in name:
     problem = (f'the image name {name[:80]!r} is not a plain file stem: path separators, "..", '
                'drive letters and URL schemes are refused')
-  elif name.startswith('.') or any(ord(c) < 32 or ord(c) == 127 for c in name):
+  elif name.startswith('.') or _CONTROL_CHARACTER.search(name):
     problem = f'the image name {name[:80]!r} starts with "." or holds control characters'
   if problem:
     raise InputRefused(Reason.BAD_IMAGE_NAME, problem + '; use the file name without extension')
