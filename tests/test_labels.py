@@ -230,3 +230,12 @@ def test_has_data_rows(tmp_path, data, expected):
 def test_has_data_rows_refuses_a_bad_header(tmp_path):
   with pytest.raises(ValueError, match='image_name,tags'):
     labels.has_data_rows(_write(tmp_path, b'name,labels\ntrain_0,clear\n'))
+
+
+def test_label_bits_carry_every_label_and_rebuild_the_same_row():
+  rows = [LabelRow('a', (0.0, 1.0, 0.0, 0.0), tuple(float(i % 3 == 0) for i in range(13))),
+          LabelRow('b', (0.0,) * 4, (0.0,) * 13),
+          LabelRow('c', (0.0, 0.0, 0.0, 1.0), (1.0,) * 13)]
+  assert len({row.label_bits for row in rows}) == 3
+  for row in rows:
+    assert LabelRow.from_label_bits(row.image_name, row.label_bits) == row

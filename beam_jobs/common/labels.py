@@ -73,6 +73,17 @@ class LabelRow:
     return ([l for l, v in zip(schema.WEATHER_LABELS, self.weather) if v] +
             [l for l, v in zip(schema.GROUND_LABELS, self.ground) if v])
 
+  @property
+  def label_bits(self) -> int:
+    """The 17 labels as the bits of one int (weather first): how a row crosses a grouping, in
+    a few bytes where the row itself pickles to ~290."""
+    return sum(1 << i for i, v in enumerate(self.weather + self.ground) if v)
+
+  @classmethod
+  def from_label_bits(cls, image_name: str, bits: int) -> 'LabelRow':
+    values = tuple(float(bits >> i & 1) for i in range(schema.NUM_WEATHER + schema.NUM_GROUND))
+    return cls(image_name, values[:schema.NUM_WEATHER], values[schema.NUM_WEATHER:])
+
 
 def _excerpt(text: str | bytes) -> str:
   """`text` quoted for a message on one line, cut to about _EXCERPT_CHARS characters."""

@@ -9,6 +9,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.common import dead_letters, labels
 from beam_jobs.common.image_files import ImageSource, list_image_files
+from beam_jobs.common.labels import LabelRow
 from beam_jobs.common.progress import CountProgress, counter
 from beam_jobs.common.tfrecord_sink import PublishShards, parts_dir_for
 from beam_jobs.preprocess.config import IMAGE_EXTENSION, PreprocessConfig
@@ -52,8 +53,8 @@ class BucketBatches:
 
 
 class ReadLabelRows(beam.DoFn):
-  """Labels CSV path -> lists of parsed rows (name, line, LabelRow) by join bucket; refused lines
-  to 'refused', and lists of their (name, line) to 'refused_names'.
+  """Labels CSV path -> lists of parsed rows (name, line, LabelRow.label_bits) by join bucket;
+  refused lines to 'refused', and lists of their (name, line) to 'refused_names'.
 
   The whole file is read by one worker, in file order, because line numbers decide the
   duplicate rule. Parsing is microseconds a line, and the grouping by bucket that follows
@@ -83,7 +84,8 @@ class ReadLabelRows(beam.DoFn):
           for batch in refused_names.add(name_bucket(name, self._buckets), (name, line)):
             yield beam.pvalue.TaggedOutput(self.REFUSED_NAMES, batch)
         continue
-      yield from rows.add(name_bucket(row.image_name, self._buckets), (row.image_name, line, row))
+      yield from rows.add(name_bucket(row.image_name, self._buckets),
+                          (row.image_name, line, row.label_bits))
     yield from rows.drain()
     for batch in refused_names.drain():
       yield beam.pvalue.TaggedOutput(self.REFUSED_NAMES, batch)
@@ -125,8 +127,10 @@ class JoinOneBucket(beam.DoFn):
   def process(self, element) -> Iterator:
     _, grouped = element
     images = []
+    rows = ((name, line, LabelRow.from_label_bits(name, bits))
+            for name, line, bits in itertools.chain.from_iterable(grouped['rows']))
     for image, refused in join_one_bucket(
-        itertools.chain.from_iterable(grouped['rows']),
+        rows,
         itertools.chain.from_iterable(grouped['refused']),
         itertools.chain.from_iterable(grouped['files']), self._expected_path):
       for record in refused:
@@ -148,7 +152,7 @@ def count_tally(key_and_count: tuple[str, int]) -> tuple[str, int]:
 
 @beam.ptransform_fn
 def ReadLabels(pipeline, labels_csv: str, buckets: int):  # pylint: disable=invalid-name
-  """The labels CSV -> DoOutputsTuple: rows (bucket, [(name, line, LabelRow)]), refused,
+  """The labels CSV -> DoOutputsTuple: rows (bucket, [(name, line, label bits)]), refused,
   refused_names (bucket, [(name, line)]), tally."""
   return (pipeline
           | 'CsvPath' >> beam.Create([labels_csv])
