@@ -6,10 +6,10 @@ Contenders, each a whole command in its own process, interleaved in every repeat
 `plan.script_small` and `plan.script_big` chips (20,000 and 50,000 in the full plan):
   plain_script:    python -m benchmarks.plain_preprocess: a multiprocessing.Pool over every core,
                    each worker decoding with Pillow and writing its own TFRecord file.
-  job:             python -m beam_jobs.preprocess as its user runs it: in one process below
-                   20,000 CSV rows, on a local worker process per core from there on.
-Then one run of the job at `plan.memory_big` chips (100,000): its peak RSS against the run at
-`plan.script_small`, since a job's memory must not grow with its input.
+  job:             python -m beam_jobs.preprocess as its user runs it (DirectRunner in its own
+                   process, one encoder process per core).
+Then one run of the job at `plan.small` chips (10,000) and one at `plan.memory_big` (100,000):
+the peak RSS of the second against the first, since a job's memory must not grow with its input.
 """
 import dataclasses
 import json
@@ -65,17 +65,20 @@ def measure(plan: Plan, work: str, log=print) -> dict:
   for contender in CONTENDERS:
     figures[contender]['examples_written_big'] = written[(contender, 'big')]
 
-  memory_chips = workspace.chips(work, plan.memory_big)
-  memory_run, memory_written = _run('job', memory_chips,
-                                    os.path.join(work, 'runs', 'vs_script_prep_memory'), plan)
+  memory_out = os.path.join(work, 'runs', 'vs_script_prep_memory')
+  base_run, _ = _run('job', workspace.chips(work, plan.small), memory_out, plan)
+  memory_run, memory_written = _run('job', workspace.chips(work, plan.memory_big), memory_out,
+                                    plan)
   log(f'  preprocess job {plan.memory_big:,} chips: {memory_run.seconds:6.1f} s, '
-      f'peak RSS {memory_run.peak_rss_mb:6.0f} MB')
+      f'peak RSS {memory_run.peak_rss_mb:6.0f} MB (at {plan.small:,}: '
+      f'{base_run.peak_rss_mb:6.0f} MB)')
   job, script = figures['job'], figures['plain_script']
   figures['memory'] = {'chips': plan.memory_big, 'seconds': round(memory_run.seconds, 2),
                        'examples_written': memory_written,
                        'peak_rss_mb': memory_run.peak_rss_mb,
-                       'against_chips': plan.script_small,
-                       'growth': ratio(memory_run.peak_rss_mb, job['peak_rss_mb_small'])}
+                       'against_chips': plan.small,
+                       'against_peak_rss_mb': base_run.peak_rss_mb,
+                       'growth': ratio(memory_run.peak_rss_mb, base_run.peak_rss_mb)}
   figures['sizes'] = sizes
   figures['ratios'] = {
       'job_steady_vs_script': ratio(job['images_per_s_steady'], script['images_per_s_steady']),
