@@ -15,7 +15,8 @@ Usage:
   carry['to_predict']   # (name, path): to read, decode and predict as usual
   carry['reused']       # the rows carried over or resumed, ready for the outputs (RowBatches)
   carry['removed']      # {'image_name', 'path'}: --previous_output's images gone from the inputs
-  carry['kinds']        # {kind: count}, one element: the summary's `incremental` counts
+  carry['kinds']        # {kind: count} per bundle: added up (add_counts), the summary's
+                        # `incremental` counts
 """
 import collections
 import concurrent.futures
@@ -278,9 +279,8 @@ def CarryOver(images, config: JobConfig):  # pylint: disable=invalid-name
              | 'JoinByName' >> beam.GroupByKey()   # by bucket: by name within each
              | 'Decide' >> beam.ParDo(Decide(plan, config.thresholds)).with_outputs(
                  'reused', 'removed', 'kinds', main='to_predict'))
-  kinds = decided.kinds | 'KindCounts' >> beam.CombineGlobally(add_counts)
   return {'to_predict': decided.to_predict, 'reused': decided.reused,
-          'removed': decided.removed, 'kinds': kinds}
+          'removed': decided.removed, 'kinds': decided.kinds}
 
 
 def thumbnail_items(sample, image_size: int, max_pixels: int, max_file_bytes: int) -> list:

@@ -1,6 +1,6 @@
 """The prediction job's summary: label and dead-letter statistics combined over all rows.
 
-Usage:
+Usage (the job combines them per bundle: pipeline.CombinePerBundle):
   stats = row_batches_with_truth | beam.CombineGlobally(PredictionStatsFn())
   dead = dead_letters | beam.CombineGlobally(DeadLetterStatsFn())
   summary = trigger | beam.Map(build_summary, config, matched=..., stats=..., dead=...[, kinds=...])
