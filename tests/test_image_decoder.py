@@ -225,3 +225,16 @@ def test_pixel_limit_can_be_raised_past_pillows_own():
   assert _refusal(data) is Reason.TOO_MANY_PIXELS
   assert _refusal(_encode(Image.fromarray(_gradient(40)), 'PNG'),
                   max_pixels=1000) is Reason.TOO_MANY_PIXELS
+
+
+def test_a_file_is_read_whole_whatever_its_size_and_refused_above_the_limit(tmp_path):
+  from beam_jobs.common.image_files import read_image_file
+  rng = np.random.default_rng(3)
+  for size in (0, 1, 30_000, 3 * 2**20 + 7):   # empty, tiny, a chip, above one read chunk
+    data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / f'f{size}.jpg'
+    path.write_bytes(data)
+    assert read_image_file(str(path), 64 * 2**20) == data
+  with pytest.raises(InputRefused) as refused:
+    read_image_file(str(tmp_path / 'f30000.jpg'), 29_999)
+  assert refused.value.reason == Reason.FILE_TOO_LARGE

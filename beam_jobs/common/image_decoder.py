@@ -162,7 +162,8 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
     transpose = _orientation_transpose(image)
     if transpose is not None:
       image = image.transpose(transpose)
-    image = image.convert('RGB')
+    if image.mode != 'RGB':   # convert('RGB') of an RGB image is only a copy
+      image = image.convert('RGB')
     if image.size != (size, size):
       image = image.resize((size, size), RESIZE_FILTER)
     pixels = np.asarray(image, dtype=np.uint8)

@@ -148,8 +148,11 @@ def _read_local(path: str, max_bytes: int) -> bytes:
                          f'{kind}{via}, not a regular file; only image files are read')
     if info.st_size > max_bytes:
       raise _too_large(info.st_size, max_bytes)
-    chunks, total = [], 0
-    while chunk := os.read(fd, min(_READ_CHUNK, max_bytes + 1 - total)):
+    # The first read asks for the size fstat gave and one byte more (a file that grew is read on
+    # in chunks): a bytes object of 1 MB per read, shrunk to a 30 KB chip, cost more than the read.
+    chunks, total, want = [], 0, info.st_size + 1
+    while chunk := os.read(fd, min(want, max_bytes + 1 - total)):
+      want = _READ_CHUNK
       chunks.append(chunk)
       total += len(chunk)
       if total > max_bytes:   # it grew while we read it
