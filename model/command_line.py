@@ -9,6 +9,7 @@ Usage:
     command_line.run_command('train', main)
 """
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -18,6 +19,7 @@ from typing import Callable
 from model import third_party_logs
 
 __all__ = ['ArgumentParser', 'INTERRUPTED_EXIT_CODE', 'VERBOSE_ENV', 'VERBOSE_FLAG', 'own_flags',
+           'skip_teardown_collections',
            'quiet_third_party', 'run_command', 'short', 'verbose_requested']
 
 # What a shell reports for a command ended by SIGINT (128 + 2).
@@ -105,6 +107,15 @@ def run_command(name: str, main: Callable[[], object],
   finally:
     if handled:
       signal.signal(signal.SIGINT, previous)
+
+
+def skip_teardown_collections() -> None:
+  """For a command's `__main__`, once everything is written and said: what is left is the
+  interpreter's teardown, whose garbage collections go through every object of Beam (and
+  TensorFlow, where loaded), ~450,000 of them: 1.3 s after the last line on 2 cores. Frozen,
+  they are skipped; the exit handlers still run. Not for a `main()` called in a longer-lived
+  process (a test), whose later garbage would then never be collected."""
+  gc.freeze()
 
 
 def own_flags(parser: argparse.ArgumentParser) -> list[str]:

@@ -10,7 +10,6 @@ import time
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs.common import dead_letters, runner_options
 from beam_jobs.common.image_files import list_image_files
@@ -22,7 +21,7 @@ from beam_jobs.predict.pipeline import build_pipeline
 from model import command_line, manifest, schema
 from model.output_dir import check_outputs_apart, claim_output_dir, list_files
 
-__all__ = ['OptionsWithViews', 'main', 'run']
+__all__ = ['main', 'run']
 
 STAGE = schema.STAGE_PREDICT
 # What the last line names, in the order a user looks for them.
@@ -31,33 +30,11 @@ _WRITTEN = (f'{schema.PREDICTIONS_PREFIX}-*.jsonl', schema.SUBMISSION_FILE,
             schema.REPORT_FILE, schema.MANIFEST_FILE)
 
 
-class OptionsWithViews(PipelineOptions):
-  """Beam's pipeline options, whose view of each options class (`view_as`) is made once.
-
-  Beam asks for a view for every transform it applies (TypeOptions, two or three times), and each
-  new view parses the flags again: ~600 parses for this job's graph, 0.19 s of its start-up on 2
-  cores. A view holds no values of its own (all views share the options' values), so one view
-  per class is the same as a new one each time.
-  """
-
-  def view_as(self, cls):
-    views = vars(self).setdefault('_views', {})   # vars(): PipelineOptions guards setattr
-    if cls not in views:
-      views[cls] = super().view_as(cls)
-    return views[cls]
-
-  def __getstate__(self):
-    # Pickled and deep-copied (beam.Pipeline copies its options) without the views.
-    state = dict(super().__getstate__())
-    state.pop('_views', None)
-    return state
-
-
 def run(argv=None) -> dict:
   """Runs the job; returns the summary (for a Dataflow dry run, what was translated)."""
   started_at = time.time()
   args, pipeline_args = parse_args(argv)
-  options = OptionsWithViews(pipeline_args)
+  options = runner_options.OptionsWithViews(pipeline_args)
   dry_run = runner_options.is_dataflow_dry_run(options)
   sources = tuple(dict.fromkeys(image_source(i) for i in args.input))
   inputs = [('--input', s.root) for s in sources]

@@ -8,3 +8,4 @@ if __name__ == '__main__':
   # Importing the job loads Beam only; TensorFlow loads later, once this has run.
   command_line.quiet_third_party()
   main()
+  command_line.skip_teardown_collections()

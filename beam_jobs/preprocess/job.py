@@ -43,7 +43,7 @@ def run(argv: list[str] | None = None) -> RunOutcome:
       shards exist, the manifest does not).
   """
   args, beam_args = parse_args(argv)
-  options = PipelineOptions(beam_args)
+  options = runner_options.OptionsWithViews(beam_args)
   dry_run = runner_options.is_dataflow_dry_run(options)
   config, facts = validate_config(args, check_paths=not dry_run)
   processes = encoder_process_count(options, beam_args, config)
