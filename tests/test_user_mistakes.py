@@ -363,16 +363,17 @@ def test_overlapping_inputs_count_each_file_once(sample, export_base, tmp_path):
   assert summary['counts'] == {'images_matched': 9, 'predictions': 9, 'dead_letters': 0}
 
 
-def _interrupt_mid_job(argv, out: pathlib.Path) -> subprocess.CompletedProcess:
-  """Runs a job, sends Ctrl-C to its process group once it is running, and waits."""
+def _interrupt_mid_job(argv, out: pathlib.Path, working) -> subprocess.CompletedProcess:
+  """Runs a job, sends Ctrl-C to its process group once `working()` says it is at work on the
+  images, and waits."""
   # A shell started in the background ignores SIGINT, and so would the job: reset it.
   job = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   deadline = time.monotonic() + 60
-  while not (out / CLAIM_FILE).exists() and job.poll() is None and time.monotonic() < deadline:
-    time.sleep(0.05)
-  time.sleep(1.5)   # the pipeline is running
+  while not working() and job.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.02)
+  assert job.poll() is None, 'the job ended before it was interrupted'
   os.killpg(job.pid, signal.SIGINT)
   stdout, stderr = job.communicate(timeout=60)
   # Nothing the job started outlives it (the preprocess job's encoder processes, Beam's workers).
@@ -394,13 +395,22 @@ def _group_alive(group: int) -> bool:
 def test_ctrl_c_ends_a_job_with_one_line_and_nothing_published(tmp_path, export_base):
   make_sample(str(tmp_path / 'many'), count=2500, seed=9)
   images = tmp_path / 'many' / 'train-jpg'
-  for argv, out, rerun in (
+  prep, pred = tmp_path / 'prep', tmp_path / 'pred'
+  claimed_at = {}
+
+  def predicting():   # its claim written 1.5 s ago: the pipeline is running
+    if (pred / CLAIM_FILE).exists():
+      claimed_at.setdefault('pred', time.monotonic())
+    return time.monotonic() - claimed_at.get('pred', time.monotonic()) > 1.5
+
+  for argv, out, rerun, working in (
       (['-m', 'beam_jobs.preprocess', '--labels_csv', str(tmp_path / 'many' / 'train_v2.csv'),
-        '--images_dir', str(images), '--output_dir', str(tmp_path / 'prep')], tmp_path / 'prep',
-       preprocess.run),
-      (['-m', 'beam_jobs.predict', *_predict_args(images, tmp_path / 'pred', export_base)],
-       tmp_path / 'pred', predict.run)):
-    done = _interrupt_mid_job(argv, out)
+        '--images_dir', str(images), '--output_dir', str(prep)], prep, preprocess.run,
+       # Examples being written into the shards' parts: the encoder processes are at work.
+       lambda: any(prep.glob('*/beam-temp-*-parts-*/*'))),
+      (['-m', 'beam_jobs.predict', *_predict_args(images, pred, export_base)], pred, predict.run,
+       predicting)):
+    done = _interrupt_mid_job(argv, out, working)
     assert done.returncode == 130, done.stderr[-2000:]
     ours = [line for line in done.stderr.splitlines() if 'interrupted' in line]
     assert len(ours) == 1 and 'Traceback' not in done.stderr, done.stderr[-3000:]
