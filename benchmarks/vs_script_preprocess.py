@@ -8,8 +8,8 @@ Contenders, each a whole command in its own process, interleaved in every repeat
                    each worker decoding with Pillow and writing its own TFRecord file.
   job:             python -m beam_jobs.preprocess as its user runs it (DirectRunner in its own
                    process, one encoder process per core).
-Then one run of the job at `plan.small` chips (10,000) and one at `plan.memory_big` (100,000):
-the peak RSS of the second against the first, since a job's memory must not grow with its input.
+Then one run of the job at `plan.big` chips (10,000) and one at `plan.memory_big` (100,000): the
+peak RSS of the second against the first, since a job's memory must not grow with its input.
 """
 import dataclasses
 import json
@@ -66,17 +66,17 @@ def measure(plan: Plan, work: str, log=print) -> dict:
     figures[contender]['examples_written_big'] = written[(contender, 'big')]
 
   memory_out = os.path.join(work, 'runs', 'vs_script_prep_memory')
-  base_run, _ = _run('job', workspace.chips(work, plan.small), memory_out, plan)
+  base_run, _ = _run('job', workspace.chips(work, plan.big), memory_out, plan)
   memory_run, memory_written = _run('job', workspace.chips(work, plan.memory_big), memory_out,
                                     plan)
   log(f'  preprocess job {plan.memory_big:,} chips: {memory_run.seconds:6.1f} s, '
-      f'peak RSS {memory_run.peak_rss_mb:6.0f} MB (at {plan.small:,}: '
+      f'peak RSS {memory_run.peak_rss_mb:6.0f} MB (at {plan.big:,}: '
       f'{base_run.peak_rss_mb:6.0f} MB)')
   job, script = figures['job'], figures['plain_script']
   figures['memory'] = {'chips': plan.memory_big, 'seconds': round(memory_run.seconds, 2),
                        'examples_written': memory_written,
                        'peak_rss_mb': memory_run.peak_rss_mb,
-                       'against_chips': plan.small,
+                       'against_chips': plan.big,
                        'against_peak_rss_mb': base_run.peak_rss_mb,
                        'growth': ratio(memory_run.peak_rss_mb, base_run.peak_rss_mb)}
   figures['sizes'] = sizes
