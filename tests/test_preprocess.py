@@ -324,6 +324,35 @@ def test_encoder_processes_write_owned_shards_whole_and_every_image_once(tmp_pat
   assert tally['examples/train'] + tally['examples/eval'] == len(good)
 
 
+def test_an_encoder_process_that_dies_fails_the_bundle_instead_of_hanging(tmp_path):
+  """A decoder crash kills its process: the batch it held fails the bundle (and so the job)
+  with BrokenProcessPool, and nothing waits for an answer that will never come."""
+  import signal
+  from concurrent.futures.process import BrokenProcessPool
+  from beam_jobs.preprocess.encode import EncodeAndWriteExamples
+  (tmp_path / 'images').mkdir()
+  images = []
+  for i in range(200):
+    path = tmp_path / 'images' / f'img_{i}.jpg'
+    path.write_bytes(_jpeg(i % 24))
+    images.append(LabelledImage(f'img_{i}', i + 2, _row(f'img_{i}'), str(path)))
+  config = preprocess.PreprocessConfig(
+      labels_csv='unused.csv', images_dir=str(tmp_path / 'images'),
+      output_dir=str(tmp_path / 'out'), image_size=32, num_shards=(('train', 2), ('eval', 2)))
+  parts_dirs = {split: str(tmp_path / f'parts_{split}') for split in schema.SPLITS}
+  with encoder_processes.started(2):
+    encoder = EncodeAndWriteExamples(config, parts_dirs)
+    encoder.setup()
+    encoder.start_bundle()
+    for executor in encoder_processes.pool().executors[:1]:
+      for process in executor._processes.values():  # pylint: disable=protected-access
+        os.kill(process.pid, signal.SIGKILL)
+    with pytest.raises(BrokenProcessPool):
+      for _ in encoder.process(images):
+        pass
+      list(encoder.finish_bundle())
+
+
 # ---- The fixed-shard TFRecord sink ------------------------------------------------------------
 
 def test_write_split_writes_every_shard_and_each_record_once(tmp_path):
