@@ -36,8 +36,8 @@ _CHUNK_IMAGES = 16
 # A task of an encoder process: larger, since each also pays for pickling and for appending to
 # the process's part files.
 _CHUNK_IMAGES_PER_PROCESS_TASK = 64
-# Chunks in flight per thread (or process): enough that no thread waits for the writer, few enough that the
-# bundle's memory stays a few MB (an Example is ~50 KB at 128 px).
+# Chunks in flight per thread (or per encoder process): enough that no thread waits for the
+# writer, few enough that the bundle's memory stays a few MB (an Example is ~50 KB at 128 px).
 _IN_FLIGHT_PER_THREAD = 2
 
 

@@ -29,7 +29,8 @@ EXAMPLE_OVERHEAD_BYTES = 256
 # The join groups image names in buckets of about this many CSV rows: one grouped element, and
 # one call of the encoder, per bucket rather than per image (Beam's per-element cost, ~20 us
 # through a shuffle, is paid by a few hundred names at once), and still enough buckets to keep
-# every worker busy (a local run hands the buckets to its worker processes in turn).
+# every worker busy (Beam hands the buckets to its workers in turn; a local run's encoder
+# processes take batches of any bucket).
 JOIN_BUCKET_ROWS = 1000
 # Buckets when the CSV was not read before the job (a Dataflow dry run of a remote CSV).
 UNKNOWN_SIZE_JOIN_BUCKETS = 1000
