@@ -20,7 +20,7 @@ from PIL import Image
 
 from beam_jobs import preprocess
 from beam_jobs.common.dead_letters import TooManyBadInputs
-from beam_jobs.common import runner_options, tfrecord_sink
+from beam_jobs.common import tfrecord_sink
 from beam_jobs.common.image_decoder import decode_image
 from beam_jobs.common.labels import CsvFormat, LabelRow, parse_label_line
 from beam_jobs.make_sample import make_sample
@@ -355,13 +355,17 @@ def test_an_encoder_process_that_dies_fails_the_bundle_instead_of_hanging(tmp_pa
 
 # ---- The fixed-shard TFRecord sink ------------------------------------------------------------
 
-def test_write_split_writes_every_shard_and_each_record_once(tmp_path):
+def test_publish_shards_writes_every_shard_and_each_record_once(tmp_path):
   import tensorflow as tf
   records = [f'record {i}'.encode() for i in range(3)]
   prefix = str(tmp_path / 'part')
+  parts_dir = tfrecord_sink.parts_dir_for(prefix)
+  writer = tfrecord_sink.ShardPartWriter(parts_dir, 'gzip')
+  for shard, record in zip((1, 5, 5), records):
+    writer.write(shard, record)
   with test_pipeline.TestPipeline() as p:
-    written = (p | beam.Create(records)
-               | tfrecord_sink.WriteSplit(prefix, num_shards=8, compression='gzip'))
+    written = (p | beam.Create(writer.close())
+               | tfrecord_sink.PublishShards(prefix, 8, 'gzip', parts_dir))
     assert_that(written, equal_to([[tfrecord_sink.shard_path(prefix, shard, 8, 'gzip')
                                     for shard in range(8)]]))
   # 3 records in 8 shards: most shards are empty, and written all the same.

@@ -6,31 +6,33 @@ renamed, so on a local run (one bundle per worker) every byte is written once; a
 parts is their bytes one after another (TFRecord framing and gzip members both concatenate into a
 valid file, read whole by tf.data and by Beam's TFRecord reader), copied without recompressing.
 
-Usage (the records' own sink):
-  examples | 'WriteTrain' >> WriteSplit('out/train/part', num_shards=4, compression='gzip')
-Usage (records written inside a DoFn that does more, e.g. the preprocess job's fused encoder):
+Not `WriteToTFRecord(num_shards=N)`: it groups the records themselves by shard, and a runner
+without an external shuffle (the DirectRunner) holds that group in memory, so a local run's peak
+memory grew with the number of records (about 200 KB more per 128 px chip: 8 GB for the 40,479
+real chips; tests/test_reliability_serving.py).
+
+Usage (records written inside a DoFn that does more: the preprocess job's fused encoder):
   parts = ShardPartWriter(parts_dir_for(prefix), 'gzip'); parts.write(shard, record); ...
   yield from parts.close()                          # (shard, part path) pairs, in finish_bundle
   part_names | PublishShards(prefix, num_shards, 'gzip', parts_dir)
+(or, in a process of its own: append_part(part_path(parts_dir, shard, token, 'gzip'), framed))
 """
 import logging
 import shutil
 import uuid
 import zlib
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import apache_beam as beam
 from apache_beam.io import tfrecordio
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.transforms.display import DisplayDataItem
-from apache_beam.transforms.window import GlobalWindows
 
 from model import schema
 
-__all__ = ['PublishShards', 'ShardPartWriter', 'WriteShardParts', 'WriteSplit', 'append_part',
-           'delete_parts_dir', 'part_path', 'parts_dir_for', 'publish_shard', 'shard_glob',
-           'shard_of', 'shard_path', 'shard_pattern', 'write_record']
+__all__ = ['PublishShards', 'ShardPartWriter', 'append_part', 'delete_parts_dir', 'part_path',
+           'parts_dir_for', 'publish_shard', 'shard_glob', 'shard_path', 'shard_pattern',
+           'write_record']
 
 # The --compression names of model/schema.py, as Beam's FileSystems spells them.
 _BEAM_COMPRESSION = {'none': CompressionTypes.UNCOMPRESSED, 'gzip': CompressionTypes.GZIP}
@@ -54,14 +56,6 @@ def shard_pattern(file_path_prefix: str, compression: str) -> str:
   """The shard names as Beam's sinks display them (a Dataflow job's 'File Pattern')."""
   return (f'{file_path_prefix}-%(shard_num)05d-of-%(num_shards)05d'
           f'{schema.SHARD_SUFFIXES[compression]}')
-
-
-def shard_of(record: bytes, num_shards: int) -> int:
-  """A record's shard: the crc32 of its bytes modulo the number of shards.
-
-  Which shard holds a record depends on the record alone, never on the runner or its bundles.
-  """
-  return zlib.crc32(record) % num_shards
 
 
 def parts_dir_for(file_path_prefix: str) -> str:
@@ -123,31 +117,6 @@ class ShardPartWriter:
       closed.append((shard, path))
     self._parts = {}
     return closed
-
-
-class WriteShardParts(beam.DoFn):
-  """Serialised records -> one TFRecord part per (bundle, shard): (shard, part path)."""
-
-  def __init__(self, parts_dir: str, num_shards: int, compression: str, display_pattern: str):
-    self._parts_dir = parts_dir
-    self._num_shards = num_shards
-    self._compression = compression
-    self._display_pattern = display_pattern
-    self._parts = None
-
-  def display_data(self):
-    return {'file_pattern': DisplayDataItem(self._display_pattern, label='File Pattern'),
-            'shards': DisplayDataItem(self._num_shards, label='Number of Shards')}
-
-  def start_bundle(self):
-    self._parts = ShardPartWriter(self._parts_dir, self._compression)
-
-  def process(self, serialized: bytes) -> None:
-    self._parts.write(shard_of(serialized, self._num_shards), serialized)
-
-  def finish_bundle(self) -> Iterator:
-    for shard_and_path in self._parts.close():
-      yield GlobalWindows.windowed_value(shard_and_path)
 
 
 def publish_shard(element: tuple[int, Iterable[str | None]], file_path_prefix: str,
@@ -213,26 +182,3 @@ def PublishShards(part_names, file_path_prefix: str,  # pylint: disable=invalid-
           | 'AfterShards' >> beam.Create([None])
           | 'DeleteParts' >> beam.Map(delete_parts_dir, parts_dir,
                                       written=beam.pvalue.AsList(written)))
-
-
-@beam.ptransform_fn
-@beam.typehints.with_input_types(bytes)
-@beam.typehints.with_output_types(list[str])
-def WriteSplit(records, file_path_prefix: str, num_shards: int,  # pylint: disable=invalid-name
-               compression: str):
-  """Serialised records -> `num_shards` TFRecord shards <prefix>-SSSSS-of-NNNNN.tfrecord[.gz].
-
-  Not `WriteToTFRecord(num_shards=N)`: it groups the records themselves by shard, and a runner
-  without an external shuffle (the DirectRunner) holds that group in memory, so a local run's
-  peak memory grew with the number of records (about 200 KB more per 128 px chip: 8 GB for the
-  40,479 real chips). Here each bundle writes its records into one part file per shard, only the
-  part names are grouped (tests/test_reliability_serving).
-
-  Returns:
-    A PCollection of one element: the sorted paths of the shards written.
-  """
-  parts_dir = parts_dir_for(file_path_prefix)
-  return (records
-          | 'WriteParts' >> beam.ParDo(WriteShardParts(
-              parts_dir, num_shards, compression, shard_pattern(file_path_prefix, compression)))
-          | 'Publish' >> PublishShards(file_path_prefix, num_shards, compression, parts_dir))
