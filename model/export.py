@@ -26,8 +26,12 @@ from model.output_dir import OutputRefused
 # pylint: enable=wrong-import-position,wrong-import-order
 
 __all__ = [
-    'check_export_base', 'export_model', 'info_from_metrics', 'list_versions', 'main', 'model_dir'
+    'FINGERPRINT_KEY', 'check_export_base', 'export_model', 'info_from_metrics', 'list_versions',
+    'main', 'model_dir', 'model_fingerprint'
 ]
+
+# planet.json's key for the fingerprint, written at export and checked at load.
+FINGERPRINT_KEY = 'model_fingerprint'
 
 _VERSION_RE = re.compile(r'^\d+$')
 # A version being written; TF Serving skips names that are not numbers.
@@ -71,6 +75,44 @@ def check_export_base(export_base: str) -> None:
         f'--export_base {export_base} holds {len(unknown)} entries that are not model exports '
         f'({named}); it may hold only {schema.MODEL_NAME}/<version>/ folders. Choose another '
         '--export_base, or move those files out; nothing was touched')
+
+
+def _model_files(version_dir: str) -> list[tuple[str, str]]:
+  """(path relative to the version, full path) of every file that says what the model computes:
+  all but assets.extra/, whose label order, thresholds and metrics are matched on their own."""
+  found = []
+  for root, _, files in tf.io.gfile.walk(version_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      relative = os.path.relpath(path, version_dir)
+      if not relative.startswith(os.path.dirname(schema.EXPORT_INFO_FILE) + '/'):
+        found.append((relative, path))
+  return sorted(found)
+
+
+def model_fingerprint(version_dir: str) -> str:
+  """What an export computes, as one digest: 'sha256:' and the first 32 hex digits of the sha256
+  of its graph and variables files' own digests (every file but assets.extra/).
+
+  Two exports that compute different things differ here, whatever their names and version
+  numbers; the same export copied elsewhere does not. (Exporting the same weights again may give
+  another fingerprint: the graph's bytes are not promised to be stable, and that only costs a
+  prediction again.) The digests come from the export's SHA256SUMS when it has one (checked
+  against the files by `saved_model_info.verify_checksums`), else from the files.
+  """
+  sums = os.path.join(version_dir, schema.EXPORT_CHECKSUMS_FILE)
+  if tf.io.gfile.exists(sums):
+    with tf.io.gfile.GFile(sums) as f:
+      lines = [line.split('  ', 1) for line in f.read().splitlines() if '  ' in line]
+    digests = sorted((relative, digest) for digest, relative in lines
+                     if not relative.startswith(os.path.dirname(schema.EXPORT_INFO_FILE) + '/'))
+  else:
+    digests = []
+    for relative, path in _model_files(version_dir):
+      with tf.io.gfile.GFile(path, 'rb') as f:
+        digests.append((relative, hashlib.sha256(f.read()).hexdigest()))
+  text = ''.join(f'{digest}  {relative}\n' for relative, digest in digests)
+  return 'sha256:' + hashlib.sha256(text.encode('utf-8')).hexdigest()[:32]
 
 
 def _write_checksums(version_dir: str) -> None:
@@ -135,6 +177,7 @@ def export_model(model, export_base: str, info: dict | None = None) -> str:
         'ground_labels': list(schema.GROUND_LABELS),
         'ground_thresholds': [schema.DEFAULT_GROUND_THRESHOLD] * schema.NUM_GROUND,
         **(info or {}),
+        FINGERPRINT_KEY: model_fingerprint(temporary),
     }
     tf.io.gfile.makedirs(os.path.join(temporary, os.path.dirname(schema.EXPORT_INFO_FILE)))
     with tf.io.gfile.GFile(os.path.join(temporary, schema.EXPORT_INFO_FILE), 'w') as f:

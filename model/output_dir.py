@@ -14,25 +14,36 @@ Output folders belong to the user. Before a stage writes anything it calls `clai
 - --resume is the other way past an unfinished run, for a stage whose layout keeps completed work
   (`kept_on_resume`): only when the claim file names the same job, and then every file of the
   layout except that completed work is deleted. A finished run is never resumed.
+- One live run per folder. A local folder is locked (`flock` on the folder itself: no file is
+  created, and the operating system releases the lock when the process dies, however it dies)
+  before anything in it is judged; a folder another live run holds is refused in one line naming
+  its process, host and start. An object-store folder cannot be locked: its claim file names the
+  owner's host, boot and process, and a claim of a process still running on this machine (or of
+  another machine, which cannot be checked from here) holds it unless --overwrite or --resume is
+  given. So only a dead run is ever "unfinished".
 - Then the claim file is written, before the pipeline starts, so that a run killed at any point
   leaves a folder the next run can prove is its own.
 
 Usage:
-  claim_output_dir(out, PREDICT_LAYOUT, overwrite=args.overwrite,
-                   inputs={'--input': folder, '--model_dir': model_dir})
+  with claim_output_dir(out, PREDICT_LAYOUT, overwrite=args.overwrite,
+                        inputs={'--input': folder, '--model_dir': model_dir}):
+    ...   # the run; the folder is released when the block ends (or the process dies)
 """
 import dataclasses
+import errno
+import fcntl
 import fnmatch
 import glob
 import json
 import os
+import socket
 
 from apache_beam.io.filesystems import FileSystems
 
 from model import schema
 from model.manifest import is_local_path, utc_timestamp
 
-__all__ = ['CLAIM_FILE', 'OutputLayout', 'OutputRefused', 'check_outputs_apart',
+__all__ = ['CLAIM_FILE', 'FolderClaim', 'OutputLayout', 'OutputRefused', 'check_outputs_apart',
            'claim_output_dir', 'list_files', 'refuse_unknown_files', 'unknown_files',
            'with_beam_temporaries']
 
@@ -230,10 +241,121 @@ def _check_resumable(output_dir: str, layout: OutputLayout, proof: str, job: dic
         'arguments, or pass --overwrite instead of --resume to start over')
 
 
+class FolderClaim:
+  """A run's hold on its output folder, from `claim_output_dir` until `release` (or the process's
+  death: the operating system drops the lock then). A context manager."""
+
+  def __init__(self, folder: str, lock_fd: int | None):
+    self.folder = folder
+    self._lock_fd = lock_fd
+    self._released = False
+
+  def release(self) -> None:
+    """Lets another run have the folder. An object store's claim loses its owner, so a later run
+    of this same process does not take it for a live one."""
+    if self._released:
+      return
+    self._released = True
+    if self._lock_fd is not None:
+      fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+      os.close(self._lock_fd)
+      return
+    path = FileSystems.join(self.folder, CLAIM_FILE)
+    record = _read_json(path)
+    if record is not None and record.get('owner') == _owner():
+      record.pop('owner')
+      with FileSystems.create(path) as f:
+        f.write(json.dumps(record).encode('utf-8'))
+
+  def __enter__(self) -> 'FolderClaim':
+    return self
+
+  def __exit__(self, *_) -> None:
+    self.release()
+
+
+def _boot_id() -> str:
+  try:
+    with open('/proc/sys/kernel/random/boot_id', encoding='ascii') as f:
+      return f.read().strip()
+  except OSError:
+    return ''
+
+
+def _process_start(pid) -> str | None:
+  """When process `pid` started, in clock ticks since boot (field 22 of /proc/PID/stat): a pid
+  is reused, a pid with its start time names one process."""
+  try:
+    with open(f'/proc/{int(pid)}/stat', 'rb') as f:
+      fields = f.read().rsplit(b')', 1)[1].split()
+  except (OSError, ValueError, TypeError):
+    return None
+  return fields[19].decode('ascii') if len(fields) > 19 else None
+
+
+def _owner() -> dict:
+  """This process, as a claim file names its owner."""
+  return {'host': socket.gethostname(), 'boot_id': _boot_id(), 'pid': os.getpid(),
+          'process_start': _process_start(os.getpid())}
+
+
+def _owner_state(owner) -> str:
+  """'running', 'gone' or 'unknown' (a process of another machine) for a claim's owner."""
+  if not isinstance(owner, dict):
+    return 'gone'
+  if owner.get('host') != socket.gethostname():
+    return 'unknown'
+  if owner.get('boot_id') != _boot_id():
+    return 'gone'   # this machine restarted since
+  started = _process_start(owner.get('pid'))
+  return 'running' if started is not None and started == owner.get('process_start') else 'gone'
+
+
+def _who(record: dict | None, stage: str) -> str:
+  """'a running predict job (pid 12, host h, since 2026-...)', from a claim file."""
+  record = record or {}
+  owner = record.get('owner') if isinstance(record.get('owner'), dict) else {}
+  facts = ', '.join(f'{label} {owner_value}' for label, owner_value in (
+      ('pid', owner.get('pid')), ('on host', owner.get('host')),
+      ('since', record.get('claimed'))) if owner_value is not None)
+  return f'a {record.get("stage") or stage} job' + (f' ({facts})' if facts else '')
+
+
+def _lock_local_folder(folder: str, layout: OutputLayout, flag: str) -> int:
+  """An exclusive lock on the folder itself, or OutputRefused naming the run that holds it."""
+  fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    os.close(fd)
+    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+      raise
+    raise OutputRefused(
+        f'{flag} {folder} is in use by {_who(_read_json(FileSystems.join(folder, CLAIM_FILE)), layout.stage)}, '
+        f'still running; nothing was touched. Wait for it to end, or choose another {flag}') from None
+  return fd
+
+
+def _check_remote_claim(folder: str, layout: OutputLayout, flag: str, taking_over: bool) -> None:
+  """An object-store folder: refuses it while its claim names a live run (or one this machine
+  cannot check, unless the user takes it over with --overwrite or --resume)."""
+  record = _read_json(FileSystems.join(folder, CLAIM_FILE))
+  state = _owner_state((record or {}).get('owner'))
+  if state == 'running':
+    raise OutputRefused(
+        f'{flag} {folder} is in use by {_who(record, layout.stage)}, still running on this '
+        f'machine; nothing was touched. Wait for it to end, or choose another {flag}')
+  if state == 'unknown' and not taking_over:
+    raise OutputRefused(
+        f'{flag} {folder} is claimed by {_who(record, layout.stage)} of another machine, which '
+        'this one cannot check; nothing was touched. Once you are sure that run has stopped, '
+        f'pass --overwrite (or --resume); otherwise choose another {flag}')
+
+
 def claim_output_dir(output_dir: str, layout: OutputLayout, overwrite: bool,
                      inputs: Inputs | None = None, flag: str = '--output_dir',
                      resume: bool = False,
-                     job: dict | None = None) -> None:
+                     job: dict | None = None) -> FolderClaim:
   """Makes `output_dir` this run's, or refuses before anything is touched.
 
   Args:
@@ -246,40 +368,61 @@ def claim_output_dir(output_dir: str, layout: OutputLayout, overwrite: bool,
       `layout.kept_on_resume`. An empty or new folder simply starts; a finished run is refused.
     job: what makes two runs the same job (JSON values), recorded in the claim file.
 
+  Returns:
+    The claim, held until released (the run's end) or until the process dies.
+
   Raises:
     OutputRefused: with what it holds and what to do.
   """
   check_outputs_apart({flag: output_dir}, inputs or {})
-  if is_local_path(output_dir) and os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+  local = is_local_path(output_dir)
+  if local and os.path.lexists(output_dir) and not os.path.isdir(output_dir):
     raise OutputRefused(f'{flag} {output_dir} is a file, not a folder: give a folder path '
                         '(it is created when missing)')
-  files = refuse_unknown_files(output_dir, layout, flag)
-  if files:
-    proof = _proof(output_dir, layout)
-    if proof is None:
-      raise OutputRefused(
-          f'{flag} {output_dir} holds files named like {layout.stage} outputs '
-          f'({_describe(files)}) but no {layout.stage} manifest or claim file proves this job '
-          f'wrote them; nothing was touched. Delete them yourself, or choose a new {flag}')
-    if resume:
-      _check_resumable(output_dir, layout, proof, job, flag)
-      files = [f for f in files if not layout.kept(f)]
-    elif not overwrite:
-      what = ('a finished run' if proof == 'finished'
-              else 'an unfinished run (killed or failed: no manifest)')
-      or_resume = (', or --resume to continue it keeping its completed work'
-                   if proof == 'unfinished' and layout.kept_on_resume else '')
-      raise OutputRefused(
-          f'{flag} {output_dir} holds {what} of {layout.stage}; pass --overwrite to delete '
-          f'exactly those {_count(files, "file")}{or_resume}, or choose another {flag}')
-    # The manifest goes first: from here on the folder reads as unfinished to every consumer.
-    if schema.MANIFEST_FILE in files:
-      FileSystems.delete([FileSystems.join(output_dir, schema.MANIFEST_FILE)])
-    _delete(output_dir, [f for f in files if f not in (schema.MANIFEST_FILE, CLAIM_FILE)],
-            layout)
-  if is_local_path(output_dir):
+  if local:
+    # A missing folder is made first (it holds nothing to judge), so that it can be locked.
     os.makedirs(output_dir, exist_ok=True)
-  claim = {'stage': layout.stage, 'claimed': utc_timestamp(),
-           **({'job': job} if job is not None else {})}
-  with FileSystems.create(FileSystems.join(output_dir, CLAIM_FILE)) as f:
-    f.write(json.dumps(claim).encode('utf-8'))
+    claim = FolderClaim(output_dir, _lock_local_folder(output_dir, layout, flag))
+  else:
+    _check_remote_claim(output_dir, layout, flag, overwrite or resume)
+    claim = FolderClaim(output_dir, None)
+  try:
+    _make_room(output_dir, layout, overwrite, resume, job, flag)
+    record = {'stage': layout.stage, 'claimed': utc_timestamp(), 'owner': _owner(),
+              **({'job': job} if job is not None else {})}
+    with FileSystems.create(FileSystems.join(output_dir, CLAIM_FILE)) as f:
+      f.write(json.dumps(record).encode('utf-8'))
+  except BaseException:
+    claim.release()
+    raise
+  return claim
+
+
+def _make_room(output_dir: str, layout: OutputLayout, overwrite: bool, resume: bool,
+               job: dict | None, flag: str) -> None:
+  """Judges what the (held) folder holds and deletes what this run may and must delete."""
+  files = refuse_unknown_files(output_dir, layout, flag)
+  if not files:
+    return
+  proof = _proof(output_dir, layout)
+  if proof is None:
+    raise OutputRefused(
+        f'{flag} {output_dir} holds files named like {layout.stage} outputs '
+        f'({_describe(files)}) but no {layout.stage} manifest or claim file proves this job '
+        f'wrote them; nothing was touched. Delete them yourself, or choose a new {flag}')
+  if resume:
+    _check_resumable(output_dir, layout, proof, job, flag)
+    files = [f for f in files if not layout.kept(f)]
+  elif not overwrite:
+    what = ('a finished run' if proof == 'finished'
+            else 'an unfinished run (killed or failed: no manifest)')
+    or_resume = (', or --resume to continue it keeping its completed work'
+                 if proof == 'unfinished' and layout.kept_on_resume else '')
+    raise OutputRefused(
+        f'{flag} {output_dir} holds {what} of {layout.stage}; pass --overwrite to delete '
+        f'exactly those {_count(files, "file")}{or_resume}, or choose another {flag}')
+  # The manifest goes first: from here on the folder reads as unfinished to every consumer.
+  if schema.MANIFEST_FILE in files:
+    FileSystems.delete([FileSystems.join(output_dir, schema.MANIFEST_FILE)])
+  _delete(output_dir, [f for f in files if f not in (schema.MANIFEST_FILE, CLAIM_FILE)],
+          layout)

@@ -14,7 +14,7 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 
 from model import schema
-from model.export import list_versions
+from model.export import FINGERPRINT_KEY, list_versions, model_fingerprint
 
 __all__ = [
     'ExportError', 'ExportInfo', 'incomplete_reason', 'inspect_export', 'read_signature_defs',
@@ -33,6 +33,7 @@ class ExportInfo:
   image_size: int
   ground_thresholds: tuple[float, ...]
   info: dict          # the whole planet.json
+  fingerprint: str    # what the model computes (export.model_fingerprint)
 
 
 def _is_complete(version_dir: str) -> bool:
@@ -176,10 +177,20 @@ def inspect_export(model_dir: str, verify: bool = True,
   if info.get('image_size', image_size) != image_size:
     raise ExportError(f'{schema.EXPORT_INFO_FILE} says image size {info["image_size"]}, '
                       f'the signature says {image_size}')
-  thresholds = tuple(float(t) for t in info.get(
-      'ground_thresholds', [schema.DEFAULT_GROUND_THRESHOLD] * schema.NUM_GROUND))
-  if len(thresholds) != schema.NUM_GROUND:
-    raise ExportError(f'{schema.EXPORT_INFO_FILE} has {len(thresholds)} ground thresholds, '
-                      f'expected {schema.NUM_GROUND}')
+  thresholds = info.get('ground_thresholds',
+                        [schema.DEFAULT_GROUND_THRESHOLD] * schema.NUM_GROUND)
+  if (not isinstance(thresholds, list) or len(thresholds) != schema.NUM_GROUND
+      or not all(type(t) in (int, float) and 0 < t < 1 for t in thresholds)):
+    # NaN, 0 or above 1 would decide every label the same way whatever the model says.
+    raise ExportError(f'{version_dir}: {schema.EXPORT_INFO_FILE} must hold ground_thresholds, '
+                      f'{schema.NUM_GROUND} numbers between 0 and 1 (exclusive); it holds '
+                      f'{str(thresholds)[:200]}. Export it again with the metrics.json of its '
+                      'training run')
+  fingerprint = model_fingerprint(version_dir)
+  recorded = info.get(FINGERPRINT_KEY)
+  if verify and recorded is not None and recorded != fingerprint:
+    raise ExportError(f'{version_dir}: {schema.EXPORT_INFO_FILE} records model fingerprint '
+                      f'{str(recorded)[:80]}, but its files give {fingerprint}: the export was '
+                      'put together from two exports or edited; copy or export it again')
   return ExportInfo(version_dir, os.path.basename(version_dir.rstrip('/')), image_size,
-                    thresholds, info)
+                    tuple(float(t) for t in thresholds), info, fingerprint)

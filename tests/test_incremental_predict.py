@@ -411,8 +411,10 @@ def earlier_row(name: str, sha256: str) -> dict:
                                  sha256)
 
 
-THRESHOLDS = predict_rows.ThresholdsByVersion((0.5,) * 13)
-PLAN = incremental.CarryPlan(schema.MODEL_NAME, '1', carry_previous=True)
+FINGERPRINT = 'sha256:' + '0' * 32
+THRESHOLDS = predict_rows.ThresholdsByVersion((0.5,) * 13, known={'1': (0.5,) * 13},
+                                              fingerprints={'1': FINGERPRINT})
+PLAN = incremental.CarryPlan(schema.MODEL_NAME, '1', FINGERPRINT, carry_previous=True)
 
 
 def test_a_rows_name_is_found_without_parsing_it_and_checked_once_parsed():

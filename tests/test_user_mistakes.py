@@ -124,7 +124,7 @@ def test_overwrite_deletes_exactly_an_earlier_run_and_nothing_else(tmp_path):
   layout = OutputLayout('demo', ('predictions-?????-of-?????.jsonl', 'split/part-?????.rec',
                                  'beam-temp-*/*'))
   out = tmp_path / 'out'
-  claim_output_dir(str(out), layout, overwrite=False)
+  claim_output_dir(str(out), layout, overwrite=False).release()
   ours = ['predictions-00000-of-00002.jsonl', 'split/part-00001.rec', 'beam-temp-x-1/abc']
   for name in ours:
     (out / name).parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,7 @@ def test_overwrite_deletes_exactly_an_earlier_run_and_nothing_else(tmp_path):
   with pytest.raises(OutputRefused, match=r'unfinished run \(killed or failed: no manifest\) of '
                                           'demo; pass --overwrite to delete exactly those 4 files'):
     claim_output_dir(str(out), layout, overwrite=False)
-  claim_output_dir(str(out), layout, overwrite=True)
+  claim_output_dir(str(out), layout, overwrite=True).release()
   assert sorted(p.name for p in out.rglob('*')) == [CLAIM_FILE]   # the emptied folders too
 
   # A file named like ours, in a folder that no manifest or claim of ours proves we wrote.
@@ -147,7 +147,7 @@ def test_overwrite_deletes_exactly_an_earlier_run_and_nothing_else(tmp_path):
   target = tmp_path / 'precious.txt'
   target.write_text('keep')
   (out / 'predictions-00001-of-00002.jsonl').symlink_to(target)
-  claim_output_dir(str(out), layout, overwrite=True)
+  claim_output_dir(str(out), layout, overwrite=True).release()
   assert target.read_text() == 'keep' and not (out / 'predictions-00001-of-00002.jsonl').exists()
 
 

@@ -68,10 +68,13 @@ class TooManyBadInputs(RuntimeError):
 
 
 def check_bad_fraction(bad: int, total: int, max_bad_fraction: float, what: str,
-                       dead_letters_at: str) -> None:
-  """Fails the job when `bad / total` exceeds `max_bad_fraction`, naming counts and location."""
+                       dead_letters_at: str, unpublished_at: str | None = None) -> None:
+  """Fails the job when `bad / total` exceeds `max_bad_fraction`, naming counts and location
+  (and where the run's unpublished summary and report are, when it has them)."""
   if total and bad / total > max_bad_fraction:
+    left = (f' (its summary and report are in {unpublished_at}, not published)'
+            if unpublished_at else '')
     raise TooManyBadInputs(
         f'{bad} of {total} {what} ({bad / total:.1%}) were refused, above --max_bad_fraction='
-        f'{max_bad_fraction}; nothing was published. The reasons are in {dead_letters_at}: fix the '
-        'inputs, or raise --max_bad_fraction if they are expected.')
+        f'{max_bad_fraction}; nothing was published{left}. The reasons are in {dead_letters_at}: '
+        'fix the inputs, or raise --max_bad_fraction if they are expected.')

@@ -17,7 +17,8 @@ from beam_jobs.predict.rows import ThresholdsByVersion
 from model import command_line, schema
 from model.output_dir import OutputLayout, with_beam_temporaries
 
-__all__ = ['DESCRIPTION', 'IMAGE_EXTENSIONS', 'LAYOUT', 'PREDICTION_FILES', 'REMOVED_FILE',
+__all__ = ['DESCRIPTION', 'IMAGE_EXTENSIONS', 'LAYOUT', 'PREDICTION_FILES', 'PUBLISHED_LAST',
+           'REMOVED_FILE', 'UNPUBLISHED_DIR',
            'Backend', 'JobConfig', 'check_inputs', 'check_labels_csv', 'image_source',
            'make_backend', 'parse_args']
 
@@ -26,12 +27,17 @@ DESCRIPTION = ('Bulk prediction: image folders -> predictions, submission.csv, d
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 PREDICTION_FILES = f'{schema.PREDICTIONS_PREFIX}-?????-of-?????.jsonl'
 REMOVED_FILE = 'removed.jsonl'   # with --previous_output: its images gone from the inputs
+# The files a person opens appear only with the manifest: the pipeline writes them into
+# UNPUBLISHED_DIR and the job moves them up once the run has passed its checks, just before the
+# manifest. A failed or killed run leaves them there, under a name that says what they are.
+UNPUBLISHED_DIR = 'unpublished'
+PUBLISHED_LAST = (schema.SUBMISSION_FILE, schema.SUMMARY_FILE, schema.REPORT_FILE, REMOVED_FILE)
 # Everything this job writes under OUT: only these files are ever deleted by --overwrite;
 # --resume keeps the rows an unfinished run completed.
 LAYOUT = OutputLayout(schema.STAGE_PREDICT, with_beam_temporaries(
     PREDICTION_FILES,
     dead_letters.FILE_PATTERN,
-    schema.SUBMISSION_FILE, schema.SUMMARY_FILE, schema.REPORT_FILE, REMOVED_FILE,
+    *PUBLISHED_LAST, *(f'{UNPUBLISHED_DIR}/{name}' for name in PUBLISHED_LAST),
     *completed_rows.LAYOUT_PATTERNS), kept_on_resume=(completed_rows.FILE_PATTERN,))
 
 
@@ -52,6 +58,10 @@ class JobConfig(NamedTuple):
   def output_path(self, *relative: str) -> str:
     """A path under --output_dir."""
     return FileSystems.join(self.output_dir, *relative)
+
+  def unpublished_path(self, name: str) -> str:
+    """Where the pipeline writes `name` (one of PUBLISHED_LAST) until the job publishes it."""
+    return self.output_path(UNPUBLISHED_DIR, name)
 
   @property
   def dead_letters_dir(self) -> str:
@@ -199,12 +209,13 @@ def make_backend(args) -> Backend:
     export = inspect_export(args.model_dir, signature=signature)
     from beam_jobs.predict.backends.in_process import SavedModelHandler  # pylint: disable=import-outside-toplevel
     thresholds = ThresholdsByVersion(export.ground_thresholds,
-                                     known={export.version: export.ground_thresholds}, **decision)
+                                     known={export.version: export.ground_thresholds},
+                                     fingerprints={export.version: export.fingerprint}, **decision)
     handler = SavedModelHandler(export, max_batch_size=args.batch_size or DEFAULT_MAX_BATCH_SIZE,
                                 signature=signature)
     return Backend(handler, export.image_size, thresholds, 'in_process',
                    {'model_dir': args.model_dir, 'version_dir': export.version_dir,
-                    'version': export.version, **decision})
+                    'version': export.version, 'fingerprint': export.fingerprint, **decision})
 
   export = inspect_export(args.model_dir) if args.model_dir else None
 

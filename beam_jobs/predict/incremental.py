@@ -2,8 +2,9 @@
 
 An earlier row is reused only when it is exactly what this run would predict: the same image
 name, the same file bytes (the sha256 of the file, which every prediction row records), the same
-model name, version and signature (serving_default, or serving_tta with --tta), and the same
-ground thresholds and label rule. Earlier rows come from two places:
+model (its fingerprint: what it computes, not only its name and version, since two fresh export
+bases both start at version 1), the same signature (serving_default, or serving_tta with --tta),
+and the same ground thresholds and label rule. Earlier rows come from two places:
 
 - --previous_output OUT_PREV, a finished prediction output read through its manifest: rows
   reused from it are *carried*; its images that are gone from the inputs are *removed*.
@@ -61,6 +62,7 @@ class PreviousOutput:
   fingerprinted: bool
   signature: str                   # the signature and label rule its rows were made with
   label_rule: str
+  model_fingerprints: dict = dataclasses.field(default_factory=dict)   # version -> fingerprint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,8 @@ class CarryPlan:
 
   Attributes:
     model_name, version: the model this run predicts with; only its rows are reused.
+    model_fingerprint: what that model computes; None (unknown: rows never reused) through a
+      server without --model_dir.
     previous_output: --previous_output, or None.
     previous_files: its predictions-*.jsonl files.
     carry_previous: whether its rows may be reused at all (same model and thresholds).
@@ -77,6 +81,7 @@ class CarryPlan:
   """
   model_name: str
   version: str
+  model_fingerprint: str | None = None
   previous_output: str | None = None
   previous_files: tuple[str, ...] = ()
   carry_previous: bool = False
@@ -104,14 +109,16 @@ def read_previous_output(path: str) -> PreviousOutput:
   thresholds = {str(version): tuple(float(t) for t in values)
                 for version, values in (model.get('ground_thresholds') or {}).items()}
   # Outputs written before these were recorded predicted with serving_default, without a rule.
+  fingerprints = model.get('fingerprints')
   return PreviousOutput(path, files, model.get('name'), thresholds,
                         record.get('row_fingerprint') == FINGERPRINT,
                         model.get('signature', schema.SERVING_SIGNATURE),
-                        model.get('label_rule', schema.LABEL_RULE_NONE))
+                        model.get('label_rule', schema.LABEL_RULE_NONE),
+                        dict(fingerprints) if isinstance(fingerprints, dict) else {})
 
 
 def _why_not_carried(previous: PreviousOutput, model_name: str, version: str,
-                     thresholds: tuple[float, ...], signature: str,
+                     model_fingerprint: str | None, thresholds: tuple[float, ...], signature: str,
                      label_rule: str) -> str | None:
   where = f'--previous_output {previous.path}'
   if not previous.fingerprinted:
@@ -124,6 +131,18 @@ def _why_not_carried(previous: PreviousOutput, model_name: str, version: str,
     seen = ', '.join(sorted(previous.ground_thresholds)) or 'none'
     return (f'{where} was predicted by {model_name} version {seen}, this run uses version '
             f'{version}: every image is predicted again')
+  if model_fingerprint is None:
+    return (f'{where}: this run does not know what its model computes (a server without '
+            '--model_dir), so no earlier row can be matched to it: every image is predicted '
+            'again. Give --model_dir, the export folder the server serves')
+  recorded = previous.model_fingerprints.get(version)
+  if recorded is None:
+    return (f'{where} was written before rows recorded their model\'s fingerprint: every image '
+            'is predicted again')
+  if recorded != model_fingerprint:
+    return (f'{where} was predicted by another model than this run\'s: both are called '
+            f'{model_name} version {version}, but they compute different things (fingerprints '
+            f'{recorded} and {model_fingerprint}): every image is predicted again')
   if previous.ground_thresholds[version] != tuple(thresholds):
     return (f'{where} decided version {version}\'s ground labels with other thresholds than this '
             'run: every image is predicted again')
@@ -142,9 +161,11 @@ def plan_carry_over(previous: PreviousOutput | None, completed_files: tuple[str,
   """The plan for this run's earlier rows; None when there are none (every image is new)."""
   if previous is None and not completed_files:
     return None
-  note = previous and _why_not_carried(previous, model_name, version, thresholds(version),
-                                       thresholds.signature, thresholds.label_rule)
-  return CarryPlan(model_name, version,
+  model_fingerprint = thresholds.fingerprint(version)
+  note = previous and _why_not_carried(previous, model_name, version, model_fingerprint,
+                                       thresholds(version), thresholds.signature,
+                                       thresholds.label_rule)
+  return CarryPlan(model_name, version, model_fingerprint,
                    previous_output=previous.path if previous else None,
                    previous_files=previous.prediction_files if previous else (),
                    carry_previous=previous is not None and note is None,
@@ -171,6 +192,8 @@ def parse_known_row(line: str) -> dict | None:
     return None   # a row written before rows had fingerprints has none: never reused
   if not isinstance(row.setdefault('signature', schema.SERVING_SIGNATURE), str):
     return None   # rows written before rows named theirs came from serving_default
+  if not isinstance(row.setdefault('model_fingerprint', None), (str, type(None))):
+    return None   # a row written before rows named their model's is never reused
   for head, labels in _LABELS.items():
     probabilities = row.get(head)
     # JSON numbers are int or float (never bool): anything else is not a probability.
@@ -215,9 +238,9 @@ def decide(name: str, current: list, previous: list[dict], completed: list[dict]
   path, sha256 = current[0]
   for kind, rows, usable in ((RESUMED, completed, True),
                              (CARRIED, previous, plan.carry_previous)):
-    for row in rows if usable and sha256 else ():
-      if (row['sha256'], row['model_name'], row['model_version']) == (
-          sha256, plan.model_name, plan.version):
+    for row in rows if usable and sha256 and plan.model_fingerprint else ():
+      if (row['sha256'], row['model_name'], row['model_version'], row['model_fingerprint']) == (
+          sha256, plan.model_name, plan.version, plan.model_fingerprint):
         reused = reuse_row(row, path, thresholds)
         if reused is not None:
           return kind, reused

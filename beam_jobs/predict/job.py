@@ -6,6 +6,7 @@ Usage:
 """
 import itertools
 import json
+import os
 import time
 
 import apache_beam as beam
@@ -15,10 +16,12 @@ from beam_jobs.common import dead_letters, runner_options
 from beam_jobs.common.image_files import list_image_files
 from beam_jobs.common.progress import ProgressTally, ShowProgress, show_progress_logs
 from beam_jobs.predict import completed_rows, incremental
-from beam_jobs.predict.config import (IMAGE_EXTENSIONS, LAYOUT, JobConfig, check_inputs,
-                                      check_labels_csv, image_source, make_backend, parse_args)
+from beam_jobs.predict.config import (IMAGE_EXTENSIONS, LAYOUT, PUBLISHED_LAST, UNPUBLISHED_DIR,
+                                      JobConfig, check_inputs, check_labels_csv, image_source,
+                                      make_backend, parse_args)
 from beam_jobs.predict.pipeline import build_pipeline
 from model import command_line, manifest, schema
+from model.manifest import is_local_path
 from model.output_dir import check_outputs_apart, claim_output_dir, list_files
 
 __all__ = ['main', 'run']
@@ -48,10 +51,19 @@ def run(argv=None) -> dict:
   previous = (incremental.read_previous_output(args.previous_output)
               if args.previous_output else None)
   backend = make_backend(args)
-  if not dry_run:
-    claim_output_dir(args.output_dir, LAYOUT, args.overwrite, inputs=inputs, resume=args.resume,
-                     job=incremental.job_identity([s.path for s in sources], args.model_dir,
-                                                  args.serving_address, args.model_name))
+  if dry_run:
+    return _run_claimed(args, options, sources, previous, backend, started_at, dry_run=True)
+  # Held until the run ends (or its process dies): a second run into OUT is refused meanwhile.
+  with claim_output_dir(args.output_dir, LAYOUT, args.overwrite, inputs=inputs,
+                        resume=args.resume,
+                        job=incremental.job_identity([s.path for s in sources], args.model_dir,
+                                                     args.serving_address, args.model_name)):
+    return _run_claimed(args, options, sources, previous, backend, started_at, dry_run=False)
+
+
+def _run_claimed(args, options, sources, previous, backend, started_at: float,
+                 dry_run: bool) -> dict:
+  """The run once OUT is this run's: the pipeline, the checks, then publishing."""
   # Listed once the claim is made: the rows this run keeps from here on are not among them.
   completed = completed_rows.list_completed(args.output_dir) if args.resume and not dry_run else ()
   carry = incremental.plan_carry_over(previous, completed, args.model_name, backend.version,
@@ -76,7 +88,7 @@ def run(argv=None) -> dict:
   if dry_run:
     return runner_options.dry_run_description(result)
 
-  with FileSystems.open(config.output_path(schema.SUMMARY_FILE)) as f:
+  with FileSystems.open(config.unpublished_path(schema.SUMMARY_FILE)) as f:
     summary = json.loads(f.read())
   counts = summary['counts']
   print(f'{STAGE}: {counts["images_matched"]} images matched, {counts["predictions"]} predicted, '
@@ -87,7 +99,9 @@ def run(argv=None) -> dict:
   if 'incremental' in summary:
     print(f'{STAGE}: {incremental.describe(summary["incremental"])}', flush=True)
   dead_letters.check_bad_fraction(counts['dead_letters'], counts['images_matched'],
-                                  args.max_bad_fraction, 'images', config.dead_letters_dir)
+                                  args.max_bad_fraction, 'images', config.dead_letters_dir,
+                                  unpublished_at=config.output_path(UNPUBLISHED_DIR))
+  _publish_last_files(config)
   manifest.write_manifest(args.output_dir, {
       'stage': STAGE,
       'inputs': {'patterns': patterns, 'labels_csv': args.labels_csv,
@@ -96,6 +110,8 @@ def run(argv=None) -> dict:
       'model': {**backend.model_facts, 'name': args.model_name, 'image_size': backend.image_size,
                 'ground_thresholds': {v: list(backend.thresholds(v))
                                       for v in summary['model_versions']},
+                'fingerprints': {v: backend.thresholds.fingerprint(v)
+                                 for v in summary['model_versions']},
                 'versions_seen': summary['model_versions']},
       'options': {k: v for k, v in vars(args).items() if k not in ('input', 'output_dir')},
       'counts': {**counts, 'dead_letter_reasons': summary['dead_letter_reasons']},
@@ -108,6 +124,18 @@ def run(argv=None) -> dict:
   completed_rows.delete_completed(args.output_dir)
   print(f'{STAGE}: wrote {args.output_dir}/({", ".join(_WRITTEN)})', flush=True)
   return summary
+
+
+def _publish_last_files(config: JobConfig) -> None:
+  """Moves the files a person opens from UNPUBLISHED_DIR into OUT, just before the manifest."""
+  moves = [(config.unpublished_path(name), config.output_path(name)) for name in PUBLISHED_LAST]
+  moves = [(staged, final) for staged, final in moves if FileSystems.exists(staged)]
+  FileSystems.rename([staged for staged, _ in moves], [final for _, final in moves])
+  if is_local_path(config.output_dir):   # an object store has no folder to leave behind
+    try:
+      os.rmdir(config.output_path(UNPUBLISHED_DIR))
+    except OSError:
+      pass   # a submission part folder a failed step left: the next --overwrite clears it
 
 
 def _count_images(sources) -> int:

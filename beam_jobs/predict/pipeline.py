@@ -371,7 +371,7 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
        | 'WritePredictions' >> beam.io.WriteToText(
            config.output_path(schema.PREDICTIONS_PREFIX), file_name_suffix='.jsonl'))
   _ = all_batches | 'WriteSubmission' >> WriteSubmission(
-      config.output_path(schema.SUBMISSION_FILE), batched=True)
+      config.unpublished_path(schema.SUBMISSION_FILE), batched=True)
 
   if config.labels_csv:
     with_truth = all_batches | 'AttachTruth' >> beam.ParDo(AttachTruth(config.labels_csv))
@@ -391,12 +391,12 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
                  dead=beam.pvalue.AsList(dead_stats), **carry_kinds))
   _ = (summary
        | 'SummaryJson' >> beam.Map(json.dumps, indent=2, sort_keys=True)
-       | 'WriteSummary' >> beam.Map(write_text_file, config.output_path(schema.SUMMARY_FILE),
+       | 'WriteSummary' >> beam.Map(write_text_file, config.unpublished_path(schema.SUMMARY_FILE),
                                      'application/json'))
 
   if config.carry and config.carry.previous_output:
     _ = _write_one_file(carry['removed'] | 'RemovedToJson' >> beam.Map(json.dumps, sort_keys=True),
-                        config.output_path(REMOVED_FILE), 'WriteRemoved')
+                        config.unpublished_path(REMOVED_FILE), 'WriteRemoved')
 
   # The report's sample is drawn from every row (reused ones too); only its images are decoded.
   sampled = all_batches | 'SampleThumbnails' >> beam.ParDo(SampleRows())
@@ -407,4 +407,4 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
                                config.max_pixels, config.max_file_bytes),
                config.thresholds, config.model_name)),
            candidates=beam.pvalue.AsList(sampled))
-       | 'WriteReport' >> beam.Map(write_text_file, config.output_path(schema.REPORT_FILE), 'text/html'))
+       | 'WriteReport' >> beam.Map(write_text_file, config.unpublished_path(schema.REPORT_FILE), 'text/html'))

@@ -25,41 +25,53 @@ _LABEL_INDEX = {label: at for at, label in enumerate(schema.ALL_LABELS)}
 
 
 class ThresholdsByVersion:
-  """How a run turns probabilities into tags: the ground thresholds of each model version (read
-  from the export's planet.json), the label rule, and the signature whose outputs they decide.
+  """How a run turns probabilities into tags, and which model made them: the ground thresholds
+  and the model fingerprint of each model version (read from the export's planet.json and files),
+  the label rule, and the signature whose outputs they decide.
 
   The in-process backend runs one version; through TF Serving a new version can appear mid-job,
-  and its rows must be decided with its own thresholds. Without a readable export (gRPC without
-  --model_dir) every version gets `default`. `label_rule` (schema.LABEL_RULES) and `signature`
+  and its rows must be decided with its own thresholds and named by its own fingerprint. Without
+  a readable export (gRPC without --model_dir) every version gets `default` thresholds and no
+  fingerprint (its rows are then never reused). `label_rule` (schema.LABEL_RULES) and `signature`
   (serving_default, or serving_tta with --tta) are the run's, the same for every version.
   """
 
   def __init__(self, default: tuple[float, ...], versions_dir: str | None = None,
                known: dict[str, tuple[float, ...]] | None = None,
                label_rule: str = schema.DEFAULT_LABEL_RULE,
-               signature: str = schema.SERVING_SIGNATURE):
+               signature: str = schema.SERVING_SIGNATURE,
+               fingerprints: dict[str, str] | None = None):
     metrics.check_label_rule(label_rule)   # refused before the pipeline, not on a worker
     self._default = tuple(default)
     self._versions_dir = versions_dir
-    self._known = dict(known or {})
+    self._known = {version: (tuple(values), (fingerprints or {}).get(version))
+                   for version, values in (known or {}).items()}
     self.label_rule = label_rule
     self.signature = signature
 
   def __call__(self, version: str) -> tuple[float, ...]:
+    return self._facts(version)[0]
+
+  def fingerprint(self, version: str) -> str | None:
+    """What model version `version` computes (export.model_fingerprint), None when unknown."""
+    return self._facts(version)[1]
+
+  def _facts(self, version: str) -> tuple[tuple[float, ...], str | None]:
     if version not in self._known:
       self._known[version] = self._read(version)
     return self._known[version]
 
-  def _read(self, version: str) -> tuple[float, ...]:
+  def _read(self, version: str) -> tuple[tuple[float, ...], str | None]:
     if not self._versions_dir:
-      return self._default
+      return self._default, None
     # saved_model_info imports TensorFlow: only a worker that meets a new version pays for it.
     from model.saved_model_info import ExportError, inspect_export  # pylint: disable=import-outside-toplevel
     try:
-      return inspect_export(FileSystems.join(self._versions_dir, version), verify=False).ground_thresholds
+      export = inspect_export(FileSystems.join(self._versions_dir, version), verify=False)
+      return export.ground_thresholds, export.fingerprint
     except (ExportError, OSError) as e:
       logging.warning('no thresholds for version %s (%s); using %s', version, e, self._default)
-      return self._default
+      return self._default, None
 
 
 def image_name(path: str) -> str:
@@ -81,8 +93,8 @@ def pick_path(name: str, paths: Iterable[str]) -> tuple[str, list[str]]:
 def result_row(name: str, path: str, inference: dict, thresholds: ThresholdsByVersion,
                model_name: str, sha256: str | None = None) -> dict:
   """One prediction row: probabilities by label name, the tags after its version's thresholds and
-  the run's label rule, the signature that predicted it, and the sha256 of the file bytes that
-  were predicted (what --previous_output matches on)."""
+  the run's label rule, the model's fingerprint and the signature that predicted it, and the
+  sha256 of the file bytes that were predicted (what --previous_output matches on)."""
   return result_rows([(name, path, sha256, inference)], thresholds, model_name)[0]
 
 
@@ -116,6 +128,7 @@ def result_rows(predicted: Sequence[tuple], thresholds: ThresholdsByVersion,
         'tags': metrics.tags_of(decided),
         'model_name': model_name,
         'model_version': version,
+        'model_fingerprint': thresholds.fingerprint(version),
         'signature': thresholds.signature,
         'sha256': sha256,
     })

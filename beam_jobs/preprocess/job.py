@@ -51,9 +51,16 @@ def run(argv: list[str] | None = None) -> RunOutcome:
     config = dataclasses.replace(config, num_shards=encoder_processes.shards_per_process(
         config.num_shards, processes))
   show_progress_logs()
-  if not dry_run:
-    prepare_output_dir(config, args.overwrite)
+  if dry_run:
+    return _run_claimed(config, facts, options, processes, dry_run=True)
+  # Held until the run ends (or its process dies): a second run into OUT is refused meanwhile.
+  with prepare_output_dir(config, args.overwrite):
+    return _run_claimed(config, facts, options, processes, dry_run=False)
 
+
+def _run_claimed(config: PreprocessConfig, facts, options: PipelineOptions, processes: int,
+                 dry_run: bool) -> RunOutcome:
+  """The run once OUT is this run's: the pipeline, its checks, then the manifest."""
   started = time.monotonic()
   with encoder_processes.started(processes) if processes else contextlib.nullcontext():
     runner = runner_options.local_runner(options)

@@ -11,7 +11,8 @@ from beam_jobs.preprocess.rules import (CSV_ROWS, DEAD_LETTERED_ROWS, DEAD_LETTE
                                         ROWS_WITHOUT_WEATHER, counts_from_tally)
 from model import manifest as manifest_lib
 from model import schema
-from model.output_dir import OutputLayout, claim_output_dir, with_beam_temporaries
+from model.output_dir import (FolderClaim, OutputLayout, claim_output_dir,
+                              with_beam_temporaries)
 
 __all__ = ['LAYOUT', 'build_manifest', 'list_dead_letters', 'list_shards', 'prepare_output_dir',
            'read_counts', 'summary']
@@ -24,15 +25,17 @@ LAYOUT = OutputLayout(schema.STAGE_PREPROCESS, with_beam_temporaries(
       for compression in schema.COMPRESSIONS)))
 
 
-def prepare_output_dir(config: PreprocessConfig, overwrite: bool) -> None:
+def prepare_output_dir(config: PreprocessConfig, overwrite: bool) -> FolderClaim:
   """Claims --output_dir for this run (model/output_dir.py), or refuses before touching it.
 
   A finished run is replaced only with --overwrite, and so are the files of a killed or failed
   one: Beam names shards -SSSSS-of-NNNNN, and a stale set of another N must never sit beside new
-  ones. Anything else in the folder, or an overlap with an input, is refused.
+  ones. Anything else in the folder, a run still working in it, or an overlap with an input, is
+  refused. The claim is held until released (the end of the run).
   """
-  claim_output_dir(config.output_dir, LAYOUT, overwrite,
-                   inputs={'--images_dir': config.images_dir, '--labels_csv': config.labels_csv})
+  return claim_output_dir(config.output_dir, LAYOUT, overwrite,
+                          inputs={'--images_dir': config.images_dir,
+                                  '--labels_csv': config.labels_csv})
 
 
 def read_counts(config: PreprocessConfig) -> dict[str, int]:
