@@ -103,12 +103,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   parser = command_line.ArgumentParser(
       prog='python -m beam_jobs.preprocess', description=DESCRIPTION,
       epilog='Any other flag is passed to Beam (e.g. --runner, --direct_num_workers).')
-  parser.add_argument('--labels_csv', required=True,
+  parser.add_argument('--labels_csv', type=command_line.user_path, required=True,
                       help='train_v2.csv (image_name,tags) or the tutorial\'s '
                            'image_name,weather_labels,ground_labels CSV')
-  parser.add_argument('--images_dir', required=True, help='folder of <image_name>.jpg files')
-  parser.add_argument('--output_dir', required=True, help='where shards, dead letters and the '
-                                                          'manifest go')
+  parser.add_argument('--images_dir', type=command_line.user_path, required=True,
+                      help='folder of <image_name>.jpg files')
+  parser.add_argument('--output_dir', type=command_line.user_path, required=True,
+                      help='where shards, dead letters and the manifest go')
   parser.add_argument('--image_size', type=int, default=schema.DEFAULT_IMAGE_SIZE,
                       help='side of the square uint8 RGB pixels written (default %(default)s)')
   parser.add_argument('--eval_fraction', type=float, default=DEFAULT_EVAL_FRACTION,
