@@ -27,6 +27,8 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 from beam_jobs import make_sample, predict
 from beam_jobs.common import progress
 from beam_jobs.predict.backends import retry_policy
+from beam_jobs.predict.backends import serving_address
+from beam_jobs.predict.backends import tf_serving as grpc_backend
 from beam_jobs.predict.backends import tf_serving_rest as rest
 from model import schema
 from model.errors import InputRefused, Reason
@@ -433,6 +435,59 @@ def test_https_with_a_private_root_certificate(model_dir):
     assert all(not isinstance(r.inference, InputRefused) for r in results)
     with pytest.raises(ValueError, match='no TF Serving REST API answered'):
       rest.check_serving_model(address, timeout_secs=1)   # plain HTTP to an HTTPS port
+
+
+def test_an_address_with_a_scheme_is_refused_in_one_line():
+  for make in (lambda: rest.check_serving_model('http://localhost:8501', timeout_secs=1),
+               lambda: rest.ServingRestHandler('https://localhost:8501')):
+    with pytest.raises(ValueError, match=r'give HOST:PORT without a scheme \((http|https)://\), '
+                                         r'e.g. --serving_address localhost:8501'):
+      make()
+
+
+def test_each_protocol_aimed_at_the_others_port_says_so(server):
+  # What each port answers to the probe: the REST API speaks HTTP/1, gRPC HTTP/2.
+  assert serving_address.answering_protocol(server.rest_address) == serving_address.HTTP1
+  assert serving_address.answering_protocol(server.address) == serving_address.HTTP2
+  started = time.monotonic()
+  with pytest.raises(ValueError) as refused:
+    rest.check_serving_model(server.address, timeout_secs=5)
+  assert time.monotonic() - started < 2   # named at once, without waiting out the 5 s
+  assert str(refused.value) == serving_address.rest_port_message(f'http://{server.address}')
+  assert 'a gRPC (HTTP/2) server answered' in str(refused.value)
+  with pytest.raises(ValueError) as refused:
+    grpc_backend.check_serving_model(server.rest_address, timeout_secs=1)
+  assert str(refused.value) == serving_address.grpc_port_message(server.rest_address)
+  assert 'an HTTP/1 server answered' in str(refused.value)
+  assert '--serving_protocol rest' in str(refused.value)
+
+
+def test_each_protocol_aimed_at_the_others_port_says_so_over_tls(model_dir):
+  key, certificate = make_self_signed_certificate()
+  tls = {'use_tls': True, 'root_certificates': certificate}
+  with LocalServingServer(model_dir, rest_api_port=0, ssl_key=key, ssl_cert=certificate) as served:
+    with pytest.raises(ValueError, match=r'a gRPC \(HTTP/2\) server answered at https://'):
+      rest.check_serving_model(served.address, timeout_secs=1, **tls)
+    with pytest.raises(ValueError, match='an HTTP/1 server answered'):
+      grpc_backend.check_serving_model(served.rest_address, timeout_secs=1, **tls)
+
+
+@pytest.mark.parametrize('aim,protocol,said', [
+    ('{grpc}', 'rest', 'a gRPC (HTTP/2) server answered'),
+    ('http://{rest}', 'rest', 'give HOST:PORT without a scheme (http://)'),
+    ('grpc://{grpc}', 'grpc', 'give HOST:PORT without a scheme (grpc://)'),
+], ids=['rest_at_the_grpc_port', 'http_scheme', 'grpc_scheme'])
+def test_the_command_refuses_a_wrong_address_in_one_line(tmp_path, capsys, server, chips, aim,
+                                                         protocol, said):
+  chips_dir, _ = chips
+  address = aim.format(grpc=server.address, rest=server.rest_address)
+  with pytest.raises(SystemExit) as ended:
+    predict.main(['--input', str(chips_dir), '--output_dir', str(tmp_path / 'out'),
+                  '--serving_address', address, '--serving_protocol', protocol])
+  assert ended.value.code == 1
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('predict: error: ') and said in lines[0], lines
+  assert not (tmp_path / 'out').exists()
 
 
 def test_check_serving_model_names_expected_and_found(server):

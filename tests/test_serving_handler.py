@@ -9,6 +9,7 @@ import datetime
 import ipaddress
 import random
 import shutil
+import socket
 import threading
 import time
 
@@ -36,6 +37,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 from beam_jobs.common import progress
 from beam_jobs.predict.backends import tf_serving as sh
 from beam_jobs.predict.backends import retry_policy as serving_retry
+from beam_jobs.predict.backends import serving_address
 from model import schema
 from model.errors import InputRefused
 from model.errors import Reason
@@ -391,6 +393,29 @@ def test_check_serving_model_without_a_server(local_server):
   with pytest.raises(ValueError, match=f'no TF Serving answered at {address} within 1s'):
     sh.check_serving_model(address, timeout_secs=1)
   assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize('address,given', [
+    ('http://localhost:8501', '--serving_address localhost:8501:'),
+    ('https://tfserving.internal:443', '--serving_address tfserving.internal:443 --tls:'),
+    ('grpc://127.0.0.1:8500/', '--serving_address 127.0.0.1:8500:')])
+def test_an_address_with_a_scheme_is_refused_in_one_line(address, given):
+  for make in (lambda: sh.check_serving_model(address, timeout_secs=1),
+               lambda: sh.ServingGrpcHandler(address)):
+    with pytest.raises(ValueError) as refused:
+      make()
+    message = str(refused.value)
+    assert 'give HOST:PORT without a scheme' in message and given in message, message
+    assert 'IPv6' not in message and '\n' not in message
+
+
+def test_the_probe_is_bounded_against_a_server_that_never_answers():
+  with socket.create_server(('127.0.0.1', 0)) as silent:   # accepts (its backlog), never writes
+    address = f'127.0.0.1:{silent.getsockname()[1]}'
+    started = time.monotonic()
+    assert serving_address.answering_protocol(address, timeout_secs=0.5) is None
+    assert time.monotonic() - started < 2
+  assert serving_address.answering_protocol(address, timeout_secs=0.5) is None   # closed: refused
 
 
 # --- run_inference against a server -------------------------------------------------------------

@@ -47,6 +47,10 @@ from beam_jobs.predict.backends.retry_policy import CallTally
 from beam_jobs.predict.backends.retry_policy import GaveUp
 from beam_jobs.predict.backends.retry_policy import AnsweredRequestsThrottler, RetryPolicy
 from beam_jobs.predict.backends.retry_policy import may_be_one_image
+from beam_jobs.predict.backends.serving_address import HTTP1
+from beam_jobs.predict.backends.serving_address import answering_protocol
+from beam_jobs.predict.backends.serving_address import check_serving_address
+from beam_jobs.predict.backends.serving_address import grpc_port_message
 from model import schema
 from model.errors import InputRefused
 from model.errors import Reason
@@ -164,11 +168,13 @@ def check_serving_model(address: str, model_name: str = schema.MODEL_NAME,
 
   Call it before building the pipeline: a wrong address, model name, version, signature or input
   fails here with a message instead of as dead letters for every image. The call waits up to
-  `timeout_secs` for a server that is still starting.
+  `timeout_secs` for a server that is still starting; when none answered, a short probe tells
+  whether an HTTP/1 server (TF Serving's REST port) is there (`serving_address`).
 
   Raises:
     ValueError: naming what was expected and what was found.
   """
+  check_serving_address(address)
   channel = open_channel(address, use_tls=use_tls, root_certificates=root_certificates,
                          tls_server_name=tls_server_name, allow_insecure=allow_insecure)
   wanted = f'{model_name} version {model_version}' if model_version is not None else (
@@ -188,6 +194,9 @@ def check_serving_model(address: str, model_name: str = schema.MODEL_NAME,
             f'{address} does not serve {wanted} ({details}); for model {model_name!r} it has '
             f'{_served_versions(channel, model_name, timeout_secs)}') from None
       if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if answering_protocol(address, use_tls=use_tls, root_certificates=root_certificates,
+                              server_name=tls_server_name) == HTTP1:
+          raise ValueError(grpc_port_message(address)) from None
         raise ValueError(
             f'no TF Serving answered at {address} within {timeout_secs:g}s ({code.name}: '
             f'{details}); start one (README: "Serving with TensorFlow Serving") or fix the '
@@ -274,6 +283,7 @@ class ServingGrpcHandler(RemoteModelHandler[np.ndarray, PredictionResult, Servin
                min_batch_size: int | None = None, max_batch_size: int | None = None,
                max_batch_duration_secs: int | None = None,
                throttle_delay_secs: float = 1.0, overload_ratio: float = 2.0):
+    check_serving_address(address)
     check_transport(address, use_tls=use_tls, allow_insecure=allow_insecure)
     if max_batch_size is None:
       max_batch_size = max(min_batch_size or 1, max_images_per_request * REQUESTS_PER_BATCH)

@@ -39,6 +39,10 @@ from tensorflow_serving.apis import predict_pb2
 
 from beam_jobs.predict.backends.retry_policy import CallTally
 from beam_jobs.predict.backends.retry_policy import RetryPolicy
+from beam_jobs.predict.backends.serving_address import HTTP2
+from beam_jobs.predict.backends.serving_address import answering_protocol
+from beam_jobs.predict.backends.serving_address import check_serving_address
+from beam_jobs.predict.backends.serving_address import rest_port_message
 from beam_jobs.predict.backends.tf_serving import DEFAULT_MAX_REQUEST_BYTES
 from beam_jobs.predict.backends.tf_serving import ServingGrpcHandler
 from beam_jobs.predict.backends.tf_serving import served_image_size
@@ -70,7 +74,9 @@ def image_bytes_within(max_request_bytes: int) -> int:
 
 def check_rest_transport(address: str, *, use_tls: bool = False,
                          allow_insecure: bool = False) -> None:
-  """Refuses plain HTTP to a host beyond this machine (`protocol.check_transport`'s rule)."""
+  """Refuses an address with a scheme, and plain HTTP to a host beyond this machine
+  (`protocol.check_transport`'s rule)."""
+  check_serving_address(address)
   host, _ = parse_address(address)
   if use_tls and allow_insecure:
     raise ValueError('use_tls (--tls) and allow_insecure (--allow_insecure) contradict each other; '
@@ -189,7 +195,8 @@ def check_serving_model(address: str, model_name: str = schema.MODEL_NAME,
                         timeout_secs: float = 10.0) -> tuple[int, int]:
   """`tf_serving.check_serving_model` over REST (`GET .../metadata`): returns (image_size, version).
 
-  Waits up to `timeout_secs` for a server that is still starting.
+  Waits up to `timeout_secs` for a server that is still starting. A connection that fails without
+  an HTTP answer is probed (`serving_address`): a gRPC server there is named at once.
 
   Raises:
     ValueError: naming what was expected and what was found.
@@ -214,6 +221,12 @@ def check_serving_model(address: str, model_name: str = schema.MODEL_NAME,
         if failure.http_status is not None:
           raise ValueError(f'{url} refused the metadata request for {wanted}: '
                            f'{failure.details()}') from None
+        # A refused connection (a server still starting) is refused again at once; only a
+        # server that answered in another protocol makes the probe read anything.
+        if (failure.code() == grpc.StatusCode.UNAVAILABLE
+            and answering_protocol(address, use_tls=use_tls,
+                                   root_certificates=root_certificates) == HTTP2):
+          raise ValueError(rest_port_message(url)) from None
         if time.monotonic() >= give_up_at:
           raise ValueError(
               f'no TF Serving REST API answered at {url} within {timeout_secs:g}s '
