@@ -27,9 +27,12 @@ CASE_PEAK_BYTES = 64 * 2**20
 def _seeds() -> list[bytes]:
   rng = np.random.default_rng(0)
   chip = draw_chip(['clear', 'primary', 'road'], rng)
-  png = io.BytesIO()
+  png, progressive, rgba_tiff = io.BytesIO(), io.BytesIO(), io.BytesIO()
   chip.resize((64, 64)).save(png, 'PNG')
-  seeds = [encode_chip(chip, as_cmyk=False), encode_chip(chip, as_cmyk=True), png.getvalue()]
+  chip.resize((64, 64)).save(progressive, 'JPEG', quality=90, progressive=True)
+  chip.resize((32, 32)).convert('RGBA').save(rgba_tiff, 'TIFF')  # a multi-band TIFF that decodes
+  seeds = [encode_chip(chip, as_cmyk=False), encode_chip(chip, as_cmyk=True), png.getvalue(),
+           progressive.getvalue(), rgba_tiff.getvalue()]
   real = sorted((PLANET_DIR / 'train-jpg').glob('*.jpg'))[:2] if PLANET_DIR.is_dir() else []
   return seeds + [p.read_bytes() for p in real]
 

@@ -1,5 +1,6 @@
 """The one decoder: correct colours for every image kind, typed refusals for every bad input."""
 import io
+import struct
 import tracemalloc
 
 import numpy as np
@@ -7,7 +8,9 @@ import pytest
 from PIL import Image
 
 from beam_jobs.common.image_decoder import RESIZE_FILTER, decode_image
+from beam_jobs.make_sample import draw_chip, encode_chip
 from model.errors import InputRefused, Reason
+from tests.conftest import PLANET_DIR
 from tests.hostile_inputs import png_declaring
 
 
@@ -238,3 +241,197 @@ def test_a_file_is_read_whole_whatever_its_size_and_refused_above_the_limit(tmp_
   with pytest.raises(InputRefused) as refused:
     read_image_file(str(tmp_path / 'f30000.jpg'), 29_999)
   assert refused.value.reason == Reason.FILE_TOO_LARGE
+
+
+# Multi-band and 16-bit TIFFs: Pillow cannot write these, so a minimal writer makes them.
+def _tiff(pixels: np.ndarray, photometric: int = 2, extra_samples: int | None = None) -> bytes:
+  """An uncompressed little-endian TIFF of `pixels` ([height, width, samples], uint8 or uint16).
+
+  Tags: width, height, bits per sample, compression (1: none), photometric (2: RGB, 1: grey),
+  strip offset, samples per pixel, rows per strip, strip byte count, planar config (1: chunky),
+  and ExtraSamples when given (0: unspecified, 1: associated alpha, 2: unassociated alpha).
+  """
+  height, width, samples = pixels.shape
+  bits = pixels.dtype.itemsize * 8
+  image_data = pixels.astype(pixels.dtype.newbyteorder('<')).tobytes()
+  bits_array = struct.pack(f'<{samples}H', *[bits] * samples)
+  bits_offset = 8 + len(image_data)
+  ifd_offset = bits_offset + len(bits_array) + (bits_offset + len(bits_array)) % 2
+
+  def entry(tag, kind, count, value):
+    inline = struct.pack('<HH', value, 0) if kind == 3 else struct.pack('<I', value)
+    return struct.pack('<HHI', tag, kind, count) + inline
+
+  short, long_ = 3, 4
+  # Up to two 16-bit values fit in the entry itself; more are stored at an offset.
+  bits_entry = (struct.pack('<HHI', 258, short, samples) + bits_array.ljust(4, b'\0')
+                if samples <= 2 else struct.pack('<HHII', 258, short, samples, bits_offset))
+  entries = [entry(256, short, 1, width), entry(257, short, 1, height), bits_entry,
+             entry(259, short, 1, 1), entry(262, short, 1, photometric),
+             entry(273, long_, 1, 8), entry(277, short, 1, samples), entry(278, short, 1, height),
+             entry(279, long_, 1, len(image_data)), entry(284, short, 1, 1)]
+  if extra_samples is not None:
+    entries.append(entry(338, short, 1, extra_samples))
+  header = b'II*\x00' + struct.pack('<I', ifd_offset)
+  body = (image_data + bits_array).ljust(ifd_offset - 8, b'\0')
+  return (header + body + struct.pack('<H', len(entries)) + b''.join(entries)
+          + struct.pack('<I', 0))
+
+
+def _bands(samples: int, dtype: str, size: int = 16) -> np.ndarray:
+  top = 65535 if dtype == '<u2' else 255
+  return np.random.default_rng(samples).integers(0, top, (size, size, samples)).astype(dtype)
+
+
+def _bands_refusal(data: bytes) -> str:
+  with pytest.raises(InputRefused) as info:
+    decode_image(data, 64)
+  assert info.value.reason is Reason.UNSUPPORTED_BANDS, info.value
+  return info.value.message
+
+
+def test_tiff_writer_makes_what_pillow_reads():
+  # So that a refusal below is for the bands, not for a file the writer got wrong.
+  pixels = _bands(3, '|u1')
+  assert np.array_equal(np.asarray(Image.open(io.BytesIO(_tiff(pixels)))), pixels)
+  image = Image.open(io.BytesIO(_tiff(_bands(4, '<u2'), extra_samples=1)))
+  assert (image.mode, image.tile[0].args[0]) == ('RGBA', 'RGBa;16L')  # NIR read as alpha.
+
+
+@pytest.mark.parametrize('extra_samples', [1, None, 0, 2])
+def test_refuses_4_band_16_bit_tiffs_like_planets_analytic_chips(extra_samples):
+  message = _bands_refusal(_tiff(_bands(4, '<u2'), extra_samples=extra_samples))
+  assert 'a 4-band 16-bit TIFF' in message and 'B,G,R,NIR' in message
+  assert 'predict the matching JPEG chip' in message
+  assert 'convert the TIFF to an 8-bit RGB' in message
+
+
+@pytest.mark.parametrize('samples, photometric', [(3, 2), (4, 5), (2, 1), (5, 2)])
+def test_refuses_every_16_bit_tiff_of_more_than_one_band(samples, photometric):
+  # 3-band RGB and CMYK would lose their low byte unrounded; 2 and 5 bands Pillow cannot open
+  # (it would say NOT_AN_IMAGE, "expected a JPEG or PNG").
+  extra = 2 if samples == 2 else None
+  message = _bands_refusal(_tiff(_bands(samples, '<u2'), photometric, extra))
+  assert f'a {samples}-band 16-bit TIFF' in message
+
+
+@pytest.mark.parametrize('extra_samples', [1, 0, None])
+def test_refuses_8_bit_tiffs_with_a_band_not_declared_plain_alpha(extra_samples):
+  message = _bands_refusal(_tiff(_bands(4, '|u1'), extra_samples=extra_samples))
+  assert 'not declared plain alpha' in message and 'convert the TIFF' in message
+
+
+def test_8_bit_rgba_tiff_with_true_alpha_decodes_like_the_same_png():
+  rgba = Image.fromarray(_gradient(64)).convert('RGBA')
+  rgba.putalpha(Image.fromarray(_gradient(64)[..., 0]))
+  from_png = decode_image(_encode(rgba, 'PNG'), 32)
+  np.testing.assert_array_equal(decode_image(_encode(rgba, 'TIFF'), 32), from_png)
+  np.testing.assert_array_equal(
+      decode_image(_tiff(np.asarray(rgba), extra_samples=2), 32), from_png)
+
+
+def test_16_bit_grey_tiff_and_8_bit_rgb_tiff_still_decode():
+  grey = _grey_ramp_16_bit(32, 32)[..., np.newaxis]
+  expected = np.rint(grey[..., 0] / 257).astype(np.uint8)
+  np.testing.assert_array_equal(decode_image(_tiff(grey, photometric=1), 32)[..., 0], expected)
+  rgb = _gradient(32)
+  np.testing.assert_array_equal(decode_image(_tiff(rgb), 32), rgb)
+
+
+def test_refuses_modes_without_a_faithful_rgb_picture():
+  lab = Image.fromarray(_gradient(32)).convert('LAB')
+  assert 'LAB' in _bands_refusal(_encode(lab, 'TIFF'))
+
+
+def test_a_multi_band_tiff_behind_a_jpg_name_is_refused_the_same(tmp_path):
+  from beam_jobs.common.image_files import read_image_file
+  data = _tiff(_bands(4, '<u2'), extra_samples=1)
+  path = tmp_path / 'train_0.jpg'
+  path.write_bytes(data)
+  assert _bands_refusal(read_image_file(str(path), 2**20)) == _bands_refusal(data)
+
+
+def test_planets_real_analytic_tiffs_are_refused():
+  paths = sorted((PLANET_DIR / 'train-tif').glob('*.tif'))
+  if not paths:
+    pytest.skip(f'no real Planet TIFFs under {PLANET_DIR}')
+  for path in paths:
+    assert 'a 4-band 16-bit TIFF' in _bands_refusal(path.read_bytes()), path.name
+
+
+# JPEGs whose data ends before the picture that their header declares.
+def _chip(seed: int = 0) -> Image.Image:
+  return draw_chip(['clear', 'primary', 'road'], np.random.default_rng(seed))
+
+
+JPEG_KINDS = {
+    'baseline': lambda image: encode_chip(image, as_cmyk=False),
+    'cmyk': lambda image: encode_chip(image, as_cmyk=True),  # as Planet's chips are written
+    'progressive': lambda image: _encode(image, 'JPEG', quality=90, progressive=True),
+}
+
+
+def _with_rows_times(jpeg: bytes, factor: int) -> bytes:
+  """The JPEG with its start-of-frame height multiplied by `factor`, its data unchanged."""
+  pos = 2
+  while jpeg[pos + 1] not in (0xC0, 0xC1, 0xC2):
+    pos += 2 + int.from_bytes(jpeg[pos + 2:pos + 4], 'big')
+  height = int.from_bytes(jpeg[pos + 5:pos + 7], 'big')
+  return jpeg[:pos + 5] + (height * factor).to_bytes(2, 'big') + jpeg[pos + 7:]
+
+
+def _previous_decoder(data: bytes, size: int) -> np.ndarray:
+  """What the decoder did before it checked JPEG data for completeness."""
+  image = Image.open(io.BytesIO(data))
+  image.draft('RGB', (size, size))
+  image = image.convert('RGB')
+  return np.asarray(image if image.size == (size, size) else image.resize((size, size),
+                                                                           RESIZE_FILTER))
+
+
+def _truncation_message(data: bytes, size: int) -> str:
+  with pytest.raises(InputRefused) as info:
+    decode_image(data, size)
+  assert info.value.reason is Reason.TRUNCATED_IMAGE, info.value
+  assert 're-copy it from its source' in info.value.message
+  return info.value.message
+
+
+@pytest.mark.parametrize('size', [256, 64])   # full size, and the draft path (1/4 scale)
+@pytest.mark.parametrize('kind', sorted(JPEG_KINDS))
+def test_refuses_jpeg_whose_header_declares_4x_the_rows(kind, size):
+  data = _with_rows_times(JPEG_KINDS[kind](_chip()), 4)
+  # Pillow alone pads the missing rows and returns a picture: the case this check exists for.
+  assert _previous_decoder(data, size).shape == (size, size, 3)
+  assert '256x1024 picture its header declares' in _truncation_message(data, size)
+
+
+@pytest.mark.parametrize('size', [256, 64])
+@pytest.mark.parametrize('kind', sorted(JPEG_KINDS))
+def test_refuses_jpeg_cut_in_half_with_or_without_an_end_marker(kind, size):
+  data = JPEG_KINDS[kind](_chip())
+  half = data[:len(data) // 2]
+  _truncation_message(half, size)
+  _truncation_message(half + b'\xff\xd9', size)
+
+
+@pytest.mark.parametrize('size', [256, 128, 32])
+@pytest.mark.parametrize('kind', sorted(JPEG_KINDS))
+def test_whole_jpegs_decode_as_before(kind, size):
+  for seed in range(3):
+    data = JPEG_KINDS[kind](_chip(seed))
+    np.testing.assert_array_equal(decode_image(data, size), _previous_decoder(data, size))
+
+
+@pytest.mark.parametrize('kind', sorted(JPEG_KINDS))
+def test_a_whole_jpeg_with_a_flat_last_block_decodes_and_a_short_one_is_refused(kind):
+  # A flat corner (a no-data border, a saturated cloud) is what a padded scan looks like too, so
+  # these take the second decode: whole, it must change nothing; short, it must refuse.
+  pixels = np.array(_chip())
+  pixels[-64:] = (0, 0, 0)
+  data = JPEG_KINDS[kind](Image.fromarray(pixels))
+  for size in (256, 64):
+    decoded = decode_image(data, size)
+    np.testing.assert_array_equal(decoded, _previous_decoder(data, size))
+    assert (decoded[-1, -1] == decoded[-1, -2]).all()  # flat, so this case is what it says
+    _truncation_message(_with_rows_times(data, 2), size)
