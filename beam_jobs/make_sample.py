@@ -187,7 +187,7 @@ def make_sample(output_dir: str, count: int, seed: int, prefix: str = 'train') -
 def main(argv=None):
   parser = command_line.ArgumentParser(prog='python -m beam_jobs.make_sample',
                                        description=__doc__.split('\n')[0])
-  parser.add_argument('--output_dir', required=True)
+  parser.add_argument('--output_dir', type=command_line.user_path, required=True)
   parser.add_argument('--count', type=int, default=500)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--prefix', default='train', help='image names are <prefix>_<index>')

@@ -28,6 +28,7 @@ class Reason(str, enum.Enum):
   MISSING_IMAGE = 'MISSING_IMAGE'
   IMAGE_WITHOUT_ROW = 'IMAGE_WITHOUT_ROW'
   UNREADABLE_FILE = 'UNREADABLE_FILE'
+  UNREADABLE_FOLDER = 'UNREADABLE_FOLDER'   # a folder under an input that cannot be listed
   # What sits in a folder under an image's name but is not safe to read as one.
   NOT_A_REGULAR_FILE = 'NOT_A_REGULAR_FILE'
   BROKEN_LINK = 'BROKEN_LINK'

@@ -228,9 +228,11 @@ def info_from_metrics(metrics: dict) -> dict:
 def main(argv=None):
   parser = command_line.ArgumentParser(prog='python -m model.export',
                                        description='Export a training checkpoint as the next version.')
-  parser.add_argument('--checkpoint', required=True, help='a .keras checkpoint written by model.train')
-  parser.add_argument('--export_base', required=True, help='exports go to EXPORT_BASE/PlanetModel/<N>')
-  parser.add_argument('--info_json',
+  parser.add_argument('--checkpoint', type=command_line.user_path,
+                      required=True, help='a .keras checkpoint written by model.train')
+  parser.add_argument('--export_base', type=command_line.user_path,
+                      required=True, help='exports go to EXPORT_BASE/PlanetModel/<N>')
+  parser.add_argument('--info_json', type=command_line.user_path,
                       help='JOB/metrics.json from model.train: its tuned ground thresholds and '
                            'eval summary go into planet.json (default: thresholds of 0.2)')
   args = parser.parse_args(argv)

@@ -66,7 +66,8 @@ def main(argv=None) -> None:
       prog='python -m model.serve',
       description='A TF Serving-compatible gRPC and REST server for development and tests '
                   '(production: tensorflow_model_server).')
-  parser.add_argument('--model_base_path', required=True, help='EXPORT/PlanetModel: numbered versions')
+  parser.add_argument('--model_base_path', type=command_line.user_path,
+                      required=True, help='EXPORT/PlanetModel: numbered versions')
   parser.add_argument('--port', type=int, default=8500, help='the gRPC API\'s port')
   parser.add_argument('--rest_api_port', type=int, default=0,
                       help='the REST API\'s port (TF Serving\'s JSON API); 0: no REST API, as '
@@ -75,9 +76,10 @@ def main(argv=None) -> None:
   parser.add_argument('--host', default='127.0.0.1',
                       help='interface to listen on (0.0.0.0: every interface, as TF Serving does)')
   parser.add_argument('--file_system_poll_wait_seconds', type=float, default=DEFAULT_POLL_SECONDS)
-  parser.add_argument('--ssl_cert_file', help='PEM certificate; with --ssl_key_file, serve TLS '
-                                               'only (HTTPS for REST)')
-  parser.add_argument('--ssl_key_file', help='PEM private key of --ssl_cert_file')
+  parser.add_argument('--ssl_cert_file', type=command_line.user_path,
+                      help='PEM certificate; with --ssl_key_file, serve TLS only (HTTPS for REST)')
+  parser.add_argument('--ssl_key_file', type=command_line.user_path,
+                      help='PEM private key of --ssl_cert_file')
   parser.add_argument('--inject_latency_secs', type=float, default=0.0,
                       help='fault injection: delay every Predict answer (gRPC and REST)')
   parser.add_argument('--inject_failure_fraction', type=float, default=0.0,
@@ -93,7 +95,7 @@ def main(argv=None) -> None:
   parser.add_argument('--enable_batching', action='store_true',
                       help="merge concurrent Predict calls into model-sized batches, as TF "
                            "Serving's --enable_batching does")
-  parser.add_argument('--batching_parameters_file',
+  parser.add_argument('--batching_parameters_file', type=command_line.user_path,
                       help="TF Serving's batching parameters in its text format "
                            "('max_batch_size { value: 128 }' per line)")
   for name, text in (('max_batch_size', 'rows (images) per model call (TF Serving: 1000)'),

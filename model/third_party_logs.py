@@ -59,6 +59,10 @@ _NOISY_LOGGERS = ('', 'apache_beam.runners.portability.local_job_service',
                   'apache_beam.runners.worker.sdk_worker_main')
 # Informational only ('INFO:tensorflow:Assets written to: ...'); their warnings still show.
 _CHATTY_LOGGERS = ('tensorflow', 'absl')
+# Beam logs, with its traceback, the exception of a step that fails the pipeline, then raises it
+# to the command, which reports it itself (model/command_line.py: one line, or the traceback of
+# an unexpected error): shown once, not twice.
+_REPEATING_LOGGERS = ('apache_beam.runners.common',)
 _TF_CPP_MIN_LOG_LEVEL = '2'   # TensorFlow's own C++ INFO and WARNING lines once it has loaded
 _READ_BYTES = 1 << 16
 _FILTER_EXIT_WAIT_SECONDS = 2.0
@@ -123,6 +127,8 @@ def hide_third_party_logs() -> None:
     logging.getLogger(name).addFilter(NoiseFilter())
   for name in _CHATTY_LOGGERS:
     logging.getLogger(name).setLevel(logging.WARNING)
+  for name in _REPEATING_LOGGERS:
+    logging.getLogger(name).setLevel(logging.CRITICAL)
   _filter_native_stderr()
 
 

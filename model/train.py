@@ -76,10 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = command_line.ArgumentParser(
       prog='python -m model.train',
       description='Train the Planet model on a preprocess output, evaluate it, export it.')
-  parser.add_argument('--data_dir', required=True, help='a beam_jobs.preprocess output folder')
-  parser.add_argument('--job_dir', required=True,
+  parser.add_argument('--data_dir', type=command_line.user_path,
+                      required=True, help='a beam_jobs.preprocess output folder')
+  parser.add_argument('--job_dir', type=command_line.user_path, required=True,
                       help='checkpoints/, logs/, history.json, metrics.json, manifest.json go here')
-  parser.add_argument('--export_base', required=True,
+  parser.add_argument('--export_base', type=command_line.user_path, required=True,
                       help='the trained model goes to EXPORT_BASE/PlanetModel/<next version>/')
   parser.add_argument('--epochs', type=int, default=10, help='total epochs, counting resumed ones')
   parser.add_argument('--batch_size', type=int, default=32)

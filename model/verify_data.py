@@ -109,7 +109,8 @@ def verify_data(data_dir: str, image_size: int | None = None, max_workers: int =
 
 def main(argv=None) -> int:
   parser = command_line.ArgumentParser(prog=PROG, description=__doc__.split('\n')[0])
-  parser.add_argument('data_dir', help='a beam_jobs.preprocess output folder (local or gs://)')
+  parser.add_argument('data_dir', type=command_line.user_path,
+                      help='a beam_jobs.preprocess output folder (local or gs://)')
   parser.add_argument('--image_size', type=int,
                       help='also refuse data prepared at another size (default: the manifest\'s)')
   parser.add_argument('--max_workers', type=int, default=4, help='shards read at once')

@@ -10,6 +10,7 @@ Usage:
   for path in list_image_files(ImageSource.of('photos/'), IMAGE_EXTENSIONS): ...
   data = read_image_file(path, max_bytes=DEFAULT_MAX_FILE_BYTES)
 """
+import contextlib
 import dataclasses
 import errno
 import glob
@@ -86,11 +87,24 @@ def _has_extension(path: str, extensions: tuple[str, ...]) -> bool:
 
 def _walk_local(folder: str, extensions: tuple[str, ...]) -> Iterator[str]:
   # os.walk never follows links to folders (no loops); a link, FIFO, device or folder with an
-  # image's name is listed like a file, so that reading it refuses it with its reason.
-  for root, dirs, files in os.walk(folder):
+  # image's name is listed like a file, so that reading it refuses it with its reason. A
+  # sub-folder that cannot be listed is listed too, whatever its name: its images are unknown,
+  # and reading it refuses it (UNREADABLE_FOLDER), so it is accounted for, never skipped.
+  unlisted = []
+  for root, dirs, files in os.walk(folder, onerror=unlisted.append):
+    yield from _unlisted_folders(unlisted, folder)
     for name in sorted(files + dirs):
       if _has_extension(name, extensions):
         yield os.path.join(root, name)
+  yield from _unlisted_folders(unlisted, folder)
+
+
+def _unlisted_folders(errors: list[OSError], top: str) -> Iterator[str]:
+  while errors:
+    error = errors.pop(0)
+    if error.filename == top:
+      raise error   # the --input itself: a configuration error, one line before anything runs
+    yield error.filename
 
 
 def list_image_files(source: ImageSource, extensions: tuple[str, ...]) -> Iterator[str]:
@@ -99,6 +113,9 @@ def list_image_files(source: ImageSource, extensions: tuple[str, ...]) -> Iterat
     if source.kind == 'folder':
       yield from _walk_local(source.path, extensions)
     elif source.kind == 'glob':
+      # glob() sees an unreadable folder as an empty one: every image would then be missing.
+      with os.scandir(source.root) if os.path.isdir(source.root) else contextlib.nullcontext():
+        pass
       for path in sorted(glob.glob(source.path, recursive=True)):
         if _has_extension(path, extensions):
           yield path
@@ -122,6 +139,11 @@ def _refuse_entry(path: str, error: OSError) -> InputRefused:
     return InputRefused(Reason.MISSING_IMAGE, 'the file disappeared after it was listed')
   if error.errno == errno.ENXIO:
     return InputRefused(Reason.NOT_A_REGULAR_FILE, 'a socket, not a file; remove it')
+  if os.path.isdir(path) and not os.path.islink(path):
+    return InputRefused(Reason.UNREADABLE_FOLDER,
+                        f'a folder that cannot be read ({error.strerror}): the images in it were '
+                        'not listed. Make it readable (chmod a+rx), or move it out of the input, '
+                        'and run again')
   return InputRefused(Reason.UNREADABLE_FILE, f'cannot open the file ({error.strerror}); check '
                                               'its permissions')
 

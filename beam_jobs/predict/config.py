@@ -98,10 +98,10 @@ def parse_args(argv) -> tuple[Any, list[str]]:
   parser = command_line.ArgumentParser(
       prog='python -m beam_jobs.predict', description=DESCRIPTION,
       epilog='Any other flag is passed to Beam (e.g. --runner, --direct_num_workers).')
-  parser.add_argument('--input', action='append', required=True,
+  parser.add_argument('--input', type=command_line.user_path, action='append', required=True,
                       help='a folder (every .jpg/.jpeg/.png below it), a glob or a file; repeatable')
-  parser.add_argument('--output_dir', required=True)
-  parser.add_argument('--model_dir',
+  parser.add_argument('--output_dir', type=command_line.user_path, required=True)
+  parser.add_argument('--model_dir', type=command_line.user_path,
                       help='EXPORT/PlanetModel (highest version) or one version folder; with '
                            '--serving_address, only where the thresholds are read')
   parser.add_argument('--serving_address',
@@ -122,7 +122,8 @@ def parse_args(argv) -> tuple[Any, list[str]]:
                       help='serving: a fixed version (default: latest)')
   parser.add_argument('--tls', action='store_true',
                       help='serving over TLS (gRPC, or HTTPS for REST)')
-  parser.add_argument('--root_cert', help='serving TLS: a PEM root certificate file')
+  parser.add_argument('--root_cert', type=command_line.user_path,
+                      help='serving TLS: a PEM root certificate file')
   parser.add_argument('--allow_insecure', action='store_true',
                       help='serving without TLS to a host that is not loopback')
   parser.add_argument('--max_request_bytes', type=int,
@@ -132,7 +133,8 @@ def parse_args(argv) -> tuple[Any, list[str]]:
   parser.add_argument('--retry_budget_secs', type=float,
                       help='serving: how long after its first transient failure a request is '
                            'retried before its images are dead-lettered UNAVAILABLE (default 30)')
-  parser.add_argument('--labels_csv', help='score the predictions against these labels')
+  parser.add_argument('--labels_csv', type=command_line.user_path,
+                      help='score the predictions against these labels')
   parser.add_argument('--max_bad_fraction', type=float,
                       default=dead_letters.DEFAULT_MAX_BAD_FRACTION)
   parser.add_argument('--batch_size', type=int,
@@ -144,7 +146,7 @@ def parse_args(argv) -> tuple[Any, list[str]]:
                            '(default %(default)s)')
   parser.add_argument('--overwrite', action='store_true',
                       help='delete an earlier run of this job in OUTPUT_DIR (only its own files)')
-  parser.add_argument('--previous_output',
+  parser.add_argument('--previous_output', type=command_line.user_path,
                       help='a finished prediction output: its rows for unchanged images (same '
                            'name and bytes) of the same model version and thresholds are carried '
                            'over, not predicted again')
