@@ -100,9 +100,17 @@ def system_error(error: BaseException) -> tuple[str, str | None, str] | None:
       return (cause.strerror or os.strerror(cause.errno), cause.filename,
               _SYSTEM_ERRORS[cause.errno])
     cause = cause.__cause__ or cause.__context__
-  found = _ERRNO_IN_TEXT.search(str(error))
+  text = str(error)
+  found = _ERRNO_IN_TEXT.search(text)
   if found and int(found.group(1)) in _SYSTEM_ERRORS:
     return found.group(2), found.group(3), _SYSTEM_ERRORS[int(found.group(1))]
+  # TensorFlow's file system reports the same conditions as its own errors (a full disk is a
+  # ResourceExhaustedError), with the system's words after the path: '/a/b; No space left...'.
+  for code, remedy in _SYSTEM_ERRORS.items():
+    words = os.strerror(code)
+    if words in text:
+      path = re.search(r'(/[^\s;,\']+)[;:,]? ' + re.escape(words), text)
+      return words, path.group(1) if path else None, remedy
   return None
 
 
