@@ -107,6 +107,37 @@ def test_previous_output_of_another_model_is_never_carried(images, tmp_path_fact
   assert "before rows recorded their model's fingerprint" in capsys.readouterr().out
 
 
+def test_rows_kept_by_a_killed_run_resume_only_under_the_same_model():
+  """A killed run's export re-made in place (same --model_dir, same version 1, other weights):
+  --resume is the same job by its arguments, but its kept rows are another model's."""
+  from beam_jobs.predict import incremental
+  from beam_jobs.predict import rows as predict_rows
+  inference = {schema.OUTPUT_WEATHER: [0.7, 0.1, 0.1, 0.1],
+               schema.OUTPUT_GROUND: [0.5] * 13, 'model_version': '1'}
+  decided = {}
+  for model in ('a', 'b'):
+    fingerprint = 'sha256:' + model * 32
+    thresholds = predict_rows.ThresholdsByVersion((0.2,) * 13, known={'1': (0.2,) * 13},
+                                                  fingerprints={'1': fingerprint})
+    if model == 'a':
+      kept = predict_rows.result_row('x', '/in/x.jpg', inference, thresholds, schema.MODEL_NAME,
+                                     sha256='5' * 64)
+      assert kept['model_fingerprint'] == fingerprint
+    plan = incremental.plan_carry_over(None, ('part',), schema.MODEL_NAME, '1', thresholds)
+    decided[model] = incremental.decide('x', [('/in/x.jpg', '5' * 64)], [], [kept], plan,
+                                        thresholds)[0]
+  assert decided == {'a': incremental.RESUMED, 'b': incremental.NEW}
+
+
+def test_a_labels_csv_that_is_a_fifo_is_refused_at_once(images, export_base, tmp_path):
+  fifo = tmp_path / 'labels.csv'
+  os.mkfifo(fifo)   # opening it to read would wait for a writer forever
+  refusal = _one_error_line(_command('beam_jobs.predict', _predict_argv(
+      images, tmp_path / 'out', export_base / schema.MODEL_NAME, '--labels_csv', str(fifo))))
+  assert refusal == f'predict: error: --labels_csv {fifo} is not a regular file'
+  assert not (tmp_path / 'out').exists()
+
+
 @pytest.mark.parametrize('thresholds', [[float('nan')] * 13, [1.5] * 13, [0.0] * 13, [0.2] * 12])
 def test_an_export_whose_thresholds_decide_nothing_is_refused(tmp_path, thresholds):
   from model.network import build_model

@@ -4,6 +4,7 @@ Everything here runs before the pipeline starts, so a wrong flag, input or model
 with a message that says what to do, and no worker ever sees it.
 """
 import logging
+import os
 from typing import Any, Iterable, NamedTuple
 
 from apache_beam.io.filesystems import FileSystems
@@ -15,6 +16,7 @@ from beam_jobs.predict import completed_rows
 from beam_jobs.predict.backends import DEFAULT_MAX_BATCH_SIZE
 from beam_jobs.predict.rows import ThresholdsByVersion
 from model import command_line, schema
+from model.manifest import is_local_path
 from model.output_dir import OutputLayout, with_beam_temporaries
 
 __all__ = ['DESCRIPTION', 'IMAGE_EXTENSIONS', 'LAYOUT', 'PREDICTION_FILES', 'PUBLISHED_LAST',
@@ -188,8 +190,13 @@ def check_inputs(sources: Iterable[ImageSource]) -> None:
 
 
 def check_labels_csv(path: str) -> None:
-  """A wrong header (ValueError from `has_data_rows`) or a file without rows fails here, not on
-  a worker."""
+  """A missing file, one that is not a regular file (a FIFO would block the read forever), a
+  wrong header (ValueError from `has_data_rows`) or a file without rows fails here, not on a
+  worker."""
+  if not FileSystems.exists(path):
+    raise FileNotFoundError(f'--labels_csv {path} does not exist')
+  if is_local_path(path) and not os.path.isfile(path):
+    raise ValueError(f'--labels_csv {path} is not a regular file')
   if not labels.has_data_rows(path):
     raise ValueError(f'--labels_csv {path} has a header but no rows: nothing to score against')
 

@@ -27,6 +27,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
+import os
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -105,6 +106,9 @@ def read_previous_output(path: str) -> PreviousOutput:
       raise FileNotFoundError(
           f'--previous_output {path}: its manifest lists {file}, which is missing: the folder '
           'changed after the run that wrote it; give a complete prediction output')
+    if manifest.is_local_path(file) and not os.path.isfile(file):
+      raise ValueError(f'--previous_output {path}: {file} is not a regular file (a FIFO or a '
+                       'device would never end); give a complete prediction output')
   model = record.get('model') or {}
   thresholds = {str(version): tuple(float(t) for t in values)
                 for version, values in (model.get('ground_thresholds') or {}).items()}
