@@ -51,25 +51,27 @@ def run(argv: list[str] | None = None) -> RunOutcome:
     config = dataclasses.replace(config, num_shards=encoder_processes.shards_per_process(
         config.num_shards, processes))
   show_progress_logs()
-  if dry_run:
-    return _run_claimed(config, facts, options, processes, dry_run=True)
-  # Held until the run ends (or its process dies): a second run into OUT is refused meanwhile.
-  with prepare_output_dir(config, args.overwrite):
-    return _run_claimed(config, facts, options, processes, dry_run=False)
+  # The encoder processes are forked before the output folder is locked: a child that inherited
+  # the lock would hold the folder for a moment after a killed job, refusing its re-run.
+  with encoder_processes.started(processes) if processes else contextlib.nullcontext():
+    if dry_run:
+      return _run_claimed(config, facts, options, dry_run=True)
+    # Held until the run ends (or its process dies): a second run into OUT is refused meanwhile.
+    with prepare_output_dir(config, args.overwrite):
+      return _run_claimed(config, facts, options, dry_run=False)
 
 
-def _run_claimed(config: PreprocessConfig, facts, options: PipelineOptions, processes: int,
+def _run_claimed(config: PreprocessConfig, facts, options: PipelineOptions,
                  dry_run: bool) -> RunOutcome:
   """The run once OUT is this run's: the pipeline, its checks, then the manifest."""
   started = time.monotonic()
-  with encoder_processes.started(processes) if processes else contextlib.nullcontext():
-    runner = runner_options.local_runner(options)
-    tally = ProgressTally.create() if runner is not None else None   # Dataflow: its counters
-    pipeline = beam.Pipeline(runner=runner, options=options)
-    build_pipeline(pipeline, config, tally.folder if tally else None)
-    with ShowProgress(schema.STAGE_PREPROCESS, facts.rows, 'CSV rows', tally):
-      result = pipeline.run()
-      result.wait_until_finish()
+  runner = runner_options.local_runner(options)
+  tally = ProgressTally.create() if runner is not None else None   # Dataflow: its counters
+  pipeline = beam.Pipeline(runner=runner, options=options)
+  build_pipeline(pipeline, config, tally.folder if tally else None)
+  with ShowProgress(schema.STAGE_PREPROCESS, facts.rows, 'CSV rows', tally):
+    result = pipeline.run()
+    result.wait_until_finish()
   if not dry_run and result.state != PipelineState.DONE:
     raise RuntimeError(f'the pipeline ended in state {result.state}; nothing was published')
   if dry_run:
