@@ -44,7 +44,7 @@ from model import schema
 from model.manifest import is_local_path, utc_timestamp
 
 __all__ = ['CLAIM_FILE', 'FolderClaim', 'OutputLayout', 'OutputRefused', 'check_outputs_apart',
-           'claim_output_dir', 'list_files', 'refuse_unknown_files', 'unknown_files',
+           'claim_output_dir', 'hold_folder', 'list_files', 'refuse_unknown_files', 'unknown_files',
            'with_beam_temporaries']
 
 CLAIM_FILE = '.planet-claim.json'
@@ -375,27 +375,50 @@ def claim_output_dir(output_dir: str, layout: OutputLayout, overwrite: bool,
     OutputRefused: with what it holds and what to do.
   """
   check_outputs_apart({flag: output_dir}, inputs or {})
-  local = is_local_path(output_dir)
-  if local and os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+  if (is_local_path(output_dir) and os.path.lexists(output_dir)
+      and not os.path.isdir(output_dir)):
     raise OutputRefused(f'{flag} {output_dir} is a file, not a folder: give a folder path '
                         '(it is created when missing)')
-  if local:
-    # A missing folder is made first (it holds nothing to judge), so that it can be locked.
-    os.makedirs(output_dir, exist_ok=True)
-    claim = FolderClaim(output_dir, _lock_local_folder(output_dir, layout, flag))
-  else:
-    _check_remote_claim(output_dir, layout, flag, overwrite or resume)
-    claim = FolderClaim(output_dir, None)
+  claim = _lock(output_dir, layout, flag, taking_over=overwrite or resume)
   try:
     _make_room(output_dir, layout, overwrite, resume, job, flag)
-    record = {'stage': layout.stage, 'claimed': utc_timestamp(), 'owner': _owner(),
-              **({'job': job} if job is not None else {})}
-    with FileSystems.create(FileSystems.join(output_dir, CLAIM_FILE)) as f:
-      f.write(json.dumps(record).encode('utf-8'))
+    _write_claim(output_dir, layout, job)
   except BaseException:
     claim.release()
     raise
   return claim
+
+
+def hold_folder(folder: str, layout: OutputLayout, flag: str) -> FolderClaim:
+  """Holds `folder` (created when missing) for this run, as `claim_output_dir` does, for a stage
+  that judges the folder's contents itself (model.train's --job_dir).
+
+  Raises:
+    OutputRefused: another live run holds it.
+  """
+  claim = _lock(folder, layout, flag, taking_over=False)
+  try:
+    _write_claim(folder, layout, None)
+  except BaseException:
+    claim.release()
+    raise
+  return claim
+
+
+def _lock(folder: str, layout: OutputLayout, flag: str, taking_over: bool) -> FolderClaim:
+  if is_local_path(folder):
+    # A missing folder is made first (it holds nothing to judge), so that it can be locked.
+    os.makedirs(folder, exist_ok=True)
+    return FolderClaim(folder, _lock_local_folder(folder, layout, flag))
+  _check_remote_claim(folder, layout, flag, taking_over)
+  return FolderClaim(folder, None)
+
+
+def _write_claim(folder: str, layout: OutputLayout, job: dict | None) -> None:
+  record = {'stage': layout.stage, 'claimed': utc_timestamp(), 'owner': _owner(),
+            **({'job': job} if job is not None else {})}
+  with FileSystems.create(FileSystems.join(folder, CLAIM_FILE)) as f:
+    f.write(json.dumps(record).encode('utf-8'))
 
 
 def _make_room(output_dir: str, layout: OutputLayout, overwrite: bool, resume: bool,

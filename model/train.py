@@ -41,7 +41,7 @@ from model import manifest as manifest_lib
 from model import network
 from model import schema
 from model.evaluation import describe_evaluation, evaluate, predict_split
-from model.output_dir import (OutputLayout, OutputRefused, check_outputs_apart,
+from model.output_dir import (OutputLayout, OutputRefused, check_outputs_apart, hold_folder,
                               refuse_unknown_files)
 # pylint: enable=wrong-import-position,wrong-import-order
 
@@ -383,6 +383,13 @@ def train(args: argparse.Namespace) -> dict:
   data = dataset_lib.load_prepared(args.data_dir, args.image_size)
   # Refuses a used JOB (or a checkpoint of another size) before the read of every shard.
   model, initial_epoch = restore_or_build(args, data.image_size)
+  # Held until training ends (or its process dies): a second run into JOB is refused meanwhile.
+  with hold_folder(args.job_dir, JOB_LAYOUT, '--job_dir'):
+    return _train_held(args, data, model, initial_epoch)
+
+
+def _train_held(args: argparse.Namespace, data, model: keras.Model, initial_epoch: int) -> dict:
+  """`train` once JOB is this run's: verify the shards, fit, evaluate, export."""
   summaries = dataset_lib.verify_shards(data)
   tf.io.gfile.makedirs(checkpoint_dir(args.job_dir))
   job_manifest = os.path.join(args.job_dir, schema.MANIFEST_FILE)

@@ -240,6 +240,27 @@ def test_preprocess_refuses_a_folder_another_preprocess_is_writing(tmp_path):
   _published_files_exist(out)
 
 
+def test_training_refuses_a_job_folder_another_process_holds(tmp_path_factory, tmp_path):
+  from tests.conftest_training import cached_prepared
+  prepared = cached_prepared(tmp_path_factory, count=40, image_size=32)
+  job = tmp_path / 'job'
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from model.output_dir import hold_folder; '
+       'from model.train import JOB_LAYOUT; hold_folder(sys.argv[1], JOB_LAYOUT, "--job_dir"); '
+       'print("held", flush=True); time.sleep(120)', str(job)],
+      cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    refusal = _one_error_line(_command('model.train', [
+        '--data_dir', str(prepared), '--job_dir', str(job), '--export_base',
+        str(tmp_path / 'export'), '--epochs', '1']))
+    assert f'--job_dir {job} is in use by a train job (pid {holder.pid}' in refusal, refusal
+    assert not (job / 'checkpoints').exists() and not (tmp_path / 'export').exists()
+  finally:
+    holder.kill()
+    holder.wait()
+
+
 # ----------------------------------------------------------------------------- failed runs
 
 
