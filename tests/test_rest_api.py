@@ -289,7 +289,7 @@ ERRORS = [
     ('floats for uint8', 'POST', PREDICT, {'inputs': (pixels(1) / 255.).tolist()}, 400,
      'is not of expected type: uint8'),
     ('wrong shape', 'POST', PREDICT, {'instances': np.zeros((1, 16, 16, 3), int).tolist()}, 400,
-     'has shape [1,16,16,3], the signature expects [-1,32,32,3]'),
+     'Input to reshape is a tensor with'),
     ('ragged lists', 'POST', PREDICT, {'instances': [[[[1, 2, 3]] * 32] * 31 + [[[1, 2]] * 32]]},
      400, 'Encountered list at unexpected size: 2 at level: 2 expected size: 3'),
     ('a big ragged body', 'POST', PREDICT,

@@ -7,8 +7,9 @@ signature, dtype and shape checks and their messages are the gRPC API's),
 `GET /v1/models/NAME[/versions/N]` is `GetModelStatus` and `GET .../metadata` is
 `GetModelMetadata`, each answered in TF Serving's JSON shape. An error is `{"error": "<message>"}` with the HTTP status TF Serving gives its code.
 
-Deliberate differences: `:classify` and `:regress` answer 501 (the model has only predict
-signatures); a path outside /v1/ answers 404 with a JSON error (TF Serving: an HTML page).
+Deliberate differences: `:classify` and `:regress` answer 501 (the batch job predicts only; a
+classify or regress signature is served through `:predict`); a path outside /v1/ answers 404 with
+a JSON error (TF Serving: an HTML page).
 
 Usage:
   api = RestApi(repository, prediction_service, model_service)
@@ -34,10 +35,10 @@ from model.serving.rest_protocol import HTTP_STATUS_BY_CODE
 from model.serving.rest_protocol import PREDICT_PATH
 from model.serving.rest_protocol import STATUS_PATH
 from model.serving.rest_protocol import error_body
+from model.serving.rest_answers import write_answer
+from model.serving.rest_json import read_request
 from model.serving.rest_tensors import read_inputs
-from model.serving.rest_tensors import read_request
 from model.serving.rest_tensors import signature_name
-from model.serving.rest_tensors import write_answer
 from model.serving.services import ModelService
 from model.serving.services import PredictionService
 
@@ -118,13 +119,18 @@ class RestApi:
       raise Refusal(grpc.StatusCode.NOT_FOUND, f'Not Found: {path[:200]} (the API is under /v1/)')
     if method == 'POST':
       found = PREDICT_PATH.fullmatch(path)
-      if found and found.group(4) == 'predict':
-        self._predict_body_bytes.append(len(body))   # one append: atomic across threads
-        return self._predict(_model_spec(*found.group(1, 2, 3)), body)
-      if found and found.group(4) in ('classify', 'regress'):
-        raise Refusal(grpc.StatusCode.UNIMPLEMENTED,
-                      f':{found.group(4)} is not served here: {self._repository.model_name} has '
-                      'only predict signatures (use :predict)')
+      if found:
+        # As ProcessRequest does: the version is read before the method is looked at.
+        # The path matches case-insensitively, the method name only as written (':PREDICT' is
+        # a malformed request there too).
+        spec = _model_spec(*found.group(1, 2, 3))
+        if found.group(4) == 'predict':
+          self._predict_body_bytes.append(len(body))   # one append: atomic across threads
+          return self._predict(spec, body)
+        if found.group(4) in ('classify', 'regress'):
+          raise Refusal(grpc.StatusCode.UNIMPLEMENTED,
+                        f':{found.group(4)} is not served here (use :predict, which also runs '
+                        'classify and regress signatures)')
     elif method == 'GET':
       found = STATUS_PATH.fullmatch(path)
       if found:
@@ -132,7 +138,9 @@ class RestApi:
         if not name:
           raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, 'Missing model name in request.')
         spec = _model_spec(name, version, label)
-        return self._metadata(spec) if metadata else self._status(spec)
+        # The path matches case-insensitively, but only 'metadata' itself asks for metadata
+        # (ProcessModelMetadataRequest); '/METADATA' answers the status, as in TF Serving.
+        return self._metadata(spec) if metadata == 'metadata' else self._status(spec)
     raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f'Malformed request: {method} {path[:200]}')
 
   def _predict(self, spec: model_pb2.ModelSpec, body: bytes) -> bytes:

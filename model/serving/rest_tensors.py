@@ -1,21 +1,21 @@
-"""TF Serving's JSON tensors: a predict body's `instances` / `inputs` to arrays, outputs to answers.
+"""TF Serving's JSON tensors: a predict body's `instances` / `inputs` read into arrays.
 
-What tensorflow_serving/util/json_tensor.cc does, with its messages: the row format (`instances`:
-a list with one item per example, each a value or an object of named inputs, stacked along a new
-first dimension) answered as `predictions` (one item per example, an object of named outputs when
-there are several); the columnar format (`inputs`: the whole tensor, or an object of them)
-answered as `outputs`. A string tensor's value may be `{"b64": "..."}`, and an output whose name
-ends in `_bytes` is written that way. Floats are written as the shortest text that reads back as
-the same float32, as TF Serving's `WriteDecimal` does.
+What `FillPredictRequestFromJson` of tensorflow_serving/util/json_tensor.cc does, with its
+messages: the row format (`instances`: a list with one item per example, each a value or an object
+of named inputs, stacked along a new first dimension) or the columnar format (`inputs`: the whole
+tensor, or an object of them). A string tensor's value may be `{"b64": "..."}`. Any JSON number
+goes into a float or double tensor (an integer of 2^24 or more, as TF Serving has since 2.5.1;
+`1.79769e+308` becomes `inf` in a float, as `GetFloat()` casts it); `true` and `false` only into
+a bool one. The body is read by `rest_json`, answers are written by `rest_answers`.
 
 Three deliberate differences: a number out of range of an integer input (300 for uint8) is refused
-where TF Serving wraps it; a value quoted in a message is cut at 200 characters (TF Serving quotes
-a whole image); tensors nested deeper than 64 levels are refused.
+where TF Serving wraps it (a batch job must not predict a different image than it sent); a value
+quoted in a message is cut at 200 characters (TF Serving quotes a whole image); tensors nested
+deeper than 64 levels are refused (TF has at most 64 dimensions anyway).
 
 Usage:
-  doc = read_request(body)
+  doc = rest_json.read_request(body)
   arrays, row_format = read_inputs(doc, signature_def.inputs)
-  answer = write_answer({'weather': weather, 'ground': ground}, row_format)
 """
 import base64
 import binascii
@@ -27,14 +27,12 @@ import orjson
 from tensorflow.core.framework import types_pb2
 
 from model.serving.refusal import Refusal
+from model.serving.rest_answers import data_type_string
 from model.serving.rest_arrays import NumericSpan
-from model.serving.rest_arrays import loads as loads_with_numeric_spans
 
-__all__ = ['columnar_request', 'read_float_outputs', 'read_inputs', 'read_request',
-           'signature_name', 'write_answer']
+__all__ = ['columnar_request', 'read_float_outputs', 'read_inputs', 'signature_name']
 
 _B64 = 'b64'
-_BYTES_SUFFIX = '_bytes'
 _QUOTED_CHARS = 200
 _MAX_RANK = 64
 # DataType -> (TF's name for it, numpy dtype); the types TF Serving's JSON reader converts.
@@ -77,29 +75,7 @@ def _shape_text(shape) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Request bodies.
-
-def read_request(body: bytes) -> dict:
-  """The JSON object of a request body (big arrays of numbers left as `NumericSpan`s), or TF
-  Serving's INVALID_ARGUMENT `Refusal`."""
-  if not body.strip():
-    raise _invalid('JSON Parse error: The document is empty')
-  try:
-    doc = loads_with_numeric_spans(body)
-  except orjson.JSONDecodeError:
-    try:  # NaN, Infinity and integers over 64 bits are valid for TF Serving's parser too
-      doc = json.loads(body)
-    except json.JSONDecodeError as error:
-      raise _invalid(f'JSON Parse error: {error.msg} at offset: {error.pos}') from None
-    except UnicodeDecodeError as error:
-      raise _invalid('JSON Parse error: Invalid encoding in string. at offset: '
-                     f'{error.start}') from None
-    except RecursionError:
-      raise _invalid('JSON Parse error: nested too deeply') from None
-  if not isinstance(doc, dict):
-    raise _invalid(f'JSON Value: {_quoted(doc)} Is not object')
-  return doc
-
+# Request bodies (read by rest_json).
 
 def signature_name(doc: dict) -> str:
   """The request's `signature_name` ('' when absent: the default signature)."""
@@ -113,8 +89,8 @@ def signature_name(doc: dict) -> str:
 def _scalar(value, dtype_name: str, np_dtype):
   """One JSON value as a value of the tensor's type, or TF Serving's refusal of it."""
   if np_dtype is object:
-    if isinstance(value, str):
-      return value.encode()
+    if isinstance(value, str):   # bytes that are not UTF-8 arrive as sent (rest_json)
+      return value.encode('utf-8', 'surrogateescape')
     if isinstance(value, dict):
       if not _is_b64(value):
         raise _invalid(f'JSON Value: {_quoted(value)} not formatted correctly for base64 data')
@@ -126,13 +102,10 @@ def _scalar(value, dtype_name: str, np_dtype):
     kind = np.dtype(np_dtype).kind
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind == 'f' and is_number:
-      info = np.finfo(np_dtype)
-      lossless = (abs(value) < 2 ** (info.nmant + 1) if isinstance(value, int)
-                  else not np.isfinite(value) or abs(value) <= info.max)
-      if not lossless:
-        raise _invalid(f'Cannot convert JSON value: {_quoted(value)} to {dtype_name} without '
-                       'loss of precision.')
-      return value
+      try:
+        return float(value)   # cast to the tensor's type with the others: inf where too big
+      except OverflowError:   # an integer beyond any double: rapidjson cannot read it either
+        raise _invalid('JSON Parse error: Number too big to be stored in double.') from None
     if kind in 'iu' and is_number and isinstance(value, int):
       info = np.iinfo(np_dtype)
       if info.min <= value <= info.max:
@@ -172,17 +145,24 @@ def _checked_walk(value, dtype_name: str, np_dtype) -> np.ndarray:
       fill(element, level + 1)
 
   fill(value, 0)
-  array = np.empty(len(flat), dtype=np_dtype)
-  array[:] = flat
+  if np_dtype is object:
+    array = np.empty(len(flat), dtype=object)
+    array[:] = flat
+  else:
+    with np.errstate(over='ignore'):   # a double beyond float's range is inf, as in TF
+      array = np.array(flat, dtype=np.float64 if np.dtype(np_dtype).kind == 'f' else np_dtype)
+      array = array.astype(np_dtype)
   return array.reshape(shape)
 
 
-def _fast_array(value, np_dtype) -> np.ndarray | None:
+def _fast_array(value, np_dtype, may_hold_bools: bool) -> np.ndarray | None:
   """A well-formed numeric tensor in one numpy call; None sends it to the checked walk.
 
-  A bool among numbers becomes 0 or 1 here (numpy's rule) where TF Serving refuses it.
+  numpy reads a bool among numbers as 0 or 1 where TF Serving refuses it, so lists from a body
+  that may hold `true` or `false` take the checked walk (big arrays come as `NumericSpan`s,
+  which hold only numbers).
   """
-  if np_dtype is object:
+  if np_dtype is object or (may_hold_bools and not isinstance(value, np.ndarray)):
     return None
   try:
     array = np.asarray(value)
@@ -196,39 +176,37 @@ def _fast_array(value, np_dtype) -> np.ndarray | None:
   elif target.kind in 'iu':
     info = np.iinfo(target)
     fits = kind in 'iu' and info.min <= array.min() and array.max() <= info.max
-  elif kind in 'iu':
-    fits = np.abs(array).max() < 2 ** (np.finfo(target).nmant + 1)
-  elif kind == 'f':
-    finite = array[np.isfinite(array)]
-    fits = finite.size == 0 or np.abs(finite).max() <= np.finfo(target).max
-  else:
-    fits = False
-  return array.astype(target, copy=False) if fits else None
+  else:   # any number into a float tensor; beyond its range, inf
+    fits = kind in 'iuf'
+  if not fits:
+    return None
+  with np.errstate(over='ignore'):
+    return array.astype(target, copy=False)
 
 
-def _tensor(value, info) -> np.ndarray:
+def _tensor(value, info, may_hold_bools: bool = True) -> np.ndarray:
   """One input's JSON value as an array of the signature's dtype."""
   if info.dtype not in _DTYPES:
     raise Refusal(grpc.StatusCode.UNIMPLEMENTED, f'Conversion of JSON Value: {_quoted(value)} to '
-                  f'type: {types_pb2.DataType.Name(info.dtype)}')
+                  f'type: {data_type_string(info.dtype)}')
   dtype_name, np_dtype = _DTYPES[info.dtype]
   if isinstance(value, NumericSpan):
     array = value.array()
-    array = None if array is None else _fast_array(array, np_dtype)
+    array = None if array is None else _fast_array(array, np_dtype, False)
     if array is not None:
       return array
     value = value.value()
-  array = _fast_array(value, np_dtype)
+  array = _fast_array(value, np_dtype, may_hold_bools)
   return array if array is not None else _checked_walk(value, dtype_name, np_dtype)
 
 
-def _read_rows(instances, infos) -> dict[str, np.ndarray]:
+def _read_rows(instances, infos, may_hold_bools: bool) -> dict[str, np.ndarray]:
   """The row format: one item per example, stacked (FillTensorMapFromInstancesList)."""
   names = sorted(infos)
   if isinstance(instances, NumericSpan):   # a list of plain items, read whole
     array = instances.array()
     if array is not None and len(names) == 1 and infos[names[0]].dtype in _DTYPES:
-      array = _fast_array(array, _DTYPES[infos[names[0]].dtype][1])
+      array = _fast_array(array, _DTYPES[infos[names[0]].dtype][1], False)
       if array is not None:
         return {names[0]: array}
     instances = instances.value()
@@ -242,7 +220,7 @@ def _read_rows(instances, infos) -> dict[str, np.ndarray]:
     try:
       if name not in infos:
         raise _invalid(f'JSON object: does not have named input: {name}')
-      array = _tensor(value, infos[name])
+      array = _tensor(value, infos[name], may_hold_bools)
       if name in columns and columns[name][0].shape != array.shape:
         first = columns[name][0]
         raise _invalid(f'Expecting tensor size: {first.size} but got: {array.size}'
@@ -271,19 +249,19 @@ def _read_rows(instances, infos) -> dict[str, np.ndarray]:
   return {name: np.stack(arrays) for name, arrays in columns.items()}
 
 
-def _read_columns(inputs, infos) -> dict[str, np.ndarray]:
+def _read_columns(inputs, infos, may_hold_bools: bool) -> dict[str, np.ndarray]:
   """The columnar format: each input whole (FillTensorMapFromInputsMap)."""
   if not isinstance(inputs, dict) or _is_b64(inputs):
     if len(infos) > 1:
       raise _invalid('inputs is a plain value/list, but expecting an object as multiple input '
                      'tensors required as per tensorinfo_map')
     (name,) = infos
-    return {name: _tensor(inputs, infos[name])}
+    return {name: _tensor(inputs, infos[name], may_hold_bools)}
   arrays = {}
   for name in sorted(infos):
     if name not in inputs:
       raise _invalid(f"Missing named input: {name} in 'inputs' object.")
-    arrays[name] = _tensor(inputs[name], infos[name])
+    arrays[name] = _tensor(inputs[name], infos[name], may_hold_bools)
   return arrays
 
 
@@ -299,6 +277,7 @@ def read_inputs(doc: dict, infos) -> tuple[dict[str, np.ndarray], bool]:
   """
   if not infos:
     raise _invalid(f'Failed to get input map for signature: {signature_name(doc) or "DEFAULT"}')
+  may_hold_bools = getattr(doc, 'may_hold_bools', True)
   if 'instances' in doc and 'inputs' in doc:
     raise _invalid(f"JSON Value: {_quoted(doc)} Not formatted correctly expecting only one of "
                    "'inputs' or 'instances' keys to exist ")
@@ -308,56 +287,10 @@ def read_inputs(doc: dict, infos) -> tuple[dict[str, np.ndarray], bool]:
       raise _invalid(f"JSON Value: {_quoted(doc)} Excepting 'instances' to be an list/array")
     if not instances:
       raise _invalid(f"JSON Value: {_quoted(doc)} No values in 'instances' array")
-    return _read_rows(instances, infos), True
+    return _read_rows(instances, infos, may_hold_bools), True
   if 'inputs' in doc:
-    return _read_columns(doc['inputs'], infos), False
+    return _read_columns(doc['inputs'], infos, may_hold_bools), False
   raise _invalid("Missing 'inputs' or 'instances' key")
-
-
-# ---------------------------------------------------------------------------------------------
-# Answers.
-
-def _string_values(name: str, array: np.ndarray):
-  """A string tensor as nested lists: text, or {"b64": ...} for an output named *_bytes."""
-  def one(value: bytes):
-    if name.endswith(_BYTES_SUFFIX):
-      return {_B64: base64.b64encode(value).decode()}
-    return value.decode('utf-8', 'replace')
-  strings = np.empty(array.size, dtype=object)
-  strings[:] = [one(v) for v in array.ravel()]
-  return strings.reshape(array.shape).tolist()
-
-
-def write_answer(outputs: dict[str, np.ndarray], row_format: bool) -> bytes:
-  """The answer body: `{"predictions": [...]}` (row format) or `{"outputs": ...}` (columnar)."""
-  if not outputs:
-    raise _invalid('Cannot convert empty tensor map to JSON')
-  names = sorted(outputs)
-  plain = all(outputs[n].dtype.kind != 'f' or np.isfinite(outputs[n]).all() for n in names)
-  values = {}
-  for name in names:
-    array = outputs[name]
-    if array.dtype.kind in 'OSU':
-      values[name] = _string_values(name, array)
-    else:   # orjson writes float32 as the shortest text that reads back the same; NaN needs json
-      values[name] = np.ascontiguousarray(array) if plain else array.tolist()
-  if row_format:
-    batch = None
-    for name in names:
-      if outputs[name].ndim == 0:
-        raise _invalid(f'Tensor name: {name} has no shape information ')
-      if batch is not None and outputs[name].shape[0] != batch:
-        raise _invalid(f'Tensor name: {name} has inconsistent batch size: '
-                       f'{outputs[name].shape[0]} expecting: {batch}')
-      batch = outputs[name].shape[0]
-    rows = [{name: values[name][i] for name in names} if len(names) > 1 else values[names[0]][i]
-            for i in range(batch)]
-    answer = {'predictions': rows}
-  else:
-    answer = {'outputs': values if len(names) > 1 else values[names[0]]}
-  if plain:
-    return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
-  return json.dumps(answer).encode()   # NaN, Infinity, -Infinity, as TF Serving writes them
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,8 +310,11 @@ def read_float_outputs(body: bytes, names) -> dict[str, np.ndarray]:
     ValueError: the body is not such an answer.
   """
   try:
-    outputs = json.loads(body)['outputs'] if b'NaN' in body or b'Infinity' in body else (
-        orjson.loads(body)['outputs'])
+    try:
+      answer = orjson.loads(body)
+    except orjson.JSONDecodeError:   # NaN, Infinity, -Infinity: TF Serving's non-finite floats
+      answer = json.loads(body)
+    outputs = answer['outputs']
   except (ValueError, KeyError, TypeError) as error:
     raise ValueError(f'not a columnar predict answer ({type(error).__name__}: {error}): '
                      f'{body[:200]!r}') from None
@@ -386,6 +322,7 @@ def read_float_outputs(body: bytes, names) -> dict[str, np.ndarray]:
     found = sorted(outputs) if isinstance(outputs, dict) else 'one, unnamed'
     raise ValueError(f'the answer has outputs {found}; expected {sorted(names)}')
   try:
-    return {name: np.asarray(outputs[name], dtype=np.float32) for name in names}
+    with np.errstate(over='ignore'):   # a double past float's range, as a float32 reads it
+      return {name: np.asarray(outputs[name], dtype=np.float32) for name in names}
   except (ValueError, TypeError) as error:
     raise ValueError(f'an output is not a numeric tensor: {error}') from None

@@ -23,15 +23,14 @@ from model.serving.repository import ModelRepository
 
 __all__ = ['ModelService', 'PredictionService', 'RequestStats']
 
-_PREDICT_METHOD = 'tensorflow/serving/predict'
+# predict_util.cc runs a signature of any of these methods (a classify or regress signature is
+# fed its serialized tf.Examples as a string tensor).
+_PREDICT_METHODS = ('tensorflow/serving/predict', 'tensorflow/serving/classify',
+                    'tensorflow/serving/regress')
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 # How long a batched request waits for its model call when the caller set no deadline (REST has
 # none): a bound, so that no server thread waits forever.
 _NO_DEADLINE_WAIT_SECS = 300.0
-
-
-def _shape_text(dims) -> str:
-  return '[' + ','.join(str(d) for d in dims) + ']'
 
 
 def _dtype_name(dtype: int) -> str:
@@ -103,10 +102,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
       # TF Serving answers FAILED_PRECONDITION here (predict_util.cc), not INVALID_ARGUMENT.
       raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
                     f'Serving signature key "{signature_name}" not found.')
-    if signature.method_name != _PREDICT_METHOD or signature_name not in served.functions:
+    if signature.method_name not in _PREDICT_METHODS or signature_name not in served.functions:
       raise Refusal(grpc.StatusCode.INTERNAL,
                     'Expected prediction signature method_name to be one of '
-                    f'{{{_PREDICT_METHOD}}}. Was: {signature.method_name}')
+                    f'{{{", ".join(_PREDICT_METHODS)}}}. Was: {signature.method_name}')
     inputs = self._inputs(signature, request)
     aliases = self._output_aliases(signature, request)
     function = served.functions[signature_name]
@@ -163,13 +162,15 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
       except Exception as error:  # pylint: disable=broad-except
         raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                       f'tensor parsing error: {alias}') from error
-      expected = [d.size for d in info.tensor_shape.dim]
-      if not info.tensor_shape.unknown_rank and (
-          len(expected) != array.ndim or
-          any(e not in (-1, a) for e, a in zip(expected, array.shape))):
+      # TF Serving feeds a tensor as sent, whatever the signature's dimensions, and the model's
+      # own ops refuse a shape they cannot take. Only a wrong rank is refused here: TensorFlow's
+      # oneDNN convolution aborts the whole process on one (a CHECK in tensor_format.h) where a
+      # build without oneDNN answers INVALID_ARGUMENT.
+      rank = len(info.tensor_shape.dim)
+      if not info.tensor_shape.unknown_rank and array.ndim != rank:
         raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                      f'input {alias} has shape {_shape_text(array.shape)}, the signature '
-                      f'expects {_shape_text(expected)} (-1: any size)')
+                      f'input {alias} must be {rank}-dimensional, got shape '
+                      f'[{",".join(str(d) for d in array.shape)}]')
       self._faults.check_images(alias, array)
       arrays[alias] = array
     return arrays
