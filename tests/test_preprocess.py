@@ -453,7 +453,8 @@ def test_pipeline_routes_every_bad_input_to_its_dead_letter(bad_mix, tmp_path, j
   good = [f'train_{i}' for i in range(GOOD) if i != 4] + ['nowx_1']
   with test_pipeline.TestPipeline() as p:
     outputs = preprocess.build_pipeline(p, config)
-    assert_that(outputs.dead_letters | beam.Map(lambda r: (r['image_name'], r['reason'])),
+    assert_that(outputs.dead_letters | 'AllDeadLetters' >> beam.Flatten()
+                | beam.Map(lambda r: (r['image_name'], r['reason'])),
                 equal_to(expected), label='CheckDeadLetters')
     for split in schema.SPLITS:
       assert_that(outputs.shards[split], equal_to([[str(tmp_path / split /
@@ -468,14 +469,14 @@ def test_pipeline_routes_every_bad_input_to_its_dead_letter(bad_mix, tmp_path, j
 
 
 def test_bucket_batches_let_go_full_lists_and_hold_at_most_max_held_items():
-  from beam_jobs.preprocess.pipeline import BucketBatches
+  from beam_jobs.preprocess.pipeline import BucketBatches, unpack_batch
   batches = BucketBatches(batch=3, max_held=5)
   out = []
   for i in range(20):
-    out += batches.add(i % 4, i)
+    out += [(bucket, unpack_batch(packed)) for bucket, packed in batches.add(i % 4, i)]
     let_go = sum(len(items) for _, items in out)
     assert i + 1 - let_go < 5                                       # never 5 items held
-  out += batches.drain()
+  out += [(bucket, unpack_batch(packed)) for bucket, packed in batches.drain()]
   items = sorted(item for _, items in out for item in items)
   assert items == list(range(20))                                   # each item exactly once
   assert all(all(item % 4 == bucket for item in items) for bucket, items in out)
@@ -701,3 +702,14 @@ def test_dataflow_dry_run_translates_the_job_without_touching_the_network(
             for d in env.dependencies}
   assert any(b'workflow.tar.gz' in p for p in staged), 'the setup.py package was not built'
   assert not (REPO / 'gs:').exists()
+
+
+def test_an_empty_split_has_no_parts_folder_to_complain_about(tmp_path, caplog):
+  from beam_jobs.common.tfrecord_sink import delete_parts_dir, parts_dir_for
+  caplog.set_level('INFO', logger='planet.tfrecord_sink')
+  never_made = parts_dir_for(str(tmp_path / 'eval' / 'part'))   # no bundle wrote a part
+  assert delete_parts_dir(None, never_made, ['b', 'a']) == ['a', 'b']
+  assert not caplog.records                                      # no 'could not delete'
+  made = pathlib.Path(parts_dir_for(str(tmp_path / 'train' / 'part')))
+  made.mkdir(parents=True)
+  assert delete_parts_dir(None, str(made), []) == [] and not made.exists()

@@ -11,7 +11,8 @@ import time
 import apache_beam as beam
 from apache_beam.testing import test_pipeline
 
-from beam_jobs.common.progress import CountProgress, ProgressTally, ShowProgress, progress_line
+from beam_jobs.common.progress import (CountProgress, ProgressTally, ShowProgress, count_progress,
+                                        progress_line)
 
 # done/total unit (percent), rate, time left: what a person reading a log needs.
 PROGRESS_LINE = re.compile(
@@ -109,3 +110,18 @@ def test_a_stage_shorter_than_the_interval_prints_one_line():
     time.sleep(0.1)
   lines = stream.getvalue().splitlines()
   assert len(lines) == 1 and lines[0].startswith('job: 7/7 things (100%), '), lines
+
+
+def test_a_first_pass_is_shown_beside_the_count_until_the_stage_is_done():
+  # preprocess reads the whole CSV before its join settles a row: the 'read' phase moves first.
+  assert (progress_line('preprocess', 0, 1_000_000, 'CSV rows', None, {'read': 400_000})
+          == 'preprocess: 0/1,000,000 CSV rows (0%), -/s, -:--:-- left, 400,000 read')
+  assert PROGRESS_LINE.match(progress_line('preprocess', 9, 9, 'CSV rows', 2.0, {'read': 9}))
+  tally = ProgressTally.create()
+  try:
+    count_progress(tally.folder, 1500, write_now=True, phase='read')
+    count_progress(tally.folder, 20, write_now=True)
+    (pathlib.Path(tally.folder) / 'read~999999').write_text('500')   # another process's pass
+    assert tally.counts() == {'read': 2000, '': 20} and tally.done() == 20
+  finally:
+    tally.remove()

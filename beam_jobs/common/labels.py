@@ -13,6 +13,7 @@ import collections
 import csv
 import dataclasses
 import enum
+import functools
 import re
 from typing import BinaryIO, Iterable, Iterator, NamedTuple
 
@@ -81,8 +82,15 @@ class LabelRow:
 
   @classmethod
   def from_label_bits(cls, image_name: str, bits: int) -> 'LabelRow':
-    values = tuple(float(bits >> i & 1) for i in range(schema.NUM_WEATHER + schema.NUM_GROUND))
-    return cls(image_name, values[:schema.NUM_WEATHER], values[schema.NUM_WEATHER:])
+    return cls(image_name, *_vectors_of_label_bits(bits))
+
+
+@functools.lru_cache(maxsize=4096)
+def _vectors_of_label_bits(bits: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(weather, ground) of `LabelRow.label_bits`: a CSV uses a few hundred tag sets at most, so
+  each is unpacked once, not once per row."""
+  values = tuple(float(bits >> i & 1) for i in range(schema.NUM_WEATHER + schema.NUM_GROUND))
+  return values[:schema.NUM_WEATHER], values[schema.NUM_WEATHER:]
 
 
 def _excerpt(text: str | bytes) -> str:

@@ -5,7 +5,10 @@ draws it in the driver, a live bar on a terminal (rich) and a plain line every 1
 (CI logs), and a last line when the stage ends. The elements are counted where they are
 processed, by `CountProgress`, which may be in Beam's worker processes (multi_processing): each
 process writes its count to a small file in a folder the driver made (`ProgressTally`), and the
-driver adds them up. Beam's own metrics would be the natural channel, but the local runners
+driver adds them up. A stage whose elements are settled only after a first pass over all of them
+(the preprocess job reads the whole CSV before its join settles a row) also counts that pass under
+a phase name (`count_progress(..., phase='read')`), and the line shows it beside the count until
+the stage is done, so the line moves from the start. Beam's own metrics would be the natural channel, but the local runners
 report them only when a bundle ends, and locally a bundle is most of a stage. On Dataflow there
 is no such folder: the counters in its UI are the progress.
 
@@ -14,6 +17,8 @@ Usage:
   ... | 'Progress' >> beam.ParDo(CountProgress(tally.folder))     # in build_pipeline
   with ShowProgress('predict', total=500, unit='images', tally=tally):
     pipeline.run().wait_until_finish()
+  # predict: 120/500 images (24%), 35.2/s, 0:00:11 left
+  # preprocess: 0/1,000,000 CSV rows (0%), -/s, -:--:-- left, 400,000 read   (a phase, while it runs)
 """
 import collections
 import logging
@@ -37,6 +42,8 @@ TALLY_FOLDER_PREFIX = 'planet-progress-'
 
 METRICS_NAMESPACE = 'planet'
 _PART_SUFFIX = '.part'
+# A phase's count file is <phase>~<process id>; the elements' own is <process id>.
+_PHASE_SEPARATOR = '~'
 _WRITE_EVERY_SECONDS = 0.5
 # The rate is measured over the last half minute: start-up does not drag it down for long.
 _RATE_WINDOW_SECONDS = 30.0
@@ -83,15 +90,20 @@ class ProgressTally:
 
   def done(self) -> int:
     """Elements counted so far, by every process."""
-    total = 0
+    return self.counts().get('', 0)
+
+  def counts(self) -> dict[str, int]:
+    """Counts so far by phase, '' for the elements themselves (see `count_progress`)."""
+    totals: dict[str, int] = {}
     for path in pathlib.Path(self.folder).iterdir():
       if path.suffix == _PART_SUFFIX:
         continue   # being written; its last complete version is still there
+      phase = path.name.rpartition(_PHASE_SEPARATOR)[0]
       try:
-        total += int(path.read_text() or 0)
+        totals[phase] = totals.get(phase, 0) + int(path.read_text() or 0)
       except (OSError, ValueError):
         pass       # replaced while we read it: counted on the next look
-    return total
+    return totals
 
   def remove(self) -> None:
     """Deletes the files the processes wrote, then the folder (nothing else is ever in it)."""
@@ -100,22 +112,32 @@ class ProgressTally:
     os.rmdir(self.folder)
 
 
-def count_progress(tally_folder: str, added: int, write_now: bool = False) -> None:
+def count_progress(tally_folder: str, added: int, write_now: bool = False,
+                   phase: str = '') -> None:
   """Adds `added` elements to this process's count in a `ProgressTally` folder.
 
   For a DoFn that settles many elements at once (the preprocess job's fused encoder); one that
   passes elements through uses `CountProgress`. The count is per process (shared by its threads)
   and per folder, so two pipelines in one process never add up. It is written at most every half
   second, and whenever `write_now` (at the end of a bundle).
+
+  Args:
+    tally_folder: the `ProgressTally` folder.
+    added: elements to add.
+    write_now: write the count now (the end of a bundle).
+    phase: '' for the elements settled (the line's done / total); a word such as 'read' for a
+      first pass over them, which the line shows beside the count until the stage is done.
   """
   now = time.monotonic()
+  key = (tally_folder, phase)
   with CountProgress._lock:
-    done = CountProgress._done[tally_folder] = CountProgress._done.get(tally_folder, 0) + added
-    if not write_now and now - CountProgress._written.get(tally_folder, 0.0) < _WRITE_EVERY_SECONDS:
+    done = CountProgress._done[key] = CountProgress._done.get(key, 0) + added
+    if not write_now and now - CountProgress._written.get(key, 0.0) < _WRITE_EVERY_SECONDS:
       return
-    CountProgress._written[tally_folder] = now
+    CountProgress._written[key] = now
     # Written whole, then renamed: the driver never reads half a number.
-    part = pathlib.Path(tally_folder, f'{os.getpid()}{_PART_SUFFIX}')
+    name = f'{phase}{_PHASE_SEPARATOR}{os.getpid()}' if phase else str(os.getpid())
+    part = pathlib.Path(tally_folder, f'{name}{_PART_SUFFIX}')
     part.write_text(str(done))
     os.replace(part, part.with_suffix(''))
 
@@ -132,8 +154,8 @@ class CountProgress(beam.DoFn):
   bundle. A worker on another machine (Dataflow) has no such folder and counts nothing.
   """
   _lock = threading.Lock()
-  _done: dict[str, int] = {}
-  _written: dict[str, float] = {}
+  _done: dict[tuple[str, str], int] = {}       # (folder, phase) -> count
+  _written: dict[tuple[str, str], float] = {}
 
   def __init__(self, tally_folder: str | None):
     self._folder = tally_folder
@@ -160,7 +182,8 @@ def _clock(seconds: float | None) -> str:
   return f'{hours}:{minutes:02d}:{secs:02d}'
 
 
-def progress_line(what: str, done: int, total: int, unit: str, rate: float | None) -> str:
+def progress_line(what: str, done: int, total: int, unit: str, rate: float | None,
+                  phases: dict[str, int] | None = None) -> str:
   """One progress line: 'predict: 1,234/10,000 images (12%), 456.7/s, 0:00:19 left'.
 
   Args:
@@ -168,13 +191,18 @@ def progress_line(what: str, done: int, total: int, unit: str, rate: float | Non
     done: elements done so far; total: all of them (0 is shown as 100%).
     unit: what the elements are ('images', 'CSV rows').
     rate: elements per second lately, None before there is one.
+    phases: counts of first passes by phase ('read': 400000), shown after the time left until
+      the stage is done: ', 400,000 read'. The last line (all done) ends with 'left'.
   """
   percent = 100 * done // total if total else 100
   left = (total - done) / rate if rate else None
   if done >= total:
     left = 0.0
   rate_text = f'{rate:,.1f}/s' if rate is not None else '-/s'
-  return (f'{what}: {done:,}/{total:,} {unit} ({percent}%), {rate_text}, {_clock(left)} left')
+  line = f'{what}: {done:,}/{total:,} {unit} ({percent}%), {rate_text}, {_clock(left)} left'
+  if done < total:
+    line += ''.join(f', {count:,} {phase}' for phase, count in sorted((phases or {}).items()))
+  return line
 
 
 class _Rate:
@@ -235,15 +263,16 @@ class ShowProgress:
     while True:
       stopping = self._stop.wait(self._poll)
       now = time.monotonic()
-      done = self._tally.done()
+      phases = self._tally.counts()
+      done = phases.pop('', 0)
       if self._bar:
-        self._bar.update(done, stopping)
+        self._bar.update(done, stopping, phases)
       else:
         speed = rate.add(now, done)
         # The last line only when it says something new: not twice 'all done'.
         if now - last_line >= self._every or (stopping and done != last_done):
           last_line, last_done = now, done
-          print(progress_line(self._what, done, self._total, self._unit, speed),
+          print(progress_line(self._what, done, self._total, self._unit, speed, phases),
                 file=self._stream, flush=True)
       if stopping:
         return
@@ -259,14 +288,17 @@ class _TerminalBar:
         progress.TextColumn(f'{what}:'), progress.BarColumn(),
         progress.MofNCompleteColumn(), progress.TextColumn(unit),
         progress.TaskProgressColumn(), progress.TextColumn('{task.fields[rate]}'),
-        progress.TimeRemainingColumn(), progress.TextColumn('left'),
+        progress.TimeRemainingColumn(), progress.TextColumn('left{task.fields[phases]}'),
         console=console.Console(file=stream), redirect_stdout=False, redirect_stderr=False)
-    self._task = self._progress.add_task(what, total=total, rate='-/s')
+    self._task = self._progress.add_task(what, total=total, rate='-/s', phases='')
+    self._total = total
     self._progress.start()
 
-  def update(self, done: int, finished: bool) -> None:
+  def update(self, done: int, finished: bool, phases: dict[str, int] | None = None) -> None:
     speed = self._progress.tasks[0].speed
+    shown = ''.join(f', {count:,} {phase}' for phase, count in sorted((phases or {}).items())
+                    if done < self._total)
     self._progress.update(self._task, completed=done,
-                          rate=f'{speed:,.1f}/s' if speed else '-/s')
+                          rate=f'{speed:,.1f}/s' if speed else '-/s', phases=shown)
     if finished:
       self._progress.stop()

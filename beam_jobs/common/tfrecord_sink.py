@@ -150,6 +150,8 @@ def publish_shard(element: tuple[int, Iterable[str | None]], file_path_prefix: s
 
 def delete_parts_dir(_, parts_dir: str, written: list[str]) -> list[str]:
   """Removes the parts' folder once every shard is written (best effort, as Beam's sinks do)."""
+  if not FileSystems.exists(parts_dir):
+    return sorted(written)   # an empty split: no bundle wrote a part, so no folder was made
   try:
     FileSystems.delete([parts_dir])
   except (IOError, BeamIOError):

@@ -98,6 +98,11 @@ def _run_claimed(args, options, sources, previous, backend, started_at: float,
         flush=True)
   if 'incremental' in summary:
     print(f'{STAGE}: {incremental.describe(summary["incremental"])}', flush=True)
+  if summary.get('evaluation', {}).get('unlabelled_other_form'):
+    evaluation = summary['evaluation']
+    print(f'{STAGE}: {evaluation["unlabelled_other_form"]:,} images not scored: no label row '
+          f'names them, but {evaluation["unlabelled_other_form_examples"][0]["why"]}',
+          flush=True)
   dead_letters.check_bad_fraction(counts['dead_letters'], counts['images_matched'],
                                   args.max_bad_fraction, 'images', config.dead_letters_dir,
                                   unpublished_at=config.output_path(UNPUBLISHED_DIR))

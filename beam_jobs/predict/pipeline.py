@@ -18,6 +18,7 @@ from apache_beam.transforms.window import GlobalWindows
 from beam_jobs.common import dead_letters, labels
 from beam_jobs.common.image_decoder import decode_image
 from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, list_image_files, read_image_file
+from beam_jobs.common.name_forms import OtherForms
 from beam_jobs.common.progress import CountProgress, count_progress, counter, tally_folder_exists
 from beam_jobs.predict import report_html, thumbnails
 from beam_jobs.predict.carry_over import CarryOver, add_counts, thumbnail_items
@@ -231,19 +232,26 @@ def failed_batch_to_dead_letters(failure) -> Iterable[dict]:
 
 
 class AttachTruth(beam.DoFn):
-  """`RowBatch` -> (its rows, the 17-vector of true labels of each, None where a name has none),
-  from the labels CSV loaded once per worker."""
+  """`RowBatch` -> (its rows, the 17-vector of true labels of each, None where a name has none,
+  the (name, CSV name) of each row without a label row whose name is a CSV row's name in another
+  Unicode normalization form: name_forms.py), from the labels CSV loaded once per worker."""
 
   def __init__(self, labels_csv: str):
     self._labels_csv = labels_csv
     self._truth = None
+    self._forms = None
 
   def setup(self):
     rows, _ = labels.parse_label_file(self._labels_csv)
     self._truth = {name: np.array(r.weather + r.ground, dtype=bool) for name, r in rows.items()}
+    self._forms = OtherForms(self._truth)
 
   def process(self, batch: RowBatch):
-    yield batch.rows, [self._truth.get(row['image_name']) for row in batch.rows]
+    truths = [self._truth.get(row['image_name']) for row in batch.rows]
+    other_forms = [(row['image_name'], partner) for row, truth in zip(batch.rows, truths)
+                   if truth is None
+                   and (partner := self._forms.partner(row['image_name'])) is not None]
+    yield batch.rows, truths, other_forms
 
 
 def _batch_text(batch: RowBatch) -> str:
@@ -376,7 +384,7 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
   if config.labels_csv:
     with_truth = all_batches | 'AttachTruth' >> beam.ParDo(AttachTruth(config.labels_csv))
   else:
-    with_truth = all_batches | 'NoTruth' >> beam.Map(lambda batch: (batch.rows, None))
+    with_truth = all_batches | 'NoTruth' >> beam.Map(lambda batch: (batch.rows, None, ()))
   stats = with_truth | 'PredictionStats' >> beam.ParDo(CombinePerBundle(PredictionStatsFn()))
   dead_stats = refused | 'DeadLetterStats' >> beam.ParDo(CombinePerBundle(DeadLetterStatsFn()))
   carry_kinds = {'kinds': beam.pvalue.AsList(carry['kinds'])} if config.carry else {}

@@ -235,6 +235,10 @@ def _evaluation_sections(evaluation: Any) -> str:
   note = f'Averaged over {_int_text(labelled)} labelled images'
   if unlabelled:
     note += f'; {_int_text(unlabelled)} predicted images had no label row and are not scored'
+    other_forms = _number(evaluation.get('unlabelled_other_form')) or 0
+    if other_forms:
+      note += (f' ({_int_text(other_forms)} of them because the CSV writes their names in '
+               'another Unicode normalization form: see summary.json)')
   f2 = _float_text(evaluation.get('f2'), 3) if labelled else '—'
   return ('<section><h2>Evaluation</h2><div class="eval-row"><div class="f2">'
           f'<div class="headline"><span class="big">{f2}</span>'

@@ -11,6 +11,7 @@ import time
 import apache_beam as beam
 import numpy as np
 
+from beam_jobs.common.name_forms import mismatch_text
 from beam_jobs.predict.config import JobConfig
 from beam_jobs.predict.incremental import summary_block
 from beam_jobs.predict.rows import rows_decisions
@@ -18,29 +19,37 @@ from model import manifest, metrics, schema
 
 __all__ = ['DeadLetterStatsFn', 'PredictionStatsFn', 'build_summary']
 
+_OTHER_FORM_EXAMPLES = 3
+
 
 class PredictionStatsFn(beam.CombineFn):
   """Counts predicted labels and versions; with labels, the sums Kaggle's F2 and the rest need.
 
-  Takes rows in batches: (rows, truths), `truths` a 17-vector of true labels per row (None for a
-  row without) or None for a batch without labels.
+  Takes rows in batches: (rows, truths, other forms), `truths` a 17-vector of true labels per
+  row (None for a row without) or None for a batch without labels, `other forms` the (name, CSV
+  name) pairs of rows without labels whose CSV row writes the name in another Unicode form.
   """
 
   def create_accumulator(self):
     zeros = np.zeros(len(schema.ALL_LABELS), dtype=np.int64)
     return {'predictions': 0, 'predicted': zeros.copy(), 'versions': collections.Counter(),
             'labelled': 0, 'unlabelled': 0, 'f2_sum': 0.0, 'tp': zeros.copy(), 'fp': zeros.copy(),
-            'fn': zeros.copy(), 'confusion': np.zeros((schema.NUM_WEATHER,) * 2, dtype=np.int64)}
+            'fn': zeros.copy(), 'confusion': np.zeros((schema.NUM_WEATHER,) * 2, dtype=np.int64),
+            'other_forms': 0, 'other_form_examples': []}
 
   def add_input(self, acc, element):
-    """`element`: (rows, the true labels of each row or None for each, or None for all)."""
-    rows, truths = element
+    """`element`: (rows, the true labels of each row or None for each, or None for all, the
+    (name, CSV name) pairs of rows whose labels the CSV holds under another Unicode form)."""
+    rows, truths, other_forms = element
     decided = rows_decisions(rows)
     acc['predictions'] += len(rows)
     acc['predicted'] += decided.sum(axis=0)
     acc['versions'].update(row['model_version'] for row in rows)
     labelled = [at for at, truth in enumerate(truths or ()) if truth is not None]
     acc['unlabelled'] += len(rows) - len(labelled)
+    acc['other_forms'] += len(other_forms)
+    acc['other_form_examples'] = (acc['other_form_examples']
+                                  + list(other_forms))[:_OTHER_FORM_EXAMPLES]
     if not labelled:
       return acc
     truth, decided = np.array([truths[at] for at in labelled], dtype=bool), decided[labelled]
@@ -60,6 +69,7 @@ class PredictionStatsFn(beam.CombineFn):
     for acc in accumulators:
       for key, value in acc.items():
         merged[key] = merged[key] + value
+    merged['other_form_examples'] = sorted(merged['other_form_examples'])[:_OTHER_FORM_EXAMPLES]
     return merged
 
   def extract_output(self, acc):
@@ -137,6 +147,11 @@ def build_summary(_, config: JobConfig, matched: int, stats: dict, dead,
         'labels_csv': config.labels_csv,
         'labelled_images': n,
         'unlabelled_images': stats['unlabelled'],
+        # Unlabelled because the CSV writes the name in another Unicode normalization form.
+        'unlabelled_other_form': stats['other_forms'],
+        'unlabelled_other_form_examples': [
+            {'image_name': name, 'csv_name': csv_name, 'why': mismatch_text(name, csv_name)}
+            for name, csv_name in stats['other_form_examples']],
         'f2': stats['f2_sum'] / n if n else 0.0,
         'per_label': metrics.scores_from_counts(stats['tp'], stats['fp'], stats['fn']),
         'weather_labels': list(schema.WEATHER_LABELS),

@@ -14,10 +14,13 @@ from model.manifest import is_local_path, sha256_of_file
 
 __all__ = ['ConfigError', 'CsvFacts', 'DEFAULT_EVAL_FRACTION',
            'DESCRIPTION', 'IMAGE_EXTENSION', 'PreprocessConfig', 'SHARD_FILE_PREFIX',
-           'check_images_dir', 'inspect_labels_csv', 'parse_args', 'validate_config']
+           'check_images_dir', 'images_dir_source', 'inspect_labels_csv', 'parse_args',
+           'validate_config']
 
 DESCRIPTION = ('Stage 1: labels CSV + JPEG folder -> train/eval TFRecord shards, dead letters '
                'and a manifest.')
+# A row's image is <images_dir>/<image_name>.jpg, the extension in any case (.jpg, .JPG, .Jpg),
+# as the predict job matches its extensions; the name itself matches exactly.
 IMAGE_EXTENSION = '.jpg'
 # Names inside --output_dir: <split>/part-SSSSS-of-NNNNN.tfrecord[.gz] and
 # dead_letters/dead_letters-SSSSS-of-NNNNN.jsonl.
@@ -86,16 +89,22 @@ def inspect_labels_csv(path: str) -> CsvFacts:
   return CsvFacts(fmt.value, sha256_of_file(path), rows)
 
 
+def images_dir_source(images_dir: str) -> ImageSource:
+  """Every entry directly in --images_dir, for `list_image_files(source, (IMAGE_EXTENSION,))` to
+  keep those named *.jpg in any case (a glob *.jpg would miss .JPG on a local disk)."""
+  return ImageSource.files_in(images_dir, '')
+
+
 def check_images_dir(images_dir: str) -> None:
   """Refuses an images folder that is missing or holds no .jpg file (every row would fail)."""
   if is_local_path(images_dir) and not os.path.isdir(images_dir):
     state = 'is not a folder' if os.path.lexists(images_dir) else 'does not exist'
     raise ConfigError(f'--images_dir {images_dir} {state}')
-  source = ImageSource.files_in(images_dir, IMAGE_EXTENSION)
-  if next(iter(list_image_files(source, (IMAGE_EXTENSION,))), None):
+  if next(iter(list_image_files(images_dir_source(images_dir), (IMAGE_EXTENSION,))), None):
     return
   raise ConfigError(f'--images_dir {images_dir} holds no .jpg files (the job reads '
-                    '<images_dir>/<image_name>.jpg for every CSV row)')
+                    '<images_dir>/<image_name>.jpg, the extension in any case, for every CSV '
+                    'row)')
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

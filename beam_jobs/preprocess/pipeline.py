@@ -1,35 +1,40 @@
 """The preprocess job's Beam graph: thin DoFns over the rules, composite transforms, the builder."""
 import itertools
 import json
+import pickle
 import posixpath
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs.common import dead_letters, labels
+from beam_jobs.common import labels
 from beam_jobs.common.image_files import ImageSource, list_image_files
-from beam_jobs.common.labels import LabelRow
-from beam_jobs.common.progress import CountProgress, counter
+from beam_jobs.common.progress import count_progress, counter, tally_folder_exists
 from beam_jobs.common.tfrecord_sink import PublishShards, parts_dir_for
-from beam_jobs.preprocess.config import IMAGE_EXTENSION, PreprocessConfig
+from beam_jobs.preprocess.config import IMAGE_EXTENSION, PreprocessConfig, images_dir_source
+from beam_jobs.preprocess.dead_letter_sink import WriteDeadLetterFile
 from beam_jobs.preprocess.encode import EncodeAndWriteExamples
-from beam_jobs.preprocess.rules import (CSV_ROWS, DEAD_LETTERED_ROWS, DEAD_LETTERS,
-                                        counter_name, join_one_bucket, name_bucket,
-                                        raw_image_name, row_dead_letter, tally_dead_letter,
-                                        tally_key)
+from beam_jobs.preprocess.rules import (CSV_ROWS, DEAD_LETTERS, counter_name, join_one_bucket,
+                                        name_bucket, raw_image_name, row_dead_letter, tally_key)
 from model import schema
 from model.errors import InputRefused
 
 __all__ = ['BucketBatches', 'JoinOneBucket', 'JoinRowsWithImages', 'ListImageFiles', 'ListImages',
-           'PreprocessOutputs', 'ReadLabelRows', 'ReadLabels', 'WriteCounts', 'build_pipeline',
-           'count_tally']
+           'PreprocessOutputs', 'READ_PHASE', 'ReadLabelRows', 'ReadLabels', 'WriteCounts',
+           'build_pipeline', 'count_tally', 'unpack_batch']
+
+# The progress phase of CSV rows read (progress.count_progress), counted every this many rows.
+READ_PHASE = 'read'
+_READ_PROGRESS_EVERY = 1024
 
 
 class BucketBatches:
   """Items gathered by join bucket and let go as lists: a bucket's list once it holds `batch`
   items, and every list once `max_held` items are held, so memory stays bounded however many
-  buckets there are. Lists, not items, cross the grouping by bucket."""
+  buckets there are. Lists, not items, cross the grouping by bucket, each pickled into one bytes
+  object (`unpack_batch` reads it): a local runner holds everything grouped as Python objects
+  until the grouping ends, ~170 bytes a CSV row as (name, line, bits) tuples and ~25 pickled."""
 
   def __init__(self, batch: int = 500, max_held: int = 100_000):
     self._batch = batch
@@ -37,19 +42,33 @@ class BucketBatches:
     self._lists: dict[int, list] = {}
     self._held = 0
 
-  def add(self, bucket: int, item) -> Iterator[tuple[int, list]]:
+  def add(self, bucket: int, item) -> Iterator[tuple[int, bytes]]:
     items = self._lists.setdefault(bucket, [])
     items.append(item)
     self._held += 1
     if len(items) >= self._batch:
       self._held -= len(items)
-      yield bucket, self._lists.pop(bucket)
+      yield bucket, _pack(self._lists.pop(bucket))
     elif self._held >= self._max_held:
       yield from self.drain()
 
-  def drain(self) -> Iterator[tuple[int, list]]:
+  def drain(self) -> Iterator[tuple[int, bytes]]:
     lists, self._lists, self._held = self._lists, {}, 0
-    yield from lists.items()
+    for bucket, items in lists.items():
+      yield bucket, _pack(items)
+
+
+def _pack(items: list) -> bytes:
+  return pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
+
+
+def unpack_batch(packed: bytes) -> list:
+  """The items of one list that `BucketBatches` let go."""
+  return pickle.loads(packed)
+
+
+def _unpacked(batches: Iterable[bytes]) -> Iterator:
+  return itertools.chain.from_iterable(map(unpack_batch, batches))
 
 
 class ReadLabelRows(beam.DoFn):
@@ -59,14 +78,20 @@ class ReadLabelRows(beam.DoFn):
   The whole file is read by one worker, in file order, because line numbers decide the
   duplicate rule. Parsing is microseconds a line, and the grouping by bucket that follows
   spreads the work, so no Reshuffle is needed here. The rows it read go to 'tally' as one
-  (CSV_ROWS, count) pair, not one element a row.
+  (CSV_ROWS, count) pair, not one element a row. On a local run the rows read are counted into
+  the progress folder as the 'read' phase: no row is settled before the join, which waits for
+  the whole file, so without it the progress line would stand still while the CSV is read.
   """
   REFUSED = 'refused'
   REFUSED_NAMES = 'refused_names'
   TALLY = 'tally'
 
-  def __init__(self, buckets: int):
+  def __init__(self, buckets: int, progress_folder: str | None = None):
     self._buckets = buckets
+    self._progress_folder = progress_folder
+
+  def setup(self):
+    self._count_progress = tally_folder_exists(self._progress_folder)
 
   def process(self, path: str) -> Iterator:
     fmt, lines = labels.read_label_lines(path)
@@ -74,6 +99,8 @@ class ReadLabelRows(beam.DoFn):
     count = 0
     for line, raw in lines:
       count += 1
+      if self._count_progress and not count % _READ_PROGRESS_EVERY:
+        count_progress(self._progress_folder, _READ_PROGRESS_EVERY, phase=READ_PHASE)
       try:
         row = labels.parse_label_line(raw, fmt)
       except InputRefused as refusal:
@@ -90,11 +117,15 @@ class ReadLabelRows(beam.DoFn):
     for batch in refused_names.drain():
       yield beam.pvalue.TaggedOutput(self.REFUSED_NAMES, batch)
     yield beam.pvalue.TaggedOutput(self.TALLY, (CSV_ROWS, count))
+    if self._count_progress:
+      count_progress(self._progress_folder, count % _READ_PROGRESS_EVERY, write_now=True,
+                     phase=READ_PHASE)
 
 
 class ListImageFiles(beam.DoFn):
   """An ImageSource -> lists of (image name, path) by join bucket, each counted under
-  images_listed: every <images_dir>/*.jpg, FIFOs, links and folders so named too."""
+  images_listed: every <images_dir>/*.jpg, the extension in any case (as the predict job lists
+  images), FIFOs, links and folders so named too."""
 
   def __init__(self, buckets: int):
     self._buckets = buckets
@@ -104,7 +135,7 @@ class ListImageFiles(beam.DoFn):
 
   def process(self, source: ImageSource) -> Iterator[tuple[int, list]]:
     files = BucketBatches()
-    for path in list_image_files(source, (IMAGE_EXTENSION,)):
+    for path in list_image_files(source, (IMAGE_EXTENSION,)):   # any case: .JPG, .Jpg
       self._listed.inc()
       # posixpath, not FileSystems.split (10 us a call): every path here, local or gs://, is
       # '/'-separated.
@@ -121,18 +152,20 @@ class JoinOneBucket(beam.DoFn):
   def __init__(self, images_dir: str):
     self._images_dir = images_dir
 
+  def setup(self):
+    # Joined once: FileSystems.join costs ~10 us a call (its file system lookup), and a CSV may
+    # have a million rows without their files. A name never holds a '/' (labels.py refuses it).
+    self._images_prefix = FileSystems.join(self._images_dir, '')
+
   def _expected_path(self, name: str) -> str:
-    return FileSystems.join(self._images_dir, name + IMAGE_EXTENSION)
+    return self._images_prefix + name + IMAGE_EXTENSION
 
   def process(self, element) -> Iterator:
     _, grouped = element
     images = []
-    rows = ((name, line, LabelRow.from_label_bits(name, bits))
-            for name, line, bits in itertools.chain.from_iterable(grouped['rows']))
     for image, refused in join_one_bucket(
-        rows,
-        itertools.chain.from_iterable(grouped['refused']),
-        itertools.chain.from_iterable(grouped['files']), self._expected_path):
+        _unpacked(grouped['rows']), _unpacked(grouped['refused']), _unpacked(grouped['files']),
+        self._expected_path):
       for record in refused:
         yield beam.pvalue.TaggedOutput(self.REFUSED, record)
       if image is not None:
@@ -144,28 +177,30 @@ class JoinOneBucket(beam.DoFn):
 def count_tally(key_and_count: tuple[str, int]) -> tuple[str, int]:
   """Adds a tally key's count to its Beam counter, and passes the pair on."""
   key, count = key_and_count
-  # dead_letters/<REASON> is already counted, under the same name, by WriteDeadLetters.
+  # dead_letters/<REASON> is already counted, under the same name, where it is written
+  # (dead_letter_sink.WriteDeadLetterParts).
   if not key.startswith(tally_key(DEAD_LETTERS, '')):
     counter(counter_name(key)).inc(count)
   return key_and_count
 
 
 @beam.ptransform_fn
-def ReadLabels(pipeline, labels_csv: str, buckets: int):  # pylint: disable=invalid-name
+def ReadLabels(pipeline, labels_csv: str, buckets: int,  # pylint: disable=invalid-name
+               progress_folder: str | None = None):
   """The labels CSV -> DoOutputsTuple: rows (bucket, [(name, line, label bits)]), refused,
   refused_names (bucket, [(name, line)]), tally."""
   return (pipeline
           | 'CsvPath' >> beam.Create([labels_csv])
-          | 'ParseRows' >> beam.ParDo(ReadLabelRows(buckets)).with_outputs(
+          | 'ParseRows' >> beam.ParDo(ReadLabelRows(buckets, progress_folder)).with_outputs(
               ReadLabelRows.REFUSED, ReadLabelRows.REFUSED_NAMES, ReadLabelRows.TALLY,
               main='rows'))
 
 
 @beam.ptransform_fn
 def ListImages(pipeline, images_dir: str, buckets: int):  # pylint: disable=invalid-name
-  """Every <images_dir>/*.jpg as (bucket, [(image name, path)])."""
+  """Every <images_dir>/*.jpg (the extension in any case) as (bucket, [(image name, path)])."""
   return (pipeline
-          | 'ImagesDir' >> beam.Create([ImageSource.files_in(images_dir, IMAGE_EXTENSION)])
+          | 'ImagesDir' >> beam.Create([images_dir_source(images_dir)])
           | 'ListJpegs' >> beam.ParDo(ListImageFiles(buckets)))
 
 
@@ -198,17 +233,13 @@ def WriteCounts(tally, path: str):  # pylint: disable=invalid-name
 class PreprocessOutputs(NamedTuple):
   """The PCollections a test may assert on."""
   shards: dict[str, beam.PCollection]   # split -> one element: the sorted shard paths
-  dead_letters: beam.PCollection        # dict records
+  dead_letters: tuple                   # each refusing step's PCollection of dict records
   tally: beam.PCollection               # (tally key, count) pairs, before they are summed
 
 
 def _split_index(split_and_part: tuple[str, tuple[int, str]], num_partitions: int) -> int:
   del num_partitions
   return schema.SPLITS.index(split_and_part[0])
-
-
-def _one_dead_letter_per_key(record: dict) -> list[tuple[str, int]]:
-  return [(key, 1) for key in tally_dead_letter(record)]
 
 
 def build_pipeline(p: beam.Pipeline, config: PreprocessConfig,
@@ -220,7 +251,7 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig,
     config: the validated configuration.
     progress_folder: a `ProgressTally` folder to count settled CSV rows into (a local run).
   """
-  parsed = p | 'ReadLabels' >> ReadLabels(config.labels_csv, config.join_buckets)
+  parsed = p | 'ReadLabels' >> ReadLabels(config.labels_csv, config.join_buckets, progress_folder)
   files = p | 'ListImages' >> ListImages(config.images_dir, config.join_buckets)
 
   joined = ({'rows': parsed.rows, 'refused': parsed[ReadLabelRows.REFUSED_NAMES], 'files': files}
@@ -245,22 +276,15 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig,
                                                        num_shards[split], config.compression,
                                                        parts_dirs[split]))
 
-  refused = ((parsed[ReadLabelRows.REFUSED], joined[JoinOneBucket.REFUSED],
-              encoded[EncodeAndWriteExamples.REFUSED])
-             | 'AllDeadLetters' >> beam.Flatten())
-  _ = refused | 'WriteDeadLetters' >> dead_letters.WriteDeadLetters(config.dead_letters_prefix)
+  # Each step's dead letters are written, tallied and counted as settled (a CSV row's) in the
+  # step's own stage: never gathered in one PCollection, which a local runner would hold whole
+  # until every step ends (dead_letter_sink.py).
+  refused = (parsed[ReadLabelRows.REFUSED], joined[JoinOneBucket.REFUSED],
+             encoded[EncodeAndWriteExamples.REFUSED])
+  dead_letter_tally = refused | 'WriteDeadLetters' >> WriteDeadLetterFile(
+      config.dead_letters_prefix, parts_dir_for(config.dead_letters_prefix), progress_folder)
 
-  # A CSV row is settled once it is an Example (counted where it is written) or a dead letter.
-  # Counted on each branch, not after a Flatten: the local runner runs a Flatten of several
-  # stages' outputs only once they all end, and the count would jump from 0 to the total.
-  _ = (refused
-       | 'DeadLetteredRows' >> beam.Filter(
-           lambda record: DEAD_LETTERED_ROWS in tally_dead_letter(record))
-       | 'ProgressDeadLetteredRows' >> beam.ParDo(CountProgress(progress_folder)))
-
-  tally = ((parsed[ReadLabelRows.TALLY],
-            refused | 'TallyDeadLetters' >> beam.FlatMap(_one_dead_letter_per_key),
-            encoded[EncodeAndWriteExamples.TALLY])
+  tally = ((parsed[ReadLabelRows.TALLY], dead_letter_tally, encoded[EncodeAndWriteExamples.TALLY])
            | 'AllTallies' >> beam.Flatten())
   _ = tally | 'WriteCounts' >> WriteCounts(config.counts_path)
   return PreprocessOutputs(shards, refused, tally)

@@ -91,16 +91,16 @@ def summary(manifest: dict, output_dir: str) -> str:
   examples = counts[EXAMPLES]
   total = sum(examples.values())
   lines = [
-      f'preprocess: {counts[CSV_ROWS]} CSV rows -> {total} examples '
-      f'(train {examples["train"]}, eval {examples["eval"]}) + '
-      f'{counts[DEAD_LETTERED_ROWS]} dead-lettered rows, in {manifest["seconds"]} s '
-      f'({total / max(manifest["seconds"], 1e-9):.1f} images/s)',
+      f'preprocess: {counts[CSV_ROWS]:,} CSV rows -> {total:,} examples '
+      f'(train {examples["train"]:,}, eval {examples["eval"]:,}) + '
+      f'{counts[DEAD_LETTERED_ROWS]:,} dead-lettered rows, in {manifest["seconds"]} s '
+      f'({total / max(manifest["seconds"], 1e-9):,.1f} examples/s)',
   ]
   for split in schema.SPLITS:
     if not examples[split]:
       lines.append(f'  warning: the {split} split is empty; training needs examples in both')
   for reason, n in counts[DEAD_LETTERS].items():
-    lines.append(f'  dead letters {reason}: {n}')
+    lines.append(f'  dead letters {reason}: {n:,}')
   if counts[ROWS_WITHOUT_WEATHER]:
     lines.append(f'  rows without a weather tag (kept, weather all zeros): '
                  f'{counts[ROWS_WITHOUT_WEATHER]}')

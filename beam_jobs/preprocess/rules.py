@@ -3,12 +3,14 @@ import collections
 import csv
 import hashlib
 import math
+import posixpath
 import zlib
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from beam_jobs.common import dead_letters, labels
 from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS, decode_image
 from beam_jobs.common.labels import LabelRow
+from beam_jobs.common.name_forms import mismatch_text, nfc
 from model import schema
 from model.errors import Reason
 from model.tf_example import build_example
@@ -82,8 +84,10 @@ def join_buckets(csv_rows: int | None) -> int:
 
 
 def name_bucket(image_name: str, buckets: int) -> int:
-  """An image name's join bucket: the crc32 of its UTF-8 bytes, the same on every worker."""
-  return zlib.crc32(image_name.encode('utf-8', 'surrogatepass')) % buckets
+  """An image name's join bucket: the crc32 of the UTF-8 bytes of its NFC form, the same on every
+  worker. NFC, so that a name and the same text in another Unicode normalization form ('café'
+  composed in the CSV, decomposed on disk) meet in one bucket, where the join can say so."""
+  return zlib.crc32(nfc(image_name).encode('utf-8', 'surrogatepass')) % buckets
 
 
 def example_shard(image_name: str, num_shards: int) -> int:
@@ -122,13 +126,18 @@ def image_to_example(row: LabelRow, data: bytes, image_size: int,
   return build_example(row, pixels, hashlib.sha256(data).hexdigest())
 
 
-def join_one_bucket(rows: Iterable[tuple[str, int, LabelRow]],
+def join_one_bucket(rows: Iterable[tuple[str, int, int]],
                     refused_names: Iterable[tuple[str, int]], files: Iterable[tuple[str, str]],
                     expected_path: Callable[[str], str]) -> Iterator:
   """Everything in one join bucket -> `join_rows_with_image` for each name, in name order.
 
+  Names match exactly, as the file system does. A row without its file, or a file without its
+  row, whose name is the same text as another's in another Unicode normalization form (all such
+  meet in one bucket: `name_bucket`) is not matched to it, but its dead letter names the other.
+
   Args:
-    rows: (name, line, LabelRow) of the parsed CSV rows.
+    rows: (name, line, LabelRow.label_bits) of the parsed CSV rows; a LabelRow is built only for
+      a name that has a file or several rows.
     refused_names: (name, line) of the lines refused while parsing that gave a name.
     files: (name, path) of the image files listed.
     expected_path: name -> where its file should be (only called for a row without a file).
@@ -137,16 +146,33 @@ def join_one_bucket(rows: Iterable[tuple[str, int, LabelRow]],
     (LabelledImage or None, dead letters) for each name.
   """
   by_name = collections.defaultdict(lambda: ([], [], []))
-  for name, line, row in rows:
-    by_name[name][0].append((line, row))
+  for name, line, bits in rows:
+    by_name[name][0].append((line, bits))
   for name, line in refused_names:
     by_name[name][1].append(line)
   for name, path in files:
     by_name[name][2].append(path)
+  forms = None   # NFC form -> the names with that form, built for the first name that misses
   for name in sorted(by_name):
     name_rows, refused_lines, paths = by_name[name]
+    other_form_files, other_form_rows = (), ()
+    if bool(paths) != bool(name_rows or refused_lines):
+      if forms is None:
+        forms = collections.defaultdict(list)
+        for each in by_name:
+          forms[nfc(each)].append(each)
+      others = [other for other in forms[nfc(name)] if other != name]
+      if paths:
+        other_form_rows = [other for other in others if any(by_name[other][:2])]
+      else:
+        other_form_files = sorted(path for other in others for path in by_name[other][2])
+    if paths or len(name_rows) > 1:
+      name_rows = [(line, LabelRow.from_label_bits(name, bits)) for line, bits in name_rows]
+    else:   # one row without its file: only its line is needed
+      name_rows = [(line, None) for line, _ in name_rows]
     yield join_rows_with_image(name, name_rows, refused_lines, paths,
-                               '' if paths else expected_path(name))
+                               '' if paths else expected_path(name),
+                               other_form_files, other_form_rows)
 
 
 class LabelledImage(NamedTuple):
@@ -171,45 +197,75 @@ def row_dead_letter(image_name: str, reason: Reason, message: str, step: str, li
                                   line=line, step=step)
 
 
-def join_rows_with_image(image_name: str, rows: Iterable[tuple[int, LabelRow]],
+def join_rows_with_image(image_name: str, rows: Iterable[tuple[int, LabelRow | None]],
                          refused_lines: Iterable[int], paths: Iterable[str],
-                         expected_path: str) -> tuple[LabelledImage | None, list[dict]]:
+                         expected_path: str, other_form_files: Sequence[str] = (),
+                         other_form_rows: Sequence[str] = ()
+                         ) -> tuple[LabelledImage | None, list[dict]]:
   """Everything known about one image name -> the image to encode (or None) and dead letters.
+
+  The file rule is the predict job's (beam_jobs/predict/rows.py pick_path): <name>.jpg with the
+  extension in any case (.jpg, .JPG, .Jpg); where several such files share the name, the first
+  path in sort order is the image and each other one a DUPLICATE_NAME dead letter (not a CSV
+  row: it counts apart from conservation, like IMAGE_WITHOUT_ROW). Names themselves match
+  exactly: the same text in two Unicode normalization forms is two names, and the dead letter of
+  the one without a partner names the other (`other_form_files`, `other_form_rows`).
 
   Args:
     image_name: the key all inputs below share.
-    rows: (line, LabelRow) for every parsed CSV row with this name.
+    rows: (line, LabelRow) for every parsed CSV row with this name; a single row of a name
+      without a file may come as (line, None).
     refused_lines: lines that name this image but were refused while parsing (already
       dead-lettered; here only so that the image file is not reported as having no row).
-    paths: the image files listed with this name (0 or 1).
+    paths: the image files listed with this name.
     expected_path: where the row says the file is, for the MISSING_IMAGE message.
+    other_form_files: files whose name is this name's text in another normalization form.
+    other_form_rows: names of CSV rows that are this name's text in another normalization form.
 
   Returns:
     (LabelledImage or None, dead-letter records). The duplicate rule (labels.resolve_duplicates)
     runs here, so that it sees every row with the name whatever the worker that parsed it.
   """
-  rows, refused_lines, paths = list(rows), list(refused_lines), sorted(paths)
-  refused = []
-  kept = None
-  if rows:
+  rows, refused_lines, paths = list(rows), list(refused_lines), sorted(set(paths))
+  refused = [dead_letters.dead_letter(
+      image_name, Reason.DUPLICATE_NAME, f'another file has the same image name: {paths[0]}; '
+      'only that one is used (rename one of them)', schema.STAGE_PREPROCESS, path,
+      step='join_images') for path in paths[1:]]
+  kept, line = None, None
+  if len(rows) == 1:
+    (line, kept), = rows
+  elif rows:
     kept, duplicates = labels.resolve_duplicates(rows)
     refused += [row_dead_letter(image_name, Reason.DUPLICATE_NAME, why, 'duplicates', line)
                 for line, why in duplicates]
-  if kept is not None:
-    line = min(n for n, r in rows if r == kept)
+    line = None if kept is None else min(n for n, r in rows if r == kept)
+  if line is not None:
     if paths:
       return LabelledImage(image_name, line, kept, paths[0]), refused
-    refused.append(row_dead_letter(
-        image_name, Reason.MISSING_IMAGE,
-        f'no file {expected_path}: copy the image there, or drop its row from the CSV',
-        'join_images', line, expected_path))
+    refused.append(row_dead_letter(image_name, Reason.MISSING_IMAGE,
+                                   _missing_image_message(image_name, expected_path,
+                                                          other_form_files),
+                                   'join_images', line, expected_path))
   elif paths and not rows and not refused_lines:
     # Not a CSV row, so it counts apart from conservation: listed so nobody wonders where it went.
+    message = 'the image is in the folder but no CSV row names it; it was not used'
+    if other_form_rows:
+      message = (f'no CSV row names it, and it was not used; a row names '
+                 f'{mismatch_text(image_name, other_form_rows[0])}')
     refused.append(dead_letters.dead_letter(
-        image_name, Reason.IMAGE_WITHOUT_ROW,
-        'the image is in the folder but no CSV row names it; it was not used',
+        image_name, Reason.IMAGE_WITHOUT_ROW, message,
         schema.STAGE_PREPROCESS, paths[0], step='join_images'))
   return None, refused
+
+
+def _missing_image_message(image_name: str, expected_path: str,
+                           other_form_files: Sequence[str]) -> str:
+  if not other_form_files:
+    return (f'no file {expected_path} (the extension in any case): copy the image there, or '
+            'drop its row from the CSV')
+  other = posixpath.splitext(posixpath.basename(other_form_files[0]))[0]
+  return (f'no file {expected_path}, but there is {other_form_files[0]}: '
+          f'{mismatch_text(image_name, other)}')
 
 
 def tally_dead_letter(record: dict) -> list[str]:
