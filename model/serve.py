@@ -6,7 +6,8 @@ fault injection from flags. Production runs TensorFlow Serving itself (README).
 
 Usage:
   python -m model.serve --model_base_path EXPORT/PlanetModel --port 8500 [--rest_api_port 8501]
-      [--model_name PlanetModel] [--enable_batching [--batching_parameters_file FILE]
+      [--model_name PlanetModel] | --model_config_file models.config
+      [--model_config_file_poll_wait_seconds 60] [--enable_batching [--batching_parameters_file FILE]
       [--max_batch_size N] [--batch_timeout_micros N] [--num_batch_threads N]
       [--max_enqueued_batches N]] [--verbose]
 """
@@ -67,7 +68,14 @@ def main(argv=None) -> None:
       description='A TF Serving-compatible gRPC and REST server for development and tests '
                   '(production: tensorflow_model_server).')
   parser.add_argument('--model_base_path', type=command_line.user_path,
-                      required=True, help='EXPORT/PlanetModel: numbered versions')
+                      help='EXPORT/PlanetModel: numbered versions')
+  parser.add_argument('--model_config_file', type=command_line.user_path,
+                      help="TF Serving's ModelServerConfig in text format (one model: name, "
+                           'base_path, model_version_policy, version_labels), instead of '
+                           '--model_base_path and --model_name')
+  parser.add_argument('--model_config_file_poll_wait_seconds', type=float, default=0.0,
+                      help='read --model_config_file again this often (0: only at start), as '
+                           'TF Serving does; a changed label applies at once')
   parser.add_argument('--port', type=int, default=8500, help='the gRPC API\'s port')
   parser.add_argument('--rest_api_port', type=int, default=0,
                       help='the REST API\'s port (TF Serving\'s JSON API); 0: no REST API, as '
@@ -107,23 +115,24 @@ def main(argv=None) -> None:
     parser.add_argument(f'--{name}', type=int,
                         help=f'batching: {text}; overrides --batching_parameters_file')
   args = parser.parse_args(argv)
+  if (args.model_base_path is None) == (args.model_config_file is None):
+    parser.error('give --model_base_path (with --model_name) or --model_config_file, one of them')
+  if args.model_config_file_poll_wait_seconds < 0 or (
+      args.model_config_file_poll_wait_seconds and not args.model_config_file):
+    parser.error('--model_config_file_poll_wait_seconds is 0 or more, with --model_config_file')
   if args.grpc_max_threads < 1:
     parser.error('--grpc_max_threads must be at least 1')
-  batching = _batching(args, parser)
+  args.batching = _batching(args, parser)
   if args.rest_api_port < 0 or (args.rest_api_port and args.rest_api_port == args.port):
     parser.error('--rest_api_port must be 0 (no REST API) or a port other than --port')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
-  server = LocalServingServer(
-      args.model_base_path, args.port, rest_api_port=args.rest_api_port or None,
-      model_name=args.model_name, host=args.host,
-      poll_seconds=args.file_system_poll_wait_seconds,
-      ssl_key=_read_file(args.ssl_key_file), ssl_cert=_read_file(args.ssl_cert_file),
-      faults=Faults(args.inject_latency_secs, args.inject_failure_fraction,
-                    grpc.StatusCode[args.inject_failure_code], args.seed),
-      max_workers=args.grpc_max_threads, batching=batching)
-  server.start()
+  try:
+    server = _start(args)
+  except (ValueError, OSError, tf.errors.OpError) as error:
+    parser.exit(1, f'{parser.prog}: error: {error}\n')
   if server.served_version is None:
-    _log.warning('serve: no complete version under %s yet; waiting for one', args.model_base_path)
+    _log.warning('serve: no complete version under %s yet; waiting for one',
+                 server.repository.base_path)
   # SIGTERM (a container or a benchmark stopping the server) ends it like Ctrl-C does.
   signal.signal(signal.SIGTERM, signal.default_int_handler)
   try:
@@ -133,6 +142,22 @@ def main(argv=None) -> None:
   requests = server.model_call_requests
   _log.info('serve: %d Predict requests answered by %d model calls (%.1f images per call)',
             sum(requests), len(requests), sum(server.model_call_rows) / max(1, len(requests)))
+
+
+def _start(args) -> LocalServingServer:
+  """The server of the flags, started (a config file or label it refuses: ValueError)."""
+  server = LocalServingServer(
+      args.model_base_path, args.port, rest_api_port=args.rest_api_port or None,
+      model_name=args.model_name, host=args.host,
+      poll_seconds=args.file_system_poll_wait_seconds,
+      ssl_key=_read_file(args.ssl_key_file), ssl_cert=_read_file(args.ssl_cert_file),
+      faults=Faults(args.inject_latency_secs, args.inject_failure_fraction,
+                    grpc.StatusCode[args.inject_failure_code], args.seed),
+      max_workers=args.grpc_max_threads, batching=args.batching,
+      model_config_file=args.model_config_file,
+      model_config_file_poll_seconds=args.model_config_file_poll_wait_seconds)
+  server.start()
+  return server
 
 
 if __name__ == '__main__':

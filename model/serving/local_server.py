@@ -11,6 +11,11 @@ answers, stop and restart on the same port). With `rest_api_port`, it also speak
 API (`model.serving.rest_api`) on a second port, answered by the same services, so the same models,
 versions, signatures, messages and injected faults apply to both.
 
+With `model_config_file` (TF Serving's `--model_config_file`, `model.serving.model_config`) the
+model's name, base path, version policy and version labels come from that file, read again every
+`model_config_file_poll_seconds` as `--model_config_file_poll_wait_seconds` makes TF Serving do;
+requests may then name a version by label (`ModelSpec.version_label`, REST `/labels/NAME`).
+
 Production runs TensorFlow Serving itself (`tensorflow_model_server`, or the `tensorflow/serving`
 container image); see the README. One deliberate difference: this server refuses requests over the
 gRPC default of 4 MiB (`max_receive_message_bytes`), where `tensorflow_model_server` raises its own
@@ -26,6 +31,9 @@ Usage:
 import concurrent.futures
 import logging
 import threading
+import time
+
+import tensorflow as tf
 
 import grpc
 from tensorflow_serving.apis import model_service_pb2_grpc
@@ -36,7 +44,10 @@ from model.serving.batching import BatchScheduler
 from model.serving.batching import BatchingParameters
 from model.serving.faults import FaultInjector
 from model.serving.faults import Faults
+from model.serving.model_config import ServedModelConfig
+from model.serving.model_config import read_model_config
 from model.serving.protocol import GRPC_DEFAULT_MAX_MESSAGE_BYTES
+from model.serving.refusal import Refusal
 from model.serving.repository import ModelRepository
 from model.serving.rest_api import RestApi
 from model.serving.rest_server import RestServer
@@ -76,18 +87,32 @@ class LocalServingServer:
     batching: TF Serving's server-side batching (`--enable_batching`): concurrent Predict calls
       for the same signature are merged into one model call (`model.serving.batching`); None:
       each request is one model call.
+    model_config_file: a ModelServerConfig in text format; its model replaces model_base_path
+      and model_name (give None for those), with its version policy and labels.
+    model_config_file_poll_seconds: how often the file is read again (0: only at start).
   """
 
-  def __init__(self, model_base_path: str, port: int = 0, *, rest_api_port: int | None = None,
-               model_name: str = schema.MODEL_NAME,
+  def __init__(self, model_base_path: str | None, port: int = 0, *,
+               rest_api_port: int | None = None, model_name: str = schema.MODEL_NAME,
                host: str = '127.0.0.1', poll_seconds: float = DEFAULT_POLL_SECONDS,
                max_receive_message_bytes: int = GRPC_DEFAULT_MAX_MESSAGE_BYTES,
                ssl_key: bytes | None = None, ssl_cert: bytes | None = None,
                faults: Faults | None = None, max_workers: int = 8,
-               batching: BatchingParameters | None = None):
+               batching: BatchingParameters | None = None,
+               model_config_file: str | None = None,
+               model_config_file_poll_seconds: float = 0.0):
     if (ssl_key is None) != (ssl_cert is None):
       raise ValueError('TLS needs both ssl_key and ssl_cert')
-    self.repository = ModelRepository(model_base_path, model_name)
+    self._config_file = model_config_file
+    self._config_poll_seconds = model_config_file_poll_seconds
+    self._config_text: str | None = None
+    self._config: ServedModelConfig | None = None
+    if model_config_file is not None:
+      self._config_text, self._config = self._read_config()
+      model_base_path, model_name = self._config.base_path, self._config.name
+    self.repository = ModelRepository(
+        model_base_path, model_name,
+        **({'version_policy': self._config.version_policy} if self._config else {}))
     self.host = host
     self.port = port
     self._poll_seconds = poll_seconds
@@ -152,11 +177,54 @@ class LocalServingServer:
   def set_faults(self, faults: Faults) -> None:
     self._faults.set(faults)
 
+  def _read_config(self) -> tuple[str, ServedModelConfig]:
+    with tf.io.gfile.GFile(self._config_file) as f:
+      text = f.read()
+    return text, read_model_config(text, self._config_file)
+
+  def reload_config(self) -> bool:
+    """Reads `model_config_file` again; a changed version policy or labels apply at once.
+    Returns whether it changed.
+
+    Raises:
+      ValueError: the file is unreadable or wrong, names another model or base path, or a label
+        names a version that is not AVAILABLE (then the config in force stays).
+    """
+    try:
+      text, config = self._read_config()
+    except (OSError, tf.errors.OpError) as error:
+      raise ValueError(f'cannot read {self._config_file}: {error}') from None
+    if text == self._config_text:
+      return False
+    if (config.name, config.base_path) != (self.repository.model_name,
+                                           self.repository.base_path):
+      raise ValueError(f'{self._config_file} now names model {config.name} at '
+                       f'{config.base_path}; the local server keeps the model it started with '
+                       '(restart it to serve another)')
+    self.repository.set_version_policy(config.version_policy)
+    self.repository.poll()
+    self._apply_labels(config)
+    self._config_text, self._config = text, config
+    _log.info('serve: read %s: labels %s', self._config_file, config.version_labels or 'none')
+    return True
+
+  def _apply_labels(self, config: ServedModelConfig) -> None:
+    try:
+      self.repository.set_labels(config.version_labels)
+    except Refusal as refusal:
+      raise ValueError(f'{self._config_file}: {refusal.message}') from None
+
   def start(self) -> int:
-    """Loads the newest complete version (when there is one), listens, and returns the port."""
+    """Loads the newest complete version (when there is one), listens, and returns the port.
+
+    Raises:
+      ValueError: a label of `model_config_file` names a version that did not load.
+    """
     if self._server is not None:
       raise RuntimeError(f'already serving on {self.address}')
     self.repository.poll()
+    if self._config is not None:
+      self._apply_labels(self._config)
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=self._max_workers,
                                               thread_name_prefix='serve'),
@@ -204,12 +272,26 @@ class LocalServingServer:
     return self.port
 
   def _poll_loop(self) -> None:
-    while not self._stop_polling.wait(self._poll_seconds):
+    config_due = time.monotonic() + self._config_poll_seconds
+    rejected = None
+    wait = (min(self._poll_seconds, self._config_poll_seconds) if self._config_poll_seconds
+            else self._poll_seconds)
+    while not self._stop_polling.wait(wait):
       try:
         self.repository.poll()
       except Exception as error:  # pylint: disable=broad-except
         # A file system hiccup must not stop the server from following new versions.
         _log.warning('serve: polling %s failed: %s', self.repository.base_path, error)
+      if self._config_poll_seconds and time.monotonic() >= config_due:
+        config_due = time.monotonic() + self._config_poll_seconds
+        try:
+          self.reload_config()
+          rejected = None
+        except ValueError as error:
+          # As TF Serving does: the config in force stays, the reason is logged (once).
+          if str(error) != rejected:
+            _log.warning('serve: %s', error)
+          rejected = str(error)
 
   def stop(self, grace: float | None = None) -> None:
     """Stops listening (in-flight calls end after `grace` seconds, at once by default)."""

@@ -139,13 +139,17 @@ def tensor_as_proto_field(array: np.ndarray) -> tensor_pb2.TensorProto:
 
 def build_predict_request(images: Sequence[np.ndarray], model_name: str = schema.MODEL_NAME,
                           model_version: int | None = None,
-                          signature: str = schema.SERVING_SIGNATURE) -> predict_pb2.PredictRequest:
-  """A PredictRequest for a list of same-shaped uint8 images."""
+                          signature: str = schema.SERVING_SIGNATURE,
+                          version_label: str | None = None) -> predict_pb2.PredictRequest:
+  """A PredictRequest for a list of same-shaped uint8 images (to a version, a label or the
+  latest)."""
   request = predict_pb2.PredictRequest()
   request.model_spec.name = model_name
   request.model_spec.signature_name = signature
   if model_version is not None:
     request.model_spec.version.value = model_version
+  if version_label is not None:
+    request.model_spec.version_label = version_label
   request.inputs[schema.INPUT_IMAGES].CopyFrom(encode_images(images))
   request.output_filter.extend(schema.OUTPUT_NAMES)
   return request

@@ -1,4 +1,5 @@
-"""Which model version the local server serves: TF Serving's version-folder rules and "latest" policy."""
+"""Which model versions the local server serves: TF Serving's version-folder rules, its version
+policies (the newest by default) and version labels (server_core.cc's label map)."""
 import dataclasses
 import logging
 import os
@@ -12,6 +13,7 @@ from model import schema
 from model.export import list_versions
 from model.saved_model_info import incomplete_reason
 from model.saved_model_info import read_signature_defs
+from model.serving.model_config import VersionPolicy
 from model.serving.refusal import Refusal
 
 __all__ = ['ModelRepository', 'ServedVersion']
@@ -40,28 +42,43 @@ class ServedVersion:
 
 
 class ModelRepository:
-  """Serves the highest complete version under a base path and follows new ones (the "latest" policy).
+  """Serves the complete versions under a base path that its policy wants (by default the highest,
+  TF Serving's "latest" policy), follows new ones, and resolves labels.
 
-  Like TF Serving's AvailabilityPreservingPolicy, a new version is loaded before the old one is
+  Like TF Serving's AvailabilityPreservingPolicy, a new version is loaded before an old one is
   let go, and a version that fails to load leaves the old one serving.
 
   Usage:
     repository = ModelRepository('EXPORT/PlanetModel')
     repository.poll()                                  # again every second, from a thread
+    repository.set_labels({'stable': 3})               # from --model_config_file
     served = repository.resolve(request.model_spec)    # or a Refusal, as TF Serving answers
   """
 
-  def __init__(self, base_path: str, model_name: str = schema.MODEL_NAME):
+  def __init__(self, base_path: str, model_name: str = schema.MODEL_NAME,
+               version_policy: VersionPolicy = VersionPolicy()):
     self.base_path = base_path
     self.model_name = model_name
-    self._current: ServedVersion | None = None
+    self.version_policy = version_policy
+    self._served: dict[int, ServedVersion] = {}
+    self._labels: dict[str, int] = {}
     self._states: dict[int, tuple[int, str]] = {}   # version -> (State, error message)
     self._skipped: dict[int, tuple] = {}            # version -> fingerprint already judged incomplete
     self._lock = threading.Lock()
 
   @property
   def current(self) -> ServedVersion | None:
-    return self._current
+    """The highest version served (what a request without a version gets)."""
+    served = self._served
+    return served[max(served)] if served else None
+
+  @property
+  def served_versions(self) -> list[int]:
+    return sorted(self._served)
+
+  @property
+  def labels(self) -> dict[str, int]:
+    return dict(self._labels)
 
   def states(self) -> dict[int, tuple[int, str]]:
     """Every version seen so far -> (ModelVersionStatus.State, error message or '')."""
@@ -72,12 +89,33 @@ class ModelRepository:
     with self._lock:
       self._states[version] = (state, message)
 
+  def set_labels(self, labels: dict[str, int]) -> None:
+    """Replaces the version labels; each must name a version being served (AVAILABLE).
+
+    Raises:
+      Refusal: FAILED_PRECONDITION with ServerCore's message; the labels are left as they were.
+    """
+    for label, version in sorted(labels.items()):
+      if version not in self._served:
+        raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                      f'Request to assign label to version {version} of model '
+                      f'{self.model_name}, which is not currently available for inference')
+    self._labels = dict(labels)
+
+  def set_version_policy(self, policy: VersionPolicy) -> None:
+    """A new policy, applied at the next `poll`."""
+    self.version_policy = policy
+
   def poll(self) -> bool:
-    """Looks at the base path once; loads a newer complete version. Returns whether one was loaded."""
-    current = self._current
+    """Looks at the base path once; loads the versions the policy wants and lets go of the
+    others. Returns whether a version was loaded."""
+    wanted, loaded = [], False
     for version in reversed(list_versions(self.base_path)):
-      if current is not None and version == current.version:
-        return False
+      if not self.version_policy.wants(version, len(wanted)):
+        continue
+      if version in self._served:
+        wanted.append(version)
+        continue
       path = os.path.join(self.base_path, str(version))
       fingerprint = _folder_fingerprint(path)
       if self._skipped.get(version) == fingerprint:
@@ -89,8 +127,16 @@ class ModelRepository:
         self._skipped[version] = fingerprint
         continue
       self._skipped.pop(version, None)
-      return self._load(version, path, fingerprint)
-    return False
+      if self._load(version, path, fingerprint):
+        wanted.append(version)
+        loaded = True
+    if wanted:   # never let go of the last version for want of a loadable one
+      for version in set(self._served) - set(wanted):
+        # As in TF Serving, a label does not keep its version loaded: asked for, it is then
+        # NOT_FOUND until the labels move.
+        self._served = {v: s for v, s in self._served.items() if v != version}
+        self._set_state(version, _State.END)
+    return loaded
 
   def _load(self, version: int, path: str, fingerprint: tuple) -> bool:
     self._set_state(version, _State.LOADING)
@@ -104,26 +150,35 @@ class ModelRepository:
       self._set_state(version, _State.END, f'{type(error).__name__}: {error}')
       self._skipped[version] = fingerprint
       return False
-    previous, self._current = self._current, served
+    # One assignment of a new dict: a request on another thread sees the old or the new map.
+    self._served = {**self._served, version: served}
     self._set_state(version, _State.AVAILABLE)
-    if previous is not None:
-      self._set_state(previous.version, _State.END)
     _log.info('serve: serving %s version %d from %s', self.model_name, version, path)
     return True
 
-  def resolve(self, model_spec) -> ServedVersion:
-    """The version a request's ModelSpec names, or the NOT_FOUND / INVALID_ARGUMENT TF Serving gives."""
-    if model_spec.version_label:
-      # No labels are configured here, as with a plain --model_base_path server.
+  def label_version(self, model_name: str, label: str) -> int:
+    """ServerCore::GetModelVersionForLabel: the version a label names, or INVALID_ARGUMENT."""
+    version = self._labels.get(label) if model_name == self.model_name else None
+    if version is None:
       raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                    f'Unrecognized servable version label: {model_spec.version_label}')
-    served = self._current
-    if model_spec.HasField('version'):
+                    f'Unrecognized servable version label: {label}')
+    return version
+
+  def resolve(self, model_spec) -> ServedVersion:
+    """The version a request's ModelSpec names (by number, by label, or the latest), or the
+    NOT_FOUND / INVALID_ARGUMENT TF Serving gives."""
+    served = self._served
+    name = model_spec.name
+    if model_spec.version_label:
+      wanted = self.label_version(name, model_spec.version_label)
+    elif model_spec.HasField('version'):
       wanted = model_spec.version.value
-      if model_spec.name != self.model_name or served is None or served.version != wanted:
+    else:
+      if name != self.model_name or not served:
         raise Refusal(grpc.StatusCode.NOT_FOUND,
-                      f'Servable not found for request: Specific({model_spec.name}, {wanted})')
-    elif model_spec.name != self.model_name or served is None:
+                      f'Servable not found for request: Latest({name})')
+      return served[max(served)]
+    if name != self.model_name or wanted not in served:
       raise Refusal(grpc.StatusCode.NOT_FOUND,
-                    f'Servable not found for request: Latest({model_spec.name})')
-    return served
+                    f'Servable not found for request: Specific({name}, {wanted})')
+    return served[wanted]

@@ -6,7 +6,7 @@ TF Serving answers its REST API (`--rest_api_port`) with the HTTP status that
 status back into that code, so one retry policy serves both APIs.
 
 Usage:
-  url = base_url('localhost:8501') + predict_path('PlanetModel', 3)
+  url = base_url('localhost:8501') + predict_path('PlanetModel', 3)   # or label='stable'
   status = HTTP_STATUS_BY_CODE[grpc.StatusCode.NOT_FOUND]       # 404
   code = code_of_http_status(503)                               # UNAVAILABLE: retried
 """
@@ -84,16 +84,20 @@ def base_url(address: str, use_tls: bool = False) -> str:
   return f'{"https" if use_tls else "http"}://{host}:{port}'
 
 
-def _model_path(model_name: str, version: int | None) -> str:
+def _model_path(model_name: str, version: int | None, label: str | None) -> str:
   path = f'/v1/models/{urllib.parse.quote(model_name, safe="")}'
+  if label is not None:
+    return f'{path}/labels/{urllib.parse.quote(label, safe="")}'
   return path if version is None else f'{path}/versions/{int(version)}'
 
 
-def predict_path(model_name: str, version: int | None = None) -> str:
-  """/v1/models/NAME[/versions/N]:predict"""
-  return _model_path(model_name, version) + ':predict'
+def predict_path(model_name: str, version: int | None = None, label: str | None = None) -> str:
+  """/v1/models/NAME[/versions/N | /labels/LABEL]:predict"""
+  return _model_path(model_name, version, label) + ':predict'
 
 
-def status_path(model_name: str, version: int | None = None, metadata: bool = False) -> str:
-  """/v1/models/NAME[/versions/N] (GetModelStatus), with /metadata: GetModelMetadata."""
-  return _model_path(model_name, version) + ('/metadata' if metadata else '')
+def status_path(model_name: str, version: int | None = None, metadata: bool = False,
+                label: str | None = None) -> str:
+  """/v1/models/NAME[/versions/N | /labels/LABEL] (GetModelStatus), with /metadata:
+  GetModelMetadata."""
+  return _model_path(model_name, version, label) + ('/metadata' if metadata else '')

@@ -163,11 +163,12 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                       f'tensor parsing error: {alias}') from error
       # TF Serving feeds a tensor as sent, whatever the signature's dimensions, and the model's
-      # own ops refuse a shape they cannot take. Only a wrong rank is refused here: TensorFlow's
-      # oneDNN convolution aborts the whole process on one (a CHECK in tensor_format.h) where a
-      # build without oneDNN answers INVALID_ARGUMENT.
+      # own ops refuse a shape they cannot take. Only an image input (4-D in the signature)
+      # given another rank is refused here: TensorFlow's oneDNN convolution aborts the whole
+      # process on one (a CHECK in tensor_format.h), where a build without oneDNN answers
+      # INVALID_ARGUMENT.
       rank = len(info.tensor_shape.dim)
-      if not info.tensor_shape.unknown_rank and array.ndim != rank:
+      if not info.tensor_shape.unknown_rank and rank == 4 and array.ndim != rank:
         raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                       f'input {alias} must be {rank}-dimensional, got shape '
                       f'[{",".join(str(d) for d in array.shape)}]')
@@ -226,8 +227,12 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     if not request.HasField('model_spec'):
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, 'Missing ModelSpec')
     states = self._repository.states() if spec.name == self._repository.model_name else {}
-    if spec.HasField('version'):
-      version = spec.version.value
+    if spec.version_label or spec.HasField('version'):
+      try:   # get_model_status_impl.cc: a label is the version it names
+        version = (self._repository.label_version(spec.name, spec.version_label)
+                   if spec.version_label else spec.version.value)
+      except Refusal as refusal:
+        context.abort(refusal.code, refusal.message)
       if version not in states:
         context.abort(grpc.StatusCode.NOT_FOUND,
                       f'Could not find version {version} of model {spec.name}')
