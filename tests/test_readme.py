@@ -1,4 +1,5 @@
-"""The README cannot drift from the code: every command it shows names real modules and flags.
+"""The README and its manual (docs/) cannot drift from the code: every command they show names
+real modules and flags, every page is linked from the README, and every link resolves.
 
 Each stage's command is also run for real by its own tests and by run_local.sh; this test checks
 the guide itself: every `python -m MODULE ...` line in it names a module whose own --help lists
@@ -16,7 +17,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from tests.conftest import REPO
 
-README = (REPO / 'README.md').read_text()
+FRONT_DOOR = (REPO / 'README.md').read_text()
+PAGES = sorted((REPO / 'docs').glob('*.md'))
+# Everything a reader is shown: the README and every page of the manual.
+README = '\n'.join([FRONT_DOOR] + [page.read_text() for page in PAGES])
+# The README is a front door, not the manual: what the project is, the commands, a tour, a map.
+MAX_README_LINES = 250
 
 
 def _commands() -> list[tuple[str, str]]:
@@ -65,3 +71,16 @@ def test_run_local_reads_every_variable_the_readme_lists():
   assert len(variables) >= 8
   for variable in variables:
     assert '${' + variable in script, f'README lists {variable}; run_local.sh never reads it'
+
+
+def test_the_readme_is_a_front_door_that_links_every_page():
+  assert len(FRONT_DOOR.splitlines()) < MAX_README_LINES
+  assert len(PAGES) >= 8
+  for page in PAGES:
+    assert f'](docs/{page.name})' in FRONT_DOOR, f'README links no {page.name}'
+
+
+@pytest.mark.parametrize('document', [REPO / 'README.md', *PAGES], ids=lambda p: p.name)
+def test_every_relative_link_resolves(document):
+  for target in re.findall(r'\]\(([^)#:]+)(?:#[^)]*)?\)', document.read_text()):
+    assert (document.parent / target).exists(), f'{document.name} links {target}: not there'
