@@ -122,3 +122,10 @@ def test_rows_without_images_cost_a_few_hundred_bytes_each(sample, tmp_path):
         f'{peaks["many"] / 2**20:.0f} MiB with {ABSENT_ROWS:,} more without images '
         f'({per_row:.0f} bytes a row)')
   assert per_row < BYTES_PER_ABSENT_ROW, peaks
+
+
+def test_a_csv_name_with_its_extension_is_told_to_drop_it():
+  (_, refused), = join_one_bucket([('train_1.JPG', 3, 0b1)], [], [], lambda name: f'/i/{name}.jpg')
+  record, = refused
+  assert record['reason'] == Reason.MISSING_IMAGE.value
+  assert "write the name without it ('train_1')" in record['message']

@@ -258,8 +258,18 @@ def join_rows_with_image(image_name: str, rows: Iterable[tuple[int, LabelRow | N
   return None, refused
 
 
+# Extensions a CSV name may carry by mistake (the job reads <images_dir>/<name>.jpg).
+_NAMED_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.tif', '.tiff')
+
+
 def _missing_image_message(image_name: str, expected_path: str,
                            other_form_files: Sequence[str]) -> str:
+  stem, extension = posixpath.splitext(image_name)
+  if not other_form_files and extension.lower() in _NAMED_EXTENSIONS:
+    # A CSV of file names rather than image names: the most common slip, so say it outright.
+    return (f'no file {expected_path}: the CSV names the image with its extension '
+            f'({image_name!r}), and the job adds the extension itself: write the name without '
+            f'it ({stem!r})')
   if not other_form_files:
     return (f'no file {expected_path} (the extension in any case): copy the image there, or '
             'drop its row from the CSV')
