@@ -122,6 +122,10 @@ def parse_args(argv) -> tuple[Any, list[str]]:
                            'none: ground tags by threshold alone (default %(default)s)')
   parser.add_argument('--model_version', type=int,
                       help='serving: a fixed version (default: latest)')
+  parser.add_argument('--model_version_label',
+                      help="serving: the version this label of TF Serving's --model_config_file "
+                           'names (version_labels), followed if it moves; each row names the '
+                           'version that answered')
   parser.add_argument('--tls', action='store_true',
                       help='serving over TLS (gRPC, or HTTPS for REST)')
   parser.add_argument('--root_cert', type=command_line.user_path,
@@ -160,13 +164,17 @@ def parse_args(argv) -> tuple[Any, list[str]]:
     parser.error('--resume continues an unfinished run and --overwrite deletes it: give one')
   if not args.model_dir and not args.serving_address:
     parser.error('give --model_dir (in-process) or --serving_address (TF Serving)')
-  grpc_values = (args.root_cert, args.model_version, args.max_request_bytes,
-                 args.request_timeout_secs, args.retry_budget_secs)
+  grpc_values = (args.root_cert, args.model_version, args.model_version_label,
+                 args.max_request_bytes, args.request_timeout_secs, args.retry_budget_secs)
   if (args.tls or args.allow_insecure or args.serving_protocol != 'grpc' or
       any(v is not None for v in grpc_values)) and not args.serving_address:
     parser.error('--serving_protocol, --tls, --root_cert, --allow_insecure, --model_version, '
-                 '--max_request_bytes, --request_timeout_secs and --retry_budget_secs go with '
-                 '--serving_address')
+                 '--model_version_label, --max_request_bytes, --request_timeout_secs and '
+                 '--retry_budget_secs go with --serving_address')
+  if args.model_version is not None and args.model_version_label is not None:
+    parser.error('--model_version and --model_version_label both name a version: give one')
+  if args.model_version_label is not None and not args.model_version_label.strip():
+    parser.error('--model_version_label is empty')
   if args.request_timeout_secs is not None and args.request_timeout_secs <= 0:
     parser.error('--request_timeout_secs must be positive')
   if args.retry_budget_secs is not None and args.retry_budget_secs < 0:
@@ -240,15 +248,16 @@ def make_backend(args) -> Backend:
                                      if args.root_cert else None)}
   image_size, version = protocol.check_serving_model(
       args.serving_address, args.model_name, args.model_version, signature,
-      image_size=export.image_size if export else None, **transport)
+      image_size=export.image_size if export else None,
+      model_version_label=args.model_version_label, **transport)
   limits = {key: value for key, value in (('max_request_bytes', args.max_request_bytes),
                                           ('timeout_secs', args.request_timeout_secs),
                                           ('retry_budget_secs', args.retry_budget_secs))
             if value is not None}
   handler = handler_class(
       args.serving_address, model_name=args.model_name, model_version=args.model_version,
-      signature=signature, image_size=image_size, max_batch_size=args.batch_size, **limits,
-      **transport)
+      model_version_label=args.model_version_label, signature=signature, image_size=image_size,
+      max_batch_size=args.batch_size, **limits, **transport)
   if export:
     versions_dir = FileSystems.split(export.version_dir.rstrip('/'))[0]
     thresholds = ThresholdsByVersion(export.ground_thresholds, versions_dir, **decision)

@@ -64,7 +64,7 @@ from model.serving.protocol import split_response
 
 __all__ = ['DEFAULT_MAX_REQUEST_BYTES', 'REQUESTS_PER_BATCH', 'ServingClient', 'ServingGrpcHandler',
            'check_serving_model', 'image_problem', 'plan_requests', 'read_root_certificates',
-           'served_image_size']
+           'served_image_size', 'wanted_model']
 
 _log = logging.getLogger('planet.serving')
 
@@ -157,13 +157,25 @@ def _served_versions(channel: grpc.Channel, model_name: str, timeout_secs: float
                                  for s in response.model_version_status)
 
 
+def wanted_model(model_name: str, model_version: int | None, label: str | None) -> str:
+  """'PlanetModel version 3', 'PlanetModel label stable' or 'PlanetModel (latest version)'."""
+  if model_version is not None and label is not None:
+    raise ValueError(f'ask for a version ({model_version}) or a version label ({label!r}), not '
+                     'both: TF Serving\'s ModelSpec holds one of them')
+  if label is not None:
+    return f'{model_name} label {label}'
+  return (f'{model_name} version {model_version}' if model_version is not None else
+          f'{model_name} (latest version)')
+
+
 def check_serving_model(address: str, model_name: str = schema.MODEL_NAME,
                         model_version: int | None = None,
                         signature: str = schema.SERVING_SIGNATURE, *,
                         image_size: int | None = None, use_tls: bool = False,
                         root_certificates: bytes | None = None,
                         tls_server_name: str | None = None, allow_insecure: bool = False,
-                        timeout_secs: float = 10.0) -> tuple[int, int]:
+                        timeout_secs: float = 10.0,
+                        model_version_label: str | None = None) -> tuple[int, int]:
   """Asks the server for the model's metadata and checks it fits; returns (image_size, version).
 
   Call it before building the pipeline: a wrong address, model name, version, signature or input
@@ -175,15 +187,16 @@ def check_serving_model(address: str, model_name: str = schema.MODEL_NAME,
     ValueError: naming what was expected and what was found.
   """
   check_serving_address(address)
+  wanted = wanted_model(model_name, model_version, model_version_label)
   channel = open_channel(address, use_tls=use_tls, root_certificates=root_certificates,
                          tls_server_name=tls_server_name, allow_insecure=allow_insecure)
-  wanted = f'{model_name} version {model_version}' if model_version is not None else (
-      f'{model_name} (latest version)')
   try:
     request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=[METADATA_FIELD])
     request.model_spec.name = model_name
     if model_version is not None:
       request.model_spec.version.value = model_version
+    if model_version_label is not None:
+      request.model_spec.version_label = model_version_label
     try:
       response = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(
           request, timeout=timeout_secs, wait_for_ready=True)
@@ -250,6 +263,8 @@ class ServingGrpcHandler(RemoteModelHandler[np.ndarray, PredictionResult, Servin
   Args:
     address: HOST:PORT of the server.
     model_name, model_version, signature: what to ask for (no version: the latest).
+    model_version_label: ask for the version this label names instead (ModelSpec.version_label,
+      resolved by the server on every request; each answer says which version it was).
     use_tls, root_certificates, tls_server_name, allow_insecure: the transport, see
       `model.serving.protocol.check_transport`; `root_certificates` is PEM bytes (`read_root_certificates`), carried to
       the workers inside the handler.
@@ -282,8 +297,10 @@ class ServingGrpcHandler(RemoteModelHandler[np.ndarray, PredictionResult, Servin
                initial_backoff_secs: float = 0.25, max_backoff_secs: float = 4.0,
                min_batch_size: int | None = None, max_batch_size: int | None = None,
                max_batch_duration_secs: int | None = None,
-               throttle_delay_secs: float = 1.0, overload_ratio: float = 2.0):
+               throttle_delay_secs: float = 1.0, overload_ratio: float = 2.0,
+               model_version_label: str | None = None):
     check_serving_address(address)
+    wanted_model(model_name, model_version, model_version_label)
     check_transport(address, use_tls=use_tls, allow_insecure=allow_insecure)
     if max_batch_size is None:
       max_batch_size = max(min_batch_size or 1, max_images_per_request * REQUESTS_PER_BATCH)
@@ -311,6 +328,7 @@ class ServingGrpcHandler(RemoteModelHandler[np.ndarray, PredictionResult, Servin
     self._address = address
     self._model_name = model_name
     self._model_version = model_version
+    self._model_version_label = model_version_label
     self._signature = signature
     self._use_tls = use_tls
     self._root_certificates = root_certificates
@@ -379,7 +397,8 @@ class ServingGrpcHandler(RemoteModelHandler[np.ndarray, PredictionResult, Servin
                      images: list[np.ndarray]) -> tuple[list[tuple[Any, str | None]], CallTally]:
     """Answers for one request's images; on a non-transient refusal, image by image."""
     tally = CallTally()
-    request = build_predict_request(images, self._model_name, self._model_version, self._signature)
+    request = build_predict_request(images, self._model_name, self._model_version, self._signature,
+                                    self._model_version_label)
     try:
       response = self._call(client, request, tally)
       version, rows = split_response(response, len(images))

@@ -15,9 +15,11 @@ bytes and a pixel's brackets 2 more, so at most 5 body bytes per image byte (a 1
 at most, about 3.6x its 49 KB of pixels in practice), under `max_request_bytes`.
 
 REST's answer does not say which version answered, so each call names one in its URL: the
-`model_version` given, or else the latest AVAILABLE one in the server's status
-(`GET /v1/models/NAME`), asked once per worker and again when the server answers 404 for it (a
-newer version replaced it). Every row names the version that answered.
+`model_version` given; with `model_version_label`, the version the label names in the server's
+status (`GET /v1/models/NAME/labels/LABEL`), asked again at most every second so that a label
+moved mid-job is followed; or else the latest AVAILABLE one in the server's status
+(`GET /v1/models/NAME`), asked once per worker. Either is asked again when the server answers
+404 for it (a newer version replaced it). Every row names the version that answered.
 
 Usage:
   image_size, version = check_serving_model('localhost:8501')         # before the pipeline
@@ -46,6 +48,7 @@ from beam_jobs.predict.backends.serving_address import rest_port_message
 from beam_jobs.predict.backends.tf_serving import DEFAULT_MAX_REQUEST_BYTES
 from beam_jobs.predict.backends.tf_serving import ServingGrpcHandler
 from beam_jobs.predict.backends.tf_serving import served_image_size
+from beam_jobs.predict.backends.tf_serving import wanted_model
 from model import schema
 from model.serving.protocol import is_loopback_host
 from model.serving.protocol import parse_address
@@ -65,6 +68,9 @@ __all__ = ['JSON_BYTES_PER_IMAGE_BYTE', 'RestCallFailed', 'RestClient', 'Serving
 JSON_BYTES_PER_IMAGE_BYTE = 5
 # signature_name, the "inputs" object and the outer brackets.
 _BODY_OVERHEAD_BYTES = 256
+# How long the version a label named is used before the label is asked again: TF Serving reads
+# a moved label from its config file at most this often (--model_config_file_poll_wait_seconds).
+_LABEL_REFRESH_SECS = 1.0
 
 
 def image_bytes_within(max_request_bytes: int) -> int:
@@ -141,6 +147,7 @@ class RestClient:
     self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_requests_in_flight,
                                                       thread_name_prefix='planet-rest')
     self.version: int | None = None
+    self.version_asked_at = 0.0   # time.monotonic() when `version` was asked for (labels)
     self.version_lock = threading.Lock()
 
   def call(self, method: str, path: str, timeout_secs: float, body: bytes | None = None) -> bytes:
@@ -164,10 +171,11 @@ class RestClient:
                            f'HTTP {response.status_code}: {message}', response.status_code)
     return response.content
 
-  def versions(self, model_name: str, timeout_secs: float) -> dict[int, str]:
-    """{version: state} from the server's GetModelStatus (`GET /v1/models/NAME`)."""
+  def versions(self, model_name: str, timeout_secs: float,
+               label: str | None = None) -> dict[int, str]:
+    """{version: state} from the server's GetModelStatus (`GET /v1/models/NAME[/labels/L]`)."""
     answer = json.loads(
-        self.call('GET', status_path(model_name), timeout_secs))
+        self.call('GET', status_path(model_name, label=label), timeout_secs))
     return {int(s['version']): s['state'] for s in answer.get('model_version_status', [])}
 
   def close(self) -> None:
@@ -192,7 +200,8 @@ def check_serving_model(address: str, model_name: str = schema.MODEL_NAME,
                         signature: str = schema.SERVING_SIGNATURE, *,
                         image_size: int | None = None, use_tls: bool = False,
                         root_certificates: bytes | None = None, allow_insecure: bool = False,
-                        timeout_secs: float = 10.0) -> tuple[int, int]:
+                        timeout_secs: float = 10.0,
+                        model_version_label: str | None = None) -> tuple[int, int]:
   """`tf_serving.check_serving_model` over REST (`GET .../metadata`): returns (image_size, version).
 
   Waits up to `timeout_secs` for a server that is still starting. A connection that fails without
@@ -202,16 +211,15 @@ def check_serving_model(address: str, model_name: str = schema.MODEL_NAME,
     ValueError: naming what was expected and what was found.
   """
   check_rest_transport(address, use_tls=use_tls, allow_insecure=allow_insecure)
+  wanted = wanted_model(model_name, model_version, model_version_label)
   client = RestClient(base_url(address, use_tls), root_certificates, 1)
   url = client.address
-  wanted = f'{model_name} version {model_version}' if model_version is not None else (
-      f'{model_name} (latest version)')
   give_up_at = time.monotonic() + timeout_secs
   try:
     while True:
       try:
-        answer = client.call('GET', status_path(model_name, model_version, metadata=True),
-                             timeout_secs)
+        answer = client.call('GET', status_path(model_name, model_version, metadata=True,
+                                                label=model_version_label), timeout_secs)
         break
       except RestCallFailed as failure:
         if failure.http_status == 404:
@@ -266,10 +274,12 @@ class ServingRestHandler(ServingGrpcHandler):
                allow_insecure: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                max_requests_in_flight: int = 4, timeout_secs: float = 30.0,
                retry_budget_secs: float = 30.0, initial_backoff_secs: float = 0.25,
-               max_backoff_secs: float = 4.0, **batching_and_throttling: Any):
+               max_backoff_secs: float = 4.0, model_version_label: str | None = None,
+               **batching_and_throttling: Any):
     check_rest_transport(address, use_tls=use_tls, allow_insecure=allow_insecure)
     super().__init__(
         address, model_name=model_name, model_version=model_version, signature=signature,
+        model_version_label=model_version_label,
         use_tls=use_tls, root_certificates=root_certificates, allow_insecure=allow_insecure,
         max_request_bytes=image_bytes_within(max_request_bytes),
         max_requests_in_flight=max_requests_in_flight, timeout_secs=timeout_secs,
@@ -277,6 +287,7 @@ class ServingRestHandler(ServingGrpcHandler):
         max_backoff_secs=max_backoff_secs, **batching_and_throttling)
     self._url = base_url(address, use_tls)
     self._rest_model = (model_name, model_version, signature)
+    self._rest_label = model_version_label
     self._rest_certificates = root_certificates
     self._rest_in_flight = max_requests_in_flight
     self._rest_retry = RetryPolicy(timeout_secs, retry_budget_secs, initial_backoff_secs,
@@ -305,29 +316,35 @@ class ServingRestHandler(ServingGrpcHandler):
   def _post(self, client: RestClient, body: _Body, timeout: float):
     """(version, outputs) from one predict call to the version asked for (see the module)."""
     model_name, fixed_version, _ = self._rest_model
-    version = fixed_version if fixed_version is not None else client.version
-    if version is None:
-      version = self._latest_version(client, timeout)
+    version = fixed_version if fixed_version is not None else self._known_version(client, timeout)
     try:
       answer = client.call('POST', predict_path(model_name, version), timeout, body.data)
     except RestCallFailed as failure:
       if failure.code() != grpc.StatusCode.NOT_FOUND or fixed_version is not None:
         raise
-      latest = self._latest_version(client, timeout)
+      latest = self._ask_version(client, timeout)
       if latest == version:
         raise
       version = latest
       answer = client.call('POST', predict_path(model_name, version), timeout, body.data)
     return version, read_float_outputs(answer, schema.OUTPUT_NAMES)
 
-  def _latest_version(self, client: RestClient, timeout: float) -> int:
-    """The highest AVAILABLE version, remembered for the next calls; UNAVAILABLE while none is."""
+  def _known_version(self, client: RestClient, timeout: float) -> int:
+    """The version last asked for; a label's is asked again once it is a second old."""
+    with client.version_lock:
+      version, asked_at = client.version, client.version_asked_at
+    stale = self._rest_label is not None and time.monotonic() - asked_at > _LABEL_REFRESH_SECS
+    return self._ask_version(client, timeout) if version is None or stale else version
+
+  def _ask_version(self, client: RestClient, timeout: float) -> int:
+    """The version the label names, or else the highest AVAILABLE one, remembered for the next
+    calls; UNAVAILABLE while there is none."""
     model_name = self._rest_model[0]
-    states = client.versions(model_name, timeout)
+    states = client.versions(model_name, timeout, label=self._rest_label)
     available = [v for v, state in states.items() if state == 'AVAILABLE']
     if not available:
       raise RestCallFailed(grpc.StatusCode.UNAVAILABLE,
                            f'no version of {model_name} is AVAILABLE yet: {states}')
     with client.version_lock:
-      client.version = max(available)
+      client.version, client.version_asked_at = max(available), time.monotonic()
       return client.version
