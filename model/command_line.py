@@ -81,7 +81,11 @@ def user_path(value: str) -> str:
   """A path flag's value with a leading `~` expanded, as a shell does for a word that starts
   with it (`--output_dir=~/out` is one word, which the shell leaves as it is). Every path flag of
   every command takes its value through this, so a path means the same in every flag: the one
-  checked for overlaps is the one written. gs:// and other URLs are left as they are."""
+  checked for overlaps is the one written. gs:// and other URLs are left as they are. An empty
+  value (`--output_dir ""`, an unset shell variable) is refused: it would mean the working
+  directory without saying so."""
+  if not value.strip():
+    raise argparse.ArgumentTypeError('is empty: give a path (an unset shell variable?)')
   return os.path.expanduser(value) if value.startswith('~') else value
 
 

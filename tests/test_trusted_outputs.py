@@ -22,7 +22,7 @@ from beam_jobs.make_sample import make_sample
 from beam_jobs.predict.config import PUBLISHED_LAST, UNPUBLISHED_DIR
 from model import schema
 from model.export import FINGERPRINT_KEY, export_model
-from model.output_dir import CLAIM_FILE
+from model.output_layout import CLAIM_FILE
 from model.saved_model_info import ExportError, inspect_export
 from tests.conftest import REPO, make_export_base, read_jsonl
 
@@ -245,7 +245,7 @@ def test_training_refuses_a_job_folder_another_process_holds(tmp_path_factory, t
   prepared = cached_prepared(tmp_path_factory, count=40, image_size=32)
   job = tmp_path / 'job'
   holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys, time; from model.output_dir import hold_folder; '
+      [sys.executable, '-c', 'import sys, time; from model.folder_claim import hold_folder; '
        'from model.train import JOB_LAYOUT; hold_folder(sys.argv[1], JOB_LAYOUT, "--job_dir"); '
        'print("held", flush=True); time.sleep(120)', str(job)],
       cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -406,3 +406,14 @@ def test_tilde_means_home_in_every_path_flag(images, export_base, tmp_path):
       '--image_size=32'], env={'HOME': str(home)}, cwd=elsewhere)
   assert done.returncode == 0, done.stderr[-3000:]
   assert (home / 'prep' / schema.MANIFEST_FILE).exists() and not list(elsewhere.iterdir())
+
+
+@pytest.mark.parametrize('module,argv', [
+    ('beam_jobs.preprocess', ['--labels_csv', 'x.csv', '--images_dir', 'imgs', '--output_dir', '']),
+    ('beam_jobs.predict', ['--input', 'imgs', '--output_dir', 'out', '--model_dir', ' ']),
+])
+def test_an_empty_path_is_refused_not_taken_for_the_working_directory(module, argv, tmp_path):
+  # An unset shell variable: `--output_dir "$OUT"` with OUT unset.
+  done = _command(module, argv, cwd=tmp_path)
+  line = _one_error_line(done, code=2)
+  assert 'is empty: give a path' in line and not list(tmp_path.iterdir())
