@@ -28,7 +28,7 @@ from beam_jobs.preprocess import ConfigError, EncodedExample, LabelledImage
 from beam_jobs.preprocess import job as preprocess_job
 from beam_jobs.preprocess import encoder_processes, rules
 from model import schema
-from model.output_dir import OutputRefused
+from model.output_layout import OutputRefused
 from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO
 from tests.hostile_inputs import png_declaring
 
@@ -706,7 +706,7 @@ def test_dataflow_dry_run_translates_the_job_without_touching_the_network(
 
 def test_an_empty_split_has_no_parts_folder_to_complain_about(tmp_path, caplog):
   from beam_jobs.common.tfrecord_sink import delete_parts_dir, parts_dir_for
-  caplog.set_level('INFO', logger='planet.tfrecord_sink')
+  caplog.set_level('INFO', logger='planet.part_files')
   never_made = parts_dir_for(str(tmp_path / 'eval' / 'part'))   # no bundle wrote a part
   assert delete_parts_dir(None, never_made, ['b', 'a']) == ['a', 'b']
   assert not caplog.records                                      # no 'could not delete'

@@ -17,17 +17,16 @@ Usage (records written inside a DoFn that does more: the preprocess job's fused 
   part_names | PublishShards(prefix, num_shards, 'gzip', parts_dir)
 (or, in a process of its own: append_part(part_path(parts_dir, shard, token, 'gzip'), framed))
 """
-import logging
-import shutil
 import uuid
 import zlib
 from typing import Iterable
 
 import apache_beam as beam
 from apache_beam.io import tfrecordio
-from apache_beam.io.filesystem import BeamIOError, CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from beam_jobs.common.part_files import publish_parts, remove_parts_dir
 from model import schema
 
 __all__ = ['PublishShards', 'ShardPartWriter', 'append_part', 'delete_parts_dir', 'part_path',
@@ -36,9 +35,6 @@ __all__ = ['PublishShards', 'ShardPartWriter', 'append_part', 'delete_parts_dir'
 
 # The --compression names of model/schema.py, as Beam's FileSystems spells them.
 _BEAM_COMPRESSION = {'none': CompressionTypes.UNCOMPRESSED, 'gzip': CompressionTypes.GZIP}
-_COPY_CHUNK_BYTES = 1 << 20
-
-_log = logging.getLogger('planet.tfrecord_sink')
 
 
 def shard_path(file_path_prefix: str, shard: int, num_shards: int, compression: str) -> str:
@@ -123,9 +119,8 @@ def publish_shard(element: tuple[int, Iterable[str | None]], file_path_prefix: s
                   num_shards: int, compression: str) -> str:
   """(shard, part paths) -> the shard: its one part renamed, or its parts' bytes concatenated.
 
-  No part: an empty shard (a valid empty gzip file when compressed). The parts are streamed,
-  never held whole, and never recompressed. Safe to run again after it succeeded (a retried
-  step): the parts are then gone and the shard is there.
+  No part: an empty shard (a valid empty gzip file when compressed). Otherwise
+  `part_files.publish_parts`: safe to run again after it succeeded (a retried step).
   """
   shard, parts = element
   parts = sorted(part for part in parts if part is not None)
@@ -135,28 +130,12 @@ def publish_shard(element: tuple[int, Iterable[str | None]], file_path_prefix: s
     with FileSystems.create(path, compression_type=_BEAM_COMPRESSION[compression]):
       pass
     return path
-  if not any(FileSystems.exists(part) for part in parts) and FileSystems.exists(path):
-    return path   # published by an earlier attempt of this step
-  if len(parts) == 1:
-    FileSystems.rename([parts[0]], [path])
-    return path
-  with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as out:
-    for part in parts:
-      with FileSystems.open(part, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        shutil.copyfileobj(f, out, _COPY_CHUNK_BYTES)
-  FileSystems.delete(parts)
-  return path
+  return publish_parts(parts, path)
 
 
 def delete_parts_dir(_, parts_dir: str, written: list[str]) -> list[str]:
-  """Removes the parts' folder once every shard is written (best effort, as Beam's sinks do)."""
-  if not FileSystems.exists(parts_dir):
-    return sorted(written)   # an empty split: no bundle wrote a part, so no folder was made
-  try:
-    FileSystems.delete([parts_dir])
-  except (IOError, BeamIOError):
-    _log.info('could not delete %s (parts of failed bundles may remain there; the next run '
-              'clears them)', parts_dir)
+  """Removes the parts' folder once every shard is written; passes the shards' paths on, sorted."""
+  remove_parts_dir(parts_dir)
   return sorted(written)
 
 

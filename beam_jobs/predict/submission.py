@@ -16,16 +16,15 @@ Usage:
 """
 import bisect
 import collections
-import logging
 import math
-import shutil
 import uuid
 
 import apache_beam as beam
-from apache_beam.io.filesystem import BeamIOError, CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
+from beam_jobs.common.part_files import publish_parts, remove_parts_dir
 from beam_jobs.common.progress import counter
 from beam_jobs.predict.rows import SUBMISSION_HEADER as HEADER
 from beam_jobs.predict.rows import submission_line
@@ -38,9 +37,6 @@ DEFAULT_ROWS_PER_BUCKET = 200_000   # about 60 MB of Python strings to sort on o
 # QUANTILES - 1 buckets; each boundary is within count / QUANTILES ranks of its exact place.
 QUANTILES = 1001
 _BATCH = 1000            # names per element into the quantiles, lines per element into a bucket
-_COPY_CHUNK_BYTES = 1 << 20
-
-_log = logging.getLogger('planet.submission')
 
 
 def bucket_boundaries(quantiles: list[str], count: int, rows_per_bucket: int) -> list[str]:
@@ -125,21 +121,9 @@ def write_bucket_part(element, parts_dir: str) -> tuple[int, str]:
 def concatenate_parts(_, path: str, parts_dir: str, parts: list[tuple[int, str]]) -> str:
   """The header and the parts in bucket order, streamed into `path` through a copy in
   `parts_dir` renamed into place; then `parts_dir` is deleted. Returns `path`."""
-  staged = FileSystems.join(parts_dir, FileSystems.split(path)[1])
-  with FileSystems.create(staged, compression_type=CompressionTypes.UNCOMPRESSED) as out:
-    out.write(HEADER.encode('utf-8'))
-    for _, part in sorted(parts):
-      with FileSystems.open(part, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        shutil.copyfileobj(f, out, _COPY_CHUNK_BYTES)
-  if FileSystems.exists(path):   # left by a retried attempt of this step
-    FileSystems.delete([path])
-  FileSystems.rename([staged], [path])
-  if parts:   # one by one: on GCS a folder is only a prefix, and deleting it leaves its objects
-    FileSystems.delete([part for _, part in parts])
-  try:
-    FileSystems.delete([parts_dir])
-  except (IOError, BeamIOError):
-    _log.info('could not delete %s (the next run of this job clears it)', parts_dir)
+  publish_parts([part for _, part in sorted(parts)], path, HEADER.encode('utf-8'),
+                staged_in=parts_dir)
+  remove_parts_dir(parts_dir)
   return path
 
 

@@ -16,15 +16,15 @@ Usage:
 """
 import collections
 import json
-import shutil
 import uuid
 from typing import Iterable, Iterator
 
 import apache_beam as beam
-from apache_beam.io.filesystem import BeamIOError, CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
+from beam_jobs.common.part_files import publish_parts, remove_parts_dir
 from beam_jobs.common.progress import count_progress, counter, tally_folder_exists
 from beam_jobs.preprocess.rules import (DEAD_LETTERED_ROWS, DEAD_LETTERS, counter_name,
                                         tally_dead_letter, tally_key)
@@ -32,7 +32,6 @@ from beam_jobs.preprocess.rules import (DEAD_LETTERED_ROWS, DEAD_LETTERS, counte
 __all__ = ['WriteDeadLetterFile', 'WriteDeadLetterParts', 'dead_letter_file_path',
            'publish_dead_letters']
 
-_COPY_CHUNK_BYTES = 1 << 20
 _SUFFIX = '.jsonl'
 _BY_REASON = tally_key(DEAD_LETTERS, '')
 
@@ -90,24 +89,11 @@ class WriteDeadLetterParts(beam.DoFn):
 
 
 def publish_dead_letters(_, file_path_prefix: str, parts_dir: str, parts: Iterable[str]) -> str:
-  """The parts, one after another in name order, as the one dead-letter file; then the parts'
-  folder removed. No part: an empty file. Streamed, never held whole; safe to run again."""
-  parts = sorted(parts)
-  path = dead_letter_file_path(file_path_prefix)
-  if parts and not any(FileSystems.exists(part) for part in parts) and FileSystems.exists(path):
-    return path   # published by an earlier attempt of this step
-  with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as out:
-    for part in parts:
-      with FileSystems.open(part, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        shutil.copyfileobj(f, out, _COPY_CHUNK_BYTES)
-  if parts:
-    FileSystems.delete(parts)
-  # Only a folder that was made: one where no bundle refused anything never existed.
-  if FileSystems.exists(parts_dir):
-    try:
-      FileSystems.delete([parts_dir])
-    except (IOError, BeamIOError):
-      pass   # left for the next run's clean-up of the output folder (model/output_dir.py)
+  """The parts, one after another in name order, as the one dead-letter file
+  (`part_files.publish_parts`: safe to run again); then the parts' folder removed. No part: an
+  empty file."""
+  path = publish_parts(sorted(parts), dead_letter_file_path(file_path_prefix))
+  remove_parts_dir(parts_dir)
   return path
 
 
