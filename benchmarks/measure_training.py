@@ -52,7 +52,7 @@ class _StepClock:
 def _build_model(seed: int):
   import keras  # pylint: disable=import-outside-toplevel
   from model.network import build_model  # pylint: disable=import-outside-toplevel
-  from model.train import compile_model  # pylint: disable=import-outside-toplevel
+  from model.training_model import compile_model  # pylint: disable=import-outside-toplevel
   keras.utils.set_random_seed(seed)
   return compile_model(build_model(workspace.IMAGE_SIZE), 1e-3)
 

@@ -22,7 +22,7 @@ import uuid
 import tensorflow as tf
 
 from model import schema
-from model.output_dir import OutputRefused
+from model.output_layout import OutputRefused
 # pylint: enable=wrong-import-position,wrong-import-order
 
 __all__ = [

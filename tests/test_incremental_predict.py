@@ -25,7 +25,7 @@ from beam_jobs.predict import rows as predict_rows
 from beam_jobs.predict.config import REMOVED_FILE
 from model import schema
 from model.manifest import ManifestMissing
-from model.output_dir import OutputRefused
+from model.output_layout import OutputRefused
 from model.serving.faults import Faults
 from model.serving.local_server import LocalServingServer
 from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO, make_export_base, read_jsonl

@@ -10,7 +10,7 @@ from beam_jobs import predict
 from beam_jobs.predict.rows import ThresholdsByVersion, result_row
 from model import dataset as dataset_lib
 from model import evaluation as evaluation_lib
-from model import network, schema, train
+from model import network, schema, train, train_flags, training_model
 from model.serving.local_server import LocalServingServer
 from tests.conftest import make_export_base, read_jsonl
 from tests.conftest_training import prepared_data, write_prepared  # noqa: F401 (fixture)
@@ -190,9 +190,9 @@ PRESET = 'mobilenet_v2'
 
 
 def _train_args(tmp_path, data_dir, *extra):
-  return train.parse_args(['--data_dir', str(data_dir), '--job_dir', str(tmp_path / 'job'),
-                           '--export_base', str(tmp_path / 'export'), '--seed', '0',
-                           '--progress', 'none', *map(str, extra)])
+  return train_flags.parse_args(['--data_dir', str(data_dir), '--job_dir', str(tmp_path / 'job'),
+                                 '--export_base', str(tmp_path / 'export'), '--seed', '0',
+                                 '--progress', 'none', *map(str, extra)])
 
 
 def _backbone_weights(model) -> list[np.ndarray]:
@@ -213,10 +213,11 @@ def test_backbone_weights_from_a_file_are_the_weights_used(tmp_path):
     legacy_h5_format.save_weights_to_hdf5_group(f, network.find_backbone(source))
 
   keras.utils.set_random_seed(6)
-  fresh, _ = train.restore_or_build(_train_args(tmp_path, tmp_path, '--architecture', PRESET), 32)
+  fresh, _ = training_model.restore_or_build(
+      _train_args(tmp_path, tmp_path, '--architecture', PRESET), 32)
   assert any(not np.array_equal(a, b) for a, b in zip(_backbone_weights(fresh), saved))
   for weights_file in (path, legacy):
-    model, _ = train.restore_or_build(_train_args(
+    model, _ = training_model.restore_or_build(_train_args(
         tmp_path, tmp_path, '--architecture', PRESET, '--backbone_weights', weights_file), 32)
     used = _backbone_weights(model)
     assert len(used) == len(saved)
@@ -226,8 +227,8 @@ def test_backbone_weights_from_a_file_are_the_weights_used(tmp_path):
   other = tmp_path / 'tutorial.weights.h5'
   network.build_model(32).save_weights(str(other))
   with pytest.raises(ValueError, match='cannot be loaded into the mobilenet_v2 backbone'):
-    train.restore_or_build(_train_args(tmp_path, tmp_path, '--architecture', PRESET,
-                                       '--backbone_weights', other), 32)
+    training_model.restore_or_build(_train_args(tmp_path, tmp_path, '--architecture', PRESET,
+                                                '--backbone_weights', other), 32)
   for wrong in (['--frozen_epochs', 1],                                  # not a preset
                 ['--architecture', PRESET, '--backbone_weights', tmp_path / 'missing.h5'],
                 ['--architecture', PRESET, '--fine_tune_learning_rate', 1e-4],
@@ -259,7 +260,7 @@ def test_frozen_epochs_train_the_heads_then_fine_tuning_trains_all_across_resume
             '--learning_rate', 1e-2, '--patience', 0]
 
   train.train(_train_args(tmp_path, prepared_data, *common, '--epochs', 2))
-  checkpoints = train.list_checkpoints(str(tmp_path / 'job'))
+  checkpoints = training_model.list_checkpoints(str(tmp_path / 'job'))
   frozen, tuned = (keras.models.load_model(checkpoints[e]) for e in (1, 2))
   assert not network.find_backbone(frozen).trainable and network.find_backbone(tuned).trainable
   for after_frozen_epoch, at_start in zip(_backbone_weights(frozen), start):
@@ -270,12 +271,12 @@ def test_frozen_epochs_train_the_heads_then_fine_tuning_trains_all_across_resume
 
   # A resumed fine-tuning run keeps its optimizer; one resumed at the boundary unfreezes.
   train.train(_train_args(tmp_path, prepared_data, *common, '--epochs', 3, '--resume'))
-  third = keras.models.load_model(train.list_checkpoints(str(tmp_path / 'job'))[3])
+  third = keras.models.load_model(training_model.list_checkpoints(str(tmp_path / 'job'))[3])
   assert int(third.optimizer.iterations) == 2 * steps
   boundary = tmp_path / 'boundary'
   train.train(_train_args(boundary, prepared_data, *common, '--epochs', 1))
   train.train(_train_args(boundary, prepared_data, *common, '--epochs', 2, '--resume'))
-  resumed = keras.models.load_model(train.list_checkpoints(str(boundary / 'job'))[2])
+  resumed = keras.models.load_model(training_model.list_checkpoints(str(boundary / 'job'))[2])
   assert network.find_backbone(resumed).trainable and int(resumed.optimizer.iterations) == steps
   assert any(not np.array_equal(a, b) for a, b in zip(_backbone_weights(resumed), start))
 

@@ -26,9 +26,9 @@ import model.tf_example  # noqa: F401  pylint: disable=unused-import
 from beam_jobs import make_sample, predict, preprocess
 from beam_jobs.common import progress
 from model import dataset as dataset_lib
-from model import schema, train, verify_data
+from model import schema, train, train_flags, training_model, verify_data
 from model.manifest import ManifestMissing
-from model.output_dir import CLAIM_FILE, OutputRefused
+from model.output_layout import CLAIM_FILE, OutputRefused
 from model.serving.local_server import LocalServingServer
 from tests import hostile_inputs
 from tests.conftest import REPO
@@ -136,8 +136,9 @@ def test_preprocess_killed_mid_job_publishes_nothing_and_a_rerun_equals_a_clean_
   # Nothing downstream takes the half-written folder, and each says why.
   with pytest.raises(ManifestMissing, match='has no manifest.json: the stage that writes it did '
                                             r'not finish .*Run it again \(with --overwrite\)'):
-    train.train(train.parse_args(['--data_dir', str(out), '--job_dir', str(tmp_path / 'job'),
-                                  '--export_base', str(tmp_path / 'export')]))
+    train.train(train_flags.parse_args(['--data_dir', str(out),
+                                        '--job_dir', str(tmp_path / 'job'),
+                                        '--export_base', str(tmp_path / 'export')]))
   assert not (tmp_path / 'job').exists() and not (tmp_path / 'export').exists()
   assert verify_data.main([str(out)]) == 1
 
@@ -199,15 +200,15 @@ def test_a_damaged_shard_stops_training_in_bounded_time_naming_the_file(damage, 
   else:   # cut at a record boundary or not, gzip's trailer is gone either way
     shard.write_bytes(shard.read_bytes()[:len(shard.read_bytes()) // 2])
   job = tmp_path / 'job'
-  args = train.parse_args(['--data_dir', str(data), '--job_dir', str(job), '--export_base',
-                           str(tmp_path / 'export'), '--epochs', '1', '--progress', 'none'])
+  args = train_flags.parse_args(['--data_dir', str(data), '--job_dir', str(job), '--export_base',
+                                 str(tmp_path / 'export'), '--epochs', '1', '--progress', 'none'])
   started = time.monotonic()
   with pytest.raises(dataset_lib.CorruptShard, match=re.escape(str(shard))) as refused:
     train.train(args)
   seconds = time.monotonic() - started
   assert 'run the preprocess job again' in str(refused.value)
   assert seconds < 30, seconds
-  assert not train.list_checkpoints(str(job)) and not (tmp_path / 'export').exists()
+  assert not training_model.list_checkpoints(str(job)) and not (tmp_path / 'export').exists()
   report(f'training on a {damage} gzip shard', refused_after_s=round(seconds, 2),
          examples=sum(clean.manifest['counts']['examples'].values()))
 

@@ -12,7 +12,7 @@ from beam_jobs.common.labels import LabelRow
 from model import export as export_lib
 from model import dataset as dataset_lib
 from model import schema
-from model import train
+from model import network, train, train_flags, training_model
 from model.manifest import ManifestMissing
 from tests.conftest_training import copy_prepared, prepared_data  # noqa: F401 (fixture)
 
@@ -20,9 +20,9 @@ BATCH = 32
 
 
 def _args(data_dir, job_dir, export_base, *extra):
-  return train.parse_args(['--data_dir', str(data_dir), '--job_dir', str(job_dir),
-                           '--export_base', str(export_base), '--batch_size', str(BATCH),
-                           '--seed', '0', '--progress', 'none', *map(str, extra)])
+  return train_flags.parse_args(['--data_dir', str(data_dir), '--job_dir', str(job_dir),
+                                 '--export_base', str(export_base), '--batch_size', str(BATCH),
+                                 '--seed', '0', '--progress', 'none', *map(str, extra)])
 
 
 def pooled_features(inputs):
@@ -65,7 +65,7 @@ def test_training_learns_beyond_the_prior_only_baseline(prepared_data, tmp_path)
   assert history[-1]['loss'] < history[0]['loss']
   assert written['train']['images_per_second'] > 0
 
-  assert sorted(train.list_checkpoints(str(job))) == list(range(1, len(history) + 1))
+  assert sorted(training_model.list_checkpoints(str(job))) == list(range(1, len(history) + 1))
   assert list((job / 'logs' / 'train').glob('events.out.tfevents.*'))
   assert list((job / 'logs' / 'validation').glob('events.out.tfevents.*'))
   job_manifest = json.loads((job / 'manifest.json').read_text())
@@ -84,7 +84,7 @@ def test_resume_continues_at_the_next_epoch_with_the_optimizer_state(prepared_da
   job, exports = tmp_path / 'job', tmp_path / 'export'
   train.train(_args(prepared_data, job, exports, '--epochs', 2, '--patience', 0))
   steps = math.ceil(dataset_lib.load_prepared(str(prepared_data)).counts['train'] / BATCH)
-  saved = keras.models.load_model(train.list_checkpoints(str(job))[2])
+  saved = keras.models.load_model(training_model.list_checkpoints(str(job))[2])
   assert int(saved.optimizer.iterations.numpy()) == 2 * steps
 
   # A second run into the same folder without --resume would mix two runs: refused.
@@ -92,7 +92,7 @@ def test_resume_continues_at_the_next_epoch_with_the_optimizer_state(prepared_da
     train.train(_args(prepared_data, job, exports, '--epochs', 3))
 
   resume_args = _args(prepared_data, job, exports, '--epochs', 3, '--patience', 0, '--resume')
-  model, initial_epoch = train.restore_or_build(resume_args, 32)
+  model, initial_epoch = training_model.restore_or_build(resume_args, 32)
   assert initial_epoch == 2
   assert int(model.optimizer.iterations.numpy()) == 2 * steps
   for restored, expected in zip(model.get_weights(), saved.get_weights()):
@@ -104,8 +104,8 @@ def test_resume_continues_at_the_next_epoch_with_the_optimizer_state(prepared_da
 
   result = train.train(resume_args)
   assert [r['epoch'] for r in result['history']] == [1, 2, 3]   # one more epoch, history kept
-  assert sorted(train.list_checkpoints(str(job))) == [1, 2, 3]
-  third = keras.models.load_model(train.list_checkpoints(str(job))[3])
+  assert sorted(training_model.list_checkpoints(str(job))) == [1, 2, 3]
+  third = keras.models.load_model(training_model.list_checkpoints(str(job))[3])
   assert int(third.optimizer.iterations.numpy()) == 3 * steps   # counted on, not restarted
   assert export_lib.list_versions(str(exports / 'PlanetModel')) == [1, 2]
 
@@ -113,7 +113,7 @@ def test_resume_continues_at_the_next_epoch_with_the_optimizer_state(prepared_da
 def test_the_architecture_is_one_swappable_function(prepared_data, tmp_path):
   args = _args(prepared_data, tmp_path / 'job', tmp_path / 'export',
                '--architecture', f'{__name__}:pooled_features')
-  model, initial_epoch = train.restore_or_build(args, 32)
+  model, initial_epoch = training_model.restore_or_build(args, 32)
   assert initial_epoch == 0
   core = model.get_layer('planet_core')
   assert core.get_layer('swapped_conv') is not None
@@ -128,7 +128,7 @@ def test_data_without_a_manifest_is_refused(prepared_data, tmp_path, capsys):
   args = ['--data_dir', str(data_dir), '--job_dir', str(tmp_path / 'job'),
           '--export_base', str(tmp_path / 'export')]
   with pytest.raises(ManifestMissing, match='has no manifest.json: the stage that writes it did not finish'):
-    train.train(train.parse_args(args))
+    train.train(train_flags.parse_args(args))
   with pytest.raises(SystemExit) as exit_info:  # the command: a message, not a traceback
     train.main(args)
   assert exit_info.value.code == 1
@@ -147,7 +147,7 @@ def test_a_truncated_shard_stops_training_before_it_starts_naming_the_file(prepa
   shard.write_bytes(shard.read_bytes()[:-1000])
   with pytest.raises(dataset_lib.CorruptShard, match=str(shard)):
     train.train(_args(data_dir, tmp_path / 'job', tmp_path / 'export'))
-  assert not train.list_checkpoints(str(tmp_path / 'job'))
+  assert not training_model.list_checkpoints(str(tmp_path / 'job'))
 
 
 def test_a_shard_damaged_after_the_check_is_still_named(prepared_data, tmp_path, monkeypatch):
@@ -168,7 +168,7 @@ def test_a_shard_damaged_after_the_check_is_still_named(prepared_data, tmp_path,
 
 
 def test_rows_without_weather_add_no_weather_loss():
-  model = train.compile_model(train.network.build_model(16), 1e-2)
+  model = training_model.compile_model(network.build_model(16), 1e-2)
   images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
   ground = np.zeros((6, schema.NUM_GROUND), np.float32)
   ground[:, 8] = 1

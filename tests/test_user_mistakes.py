@@ -20,7 +20,8 @@ from PIL import Image
 from beam_jobs import predict, preprocess
 from beam_jobs.make_sample import make_sample
 from model import schema, train
-from model.output_dir import CLAIM_FILE, OutputLayout, OutputRefused, claim_output_dir
+from model.output_dir import claim_output_dir
+from model.output_layout import CLAIM_FILE, OutputLayout, OutputRefused
 from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO, read_jsonl
 
 # Generous bounds for a 2-core machine; a FIFO read blindly hangs forever, /dev/zero eats GBs.
