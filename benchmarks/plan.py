@@ -24,8 +24,8 @@ class Plan:
   train_warmup_steps: int    # training steps before the clock starts (tracing, buffers)
   train_steps: int           # training steps timed
   input_batches: int         # tf.data batches timed per run of the input-rate figure
-  # Against the plain scripts (issue 14): preprocess is timed at two larger sizes, since the
-  # plain Pool script is fast enough that 2,000 chips are mostly start-up; memory at a third.
+  # Against the plain scripts: preprocess is timed at two larger sizes, since the plain Pool
+  # script is fast enough that `small` chips would be mostly start-up; memory at a third.
   script_small: int = 20000  # chips in the small preprocess run against the plain script
   script_big: int = 50000    # chips in the big one
   memory_big: int = 100000   # one run of each job here; its peak RSS against the 10,000-chip one

@@ -1,51 +1,16 @@
-"""results.json -> RESULTS.md: the tables, and each aim of the other issues checked in plain words.
+"""results.json -> RESULTS.md: the aims' verdicts and every section's figures, as tables.
 
-The words are written from the figures of the same run, so a re-run on another machine explains
-its own numbers.
+Usage:
+  python -m benchmarks.report benchmarks/results.json   # renders RESULTS.md again, no measuring
 """
 from benchmarks import report_vs_script
+from benchmarks.aims import check_aims
 from benchmarks.formatting import n as _n
 from benchmarks.formatting import table as _table
 from benchmarks.formatting import x as _x
 from benchmarks.plan import steady_per_run
 
-AIMS = (
-    # id, what, target ratio, lower is better
-    ('preprocess_speed', 'preprocess job >= 2x the one-process loop (images/s)', 2.0, False),
-    ('preprocess_bytes', 'TFRecords <= 0.3x the loop\'s bytes per image', 0.3, True),
-    ('input_rate', 'tf.data input >= 10x the tutorial\'s Sequence (images/s, no model)', 10.0, False),
-    ('training_steps', 'training with the real pipeline >= 0.9x the model fed from memory', 0.9,
-     False),
-    ('predict_speed', 'predict job >= 0.8x the model in a plain loop (images/s)', 0.8, False),
-    ('grpc_speed', 'gRPC predict job >= 3x the one-float32-image-per-request client', 3.0, False),
-    ('predict_memory', 'predict job\'s peak memory does not grow with the number of images', 1.15,
-     True),
-)
-
-
-def _verdict(measured, target, lower_is_better) -> dict:
-  if measured is None:
-    return {'measured': None, 'met': None}
-  met = measured <= target if lower_is_better else measured >= target
-  return {'measured': measured, 'met': bool(met)}
-
-
-def check_aims(r: dict) -> list[dict]:
-  """Each aim whose section ran: the measured ratio, met or not, and why in plain words."""
-  aims = []
-  explain = {**_WHY, **report_vs_script.WHY}
-  for aim_id, what, target, lower in AIMS + report_vs_script.AIMS:
-    why = explain[aim_id](r)
-    if why is None:
-      continue
-    measured, text = why
-    aims.append({'id': aim_id, 'aim': what, 'target': target, **_verdict(measured, target, lower),
-                 'why': text})
-  return aims
-
-
-# ----------------------------------------------------------------------------- plain words per aim
-
+__all__ = ['headline', 'main', 'render']
 
 def _spread(f: dict) -> tuple[float, float] | None:
   """The lowest and highest steady rate of single repeats, when there were several."""
@@ -53,193 +18,10 @@ def _spread(f: dict) -> tuple[float, float] | None:
   return (min(runs), max(runs)) if len(runs) > 1 else None
 
 
-def _median(values) -> float:
-  ordered = sorted(values)
-  middle = len(ordered) // 2
-  return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def _unsteady(f: dict) -> bool:
   """A steady rate whose single repeats differ by more than 2x says little about per-image cost."""
   spread = _spread(f)
   return bool(spread and spread[1] > 2 * spread[0])
-
-
-def _why_preprocess_speed(r):
-  p = r.get('preprocess')
-  if not p:
-    return None
-  ratios = p['ratios']
-  job, workers, loop = p['job_in_process'], p['job_2_workers'], p['baseline_loop']
-  steady = ratios['job_in_process_steady_vs_baseline']
-  text = (f'Per image (steady rate), the job (one encoder process per core) runs at '
-          f'{_n(job["images_per_s_steady"])} '
-          f'images/s against the loop\'s {_n(loop["images_per_s_steady"])}: {_x(steady)}. '
-          f'Counting the whole command at {r["plan"]["big"]:,} chips, start-up included '
-          f'({_n(job["startup_s"], 1)} s for the job, {_n(loop["startup_s"], 1)} s for the '
-          f'loop), it is {_x(ratios["job_in_process_overall_vs_baseline"])}. ')
-  decode = r.get('decode', {}).get('sample', {}).get('draft_speedup')
-  text += ('The job reads each file once, decodes it at half size inside the JPEG decoder '
-           f'(`draft()`{", " + _x(decode) + " the full-size decode, section 4" if decode else ""})'
-           ' and writes raw uint8 instead of float32. ')
-  if _unsteady(workers):
-    low, high = _spread(workers)
-    text += (f'With 2 Beam worker processes the job is '
-             f'{_x(ratios["job_2_workers_overall_vs_baseline"])}'
-             f' the loop overall at {r["plan"]["big"]:,} chips; its wall clock is mostly a fixed '
-             f'cost ({_n(_median(workers["seconds_small"]), 1)} s for {r["plan"]["small"]:,} '
-             f'chips, {_n(_median(workers["seconds_big"]), 1)} s for {r["plan"]["big"]:,}) that '
-             'varies more from run to run than it grows with the chips (single runs give '
-             f'"steady" rates from {_n(low)} to {_n(high)} images/s), so no per-image rate can be '
-             'read from it; only its overall rate means much.')
-  else:
-    text += (f'With 2 Beam worker processes it is '
-             f'{_x(ratios["job_2_workers_steady_vs_baseline"])} '
-             f'steady and {_x(ratios["job_2_workers_overall_vs_baseline"])} overall '
-             f'({_n(workers["startup_s"], 1)} s of start-up).')
-  return steady, text
-
-
-def _why_preprocess_bytes(r):
-  p = r.get('preprocess')
-  if not p:
-    return None
-  ratio = p['ratios']['job_in_process_bytes_vs_baseline']
-  return ratio, (f'{_n(p["job_in_process"]["bytes_per_image"])} bytes per image against '
-                 f'{_n(p["baseline_loop"]["bytes_per_image"])}: the pixels are stored as uint8 '
-                 '(1 byte per channel) where the loop stores float32 (4 bytes), with the labels, '
-                 'name and sha256 beside them.')
-
-
-def _why_input_rate(r):
-  t = r.get('training')
-  if not t:
-    return None
-  ratio = t['ratios']['tf_data_vs_sequence']
-  text = (f'With flips and rotations, tf.data delivers {_n(t["tf_data_augmented"]["images_per_s"])} '
-          f'images/s, the Sequence {_n(t["sequence_pillow_per_batch"]["images_per_s"])}: '
-          f'{_x(ratio)}. The Sequence decodes every JPEG with Pillow for every batch of every '
-          'epoch, on one core; tf.data parses pixels that were decoded once, by the preprocess '
-          'job, on both cores. Without augmentation tf.data reaches '
-          f'{_n(t["tf_data_no_augment"]["images_per_s"])} images/s '
-          f'({_x(t["ratios"]["tf_data_no_augment_vs_sequence"])}): the random flips/rotations are '
-          'the largest part of the input cost.')
-  if ratio < 10:
-    text += (' The aim is missed, and the augmentation is why: it halves the rate. The two also '
-             'use the machine differently: the Sequence runs on one core and tf.data on two, so '
-             'any other work on the 2 cores (load average median '
-             f'{r["load_average"]["median"]:.1f} during this run, the benchmark itself included) '
-             'takes from tf.data\'s rate and not from the Sequence\'s.')
-  return ratio, text
-
-
-def _why_training_steps(r):
-  t = r.get('training')
-  if not t:
-    return None
-  ratio = t['ratios']['real_pipeline_vs_in_memory']
-  real = t['train_step_real_pipeline']['images_per_s']
-  memory = t['train_step_in_memory']['images_per_s']
-  share = memory / t['tf_data_augmented']['images_per_s']
-  text = (f'{_n(real)} images/s ({_n(t["train_step_real_pipeline"]["steps_per_s"], 2)} steps/s) '
-          f'fed by the pipeline against {_n(memory)} images/s from arrays in memory: '
-          f'{_x(ratio)}. ')
-  if ratio >= 0.9:
-    text += (f'The pipeline alone delivers {_x(1 / share)} what the model consumes, so it '
-             f'needs about {share:.0%} of the CPU the model does, and prefetching overlaps it '
-             'with the steps.')
-  else:
-    text += (f'The pipeline alone delivers {_x(1 / share)} what the model consumes (about '
-             f'{share:.0%} of the model\'s CPU time) but the steps lost {1 - ratio:.0%}: on 2 '
-             'cores and no accelerator the pipeline\'s threads run on the cores the model '
-             'uses.')
-    if 1 - ratio > 2 * share:
-      text += (' The loss is larger than the pipeline\'s own cost; the rest is the pipeline\'s '
-               'threads waking and contending with other work on the shared machine.')
-  return ratio, text
-
-
-def _why_predict_speed(r):
-  p = r.get('predict')
-  if not p:
-    return None
-  ratios = p['ratios']
-  ratio = ratios['job_in_process_steady_vs_plain_loop']
-  decode, model = p['decode_only']['images_per_s'], p['plain_model_loop']['images_per_s']
-  serial = p['serial_limit']['images_per_s']
-  text = (f'The in-process job predicts {_n(p["job_in_process"]["images_per_s_steady"])} '
-          f'images/s per image (steady), {_x(ratio)} the model alone on pre-decoded batches '
-          f'({_n(model)} images/s); {_x(ratios["job_in_process_overall_vs_plain_loop"])} counting '
-          f'its start-up at {r["plan"]["big"]:,} chips. ')
-  text += (f'The job must also decode every JPEG ({_n(decode)} images/s alone), and in one '
-           f'process decode and model take turns: even with no overhead, decode-then-predict '
-           f'cannot beat {_n(serial)} images/s ({_x(serial / model)} the plain loop). The job '
-           f'reaches {_x(ratios["job_in_process_steady_vs_serial_limit"])} of that limit. ')
-  if p['job_grpc']['images_per_s_steady']:
-    text += (f'Through gRPC the job reaches {_x(ratios["job_grpc_steady_vs_plain_loop"])} the '
-             'plain loop (see the gRPC aim for why).')
-  return ratio, text
-
-
-def _why_grpc_speed(r):
-  p = r.get('predict')
-  if not p:
-    return None
-  ratios = p['ratios']
-  ratio = ratios['job_grpc_steady_vs_float_client']
-  server = p['server_limit']['images_per_s']
-  text = (f'The gRPC job predicts {_n(p["job_grpc"]["images_per_s_steady"])} images/s per image '
-          f'(steady; {_n(p["job_grpc"]["images_per_s_overall_big"])} counting start-up, '
-          f'{_x(ratios["job_grpc_overall_vs_float_client"])}); the tutorial\'s client '
-          f'{_n(p["float_client"]["images_per_s"])}: {_x(ratio)}. ')
-  text += (f'The server itself takes {_n(server)} images/s of the job\'s kind of request '
-           f'(pre-decoded uint8, 32 images each, 4 in flight): '
-           f'{_x(ratios["server_limit_vs_float_client"])} the client, so uint8 batches do what '
-           'they should on the wire and in the server. The tutorial\'s client sends each image '
-           'alone as float32 (4x the bytes) and waits for each answer, so the server runs the '
-           'model on batches of one. ')
-  if ratio is None or ratio < 3:
-    text += (f'The job reaches only {_x(ratios["job_grpc_steady_vs_server_limit"])} of what the '
-             'server takes: on the in-process DirectRunner one thread decodes a batch (up to 64 '
-             'images), sends it as two requests and waits for both answers before it decodes the '
-             f'next, so decoding ({_n(p["decode_only"]["images_per_s"])} images/s alone) and the '
-             'server\'s work take turns instead of overlapping, with at most two requests in '
-             'flight. Overlapping them (decoding the next batch while one is in flight) is '
-             'what the job lacks to meet the aim.')
-  return ratio, text
-
-
-def _why_predict_memory(r):
-  p = r.get('predict')
-  if not p:
-    return None
-  growth = max(p[j]['peak_rss_growth'] for j in ('job_in_process', 'job_grpc'))
-  text = '; '.join(
-      f'{name}: {_n(p[j]["peak_rss_mb_small"])} MB at {r["plan"]["small"]:,} chips, '
-      f'{_n(p[j]["peak_rss_mb_big"])} MB at {r["plan"]["big"]:,} ({_x(p[j]["peak_rss_growth"])})'
-      for j, name in (('job_in_process', 'in-process'), ('job_grpc', 'gRPC')))
-  text += (' (peak total RSS of the job\'s processes, the largest of the runs; the gRPC server '
-           f'is a separate process, {_n(p["server_rss_mb"])} MB). ')
-  if growth <= 1.15:
-    text += ('Five times the images cost at most 15% more memory: the peak is set by the '
-             'runtime, the loaded model and the batches in flight, not by the number of images.')
-  else:
-    text += ('Memory grew by more than 15% for 5x the images, so the aim is not met at these '
-             'sizes. A peak that grows between small runs can still be the job warming up to a '
-             'plateau (the loaded model, TensorFlow\'s allocator and thread pools): the full '
-             'run\'s sizes (2,000 and 10,000 chips) tell the two apart.')
-  return growth, text
-
-
-_WHY = {
-    'preprocess_speed': _why_preprocess_speed,
-    'preprocess_bytes': _why_preprocess_bytes,
-    'input_rate': _why_input_rate,
-    'training_steps': _why_training_steps,
-    'predict_speed': _why_predict_speed,
-    'grpc_speed': _why_grpc_speed,
-    'predict_memory': _why_predict_memory,
-}
 
 
 # ----------------------------------------------------------------------------- tables
@@ -477,9 +259,6 @@ def render(r: dict) -> str:
       'fixed seconds that steady rate leaves unexplained. Peak RSS: the largest total resident memory of the command\'s processes.', '',
       '## The aims', '',
       *headline(r), '']
-  for aim in r.get('aims', []):
-    verdict = {True: 'Met', False: 'Not met', None: 'Not measured'}[aim['met']]
-    lines += [f'- **{aim["aim"]}: {verdict}.** {aim["why"]}', '']
   if 'preprocess' in r:
     lines += _preprocess_section(r)
   if 'training' in r:

@@ -1,4 +1,4 @@
-"""Prediction against the scripts a user would write instead (issue 14), and incremental runs.
+"""Prediction against the scripts a user would write instead, and incremental runs.
 
 Usage: python -m benchmarks --only predict_vs_script [--quick] [--work /tmp/planet_bench]
 
@@ -11,8 +11,8 @@ and `plan.big` chips (2,000 and 10,000 in the full plan), on the same untrained 
                      request, 4 requests in flight, to the same server as the job.
   job_grpc:          python -m beam_jobs.predict --serving_address (that server).
   job_unchanged:     python -m beam_jobs.predict --model_dir --previous_output OUT, OUT being the
-                     job_in_process run of the same size and repeat: an unchanged folder run again
-                     (issue 16), everything carried over.
+                     job_in_process run of the same size and repeat: an unchanged folder run
+                     again, everything carried over.
 The server is `python -m model.serve` in its own process, started once. Then one run of the
 in-process job at `plan.memory_big` chips: its peak RSS against the run at `plan.big`.
 """

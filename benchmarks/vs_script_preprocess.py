@@ -1,4 +1,4 @@
-"""Preprocess against the script a user would write instead (issue 14), not the tutorial's loop.
+"""Preprocess against the script a user would write instead, not the tutorial's loop.
 
 Usage: python -m benchmarks --only preprocess_vs_script [--quick] [--work /tmp/planet_bench]
 
