@@ -75,7 +75,7 @@ def measure(plan: Plan, work: str, log=print) -> dict:
         if size == 'big':
           output_bytes[contender] = _output_bytes(contender, out)
         if out != prepared_dir(work):
-          _clear(out)   # the baseline writes ~200 KB a chip
+          _clear(out)   # the baseline's float32 records would fill the disk over the repeats
   figures = {c: {**two_size_figures(plan, runs[c]['small'], runs[c]['big']),
                  'bytes_per_image': output_bytes[c] / plan.big} for c in CONTENDERS}
   base = figures['baseline_loop']

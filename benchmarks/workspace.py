@@ -1,12 +1,12 @@
 """The benchmark's inputs, made once and reused: generated chip sets, an export, a prepared set.
 
 Chip i of `make_sample(seed)` is the same whatever the count, so only the largest set is drawn;
-a smaller set is the first n chips of it, hard-linked, with the first n CSV rows. Drawing runs
-at ~100 chips/s, so no more than `MAX_DRAWN` chips are drawn: a larger set repeats the drawn
-ones under new names (chip j is drawn chip j mod MAX_DRAWN, hard-linked as `train_<j>` with that
-chip's tags): the same decode and model work per chip, with the first MAX_DRAWN chips identical
-to the drawn set. A folder is complete once its `done.json` exists (written last), so an
-interrupted generation is redone.
+a smaller set is the first n chips of it, hard-linked, with the first n CSV rows. Drawing a chip
+costs far more than linking one, so no more than `MAX_DRAWN` chips are drawn: a larger set
+repeats the drawn ones under new names (chip j is drawn chip j mod MAX_DRAWN, hard-linked as
+`train_<j>` with that chip's tags): the same decode and model work per chip, with the first
+MAX_DRAWN chips identical to the drawn set. A folder is complete once its `done.json` exists
+(written last), so an interrupted generation is redone.
 
 Usage: python -m benchmarks.workspace --work /tmp/planet_bench --count 10000   # make it ahead
 """

@@ -194,9 +194,9 @@ def run_command(name: str, main: Callable[[], object],
 def skip_teardown_collections() -> None:
   """For a command's `__main__`, once everything is written and said: what is left is the
   interpreter's teardown, whose garbage collections go through every object of Beam (and
-  TensorFlow, where loaded), ~450,000 of them: 1.3 s after the last line on 2 cores. Frozen,
-  they are skipped; the exit handlers still run. Not for a `main()` called in a longer-lived
-  process (a test), whose later garbage would then never be collected."""
+  TensorFlow, where loaded): a wait after the last line that grows with the objects loaded.
+  Frozen, they are skipped; the exit handlers still run. Not for a `main()` called in a
+  longer-lived process (a test), whose later garbage would then never be collected."""
   gc.freeze()
 
 

@@ -28,8 +28,8 @@ def build_example(row: LabelledName, pixels: np.ndarray, source_sha256: str) -> 
   """Serialises one labelled image: raw uint8 pixels (decoded once, by the one decoder) + labels.
 
   Written straight in protobuf's wire format rather than through `tf.train.Example`, so that
-  preprocess workers never import TensorFlow (2-3 s of CPU and ~400 MB per worker process) and
-  the 48 KB of pixels are copied once. The bytes parse as the same `tf.train.Example` as the
+  preprocess workers never import TensorFlow (seconds of CPU and hundreds of MB in every worker
+  process) and the pixels are copied once. The bytes parse as the same `tf.train.Example` as the
   message built field by field (tests/test_tf_example.py checks it against TensorFlow's own).
   """
   if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != schema.CHANNELS:
