@@ -469,8 +469,8 @@ def test_pipeline_routes_every_bad_input_to_its_dead_letter(bad_mix, tmp_path, j
 
 
 def test_bucket_batches_let_go_full_lists_and_hold_at_most_max_held_items():
-  from beam_jobs.preprocess.pipeline import BucketBatches, unpack_batch
-  batches = BucketBatches(batch=3, max_held=5)
+  from beam_jobs.common.buckets import BucketBatcher, unpack_batch
+  batches = BucketBatcher(batch=3, max_held=5, packed=True)
   out = []
   for i in range(20):
     out += [(bucket, unpack_batch(packed)) for bucket, packed in batches.add(i % 4, i)]
@@ -481,15 +481,16 @@ def test_bucket_batches_let_go_full_lists_and_hold_at_most_max_held_items():
   assert items == list(range(20))                                   # each item exactly once
   assert all(all(item % 4 == bucket for item in items) for bucket, items in out)
   assert max(len(items) for _, items in out) <= 3
-  assert list(BucketBatches().drain()) == []
+  assert list(BucketBatcher().drain()) == []
 
 
 def test_join_buckets_grow_with_the_csv_and_a_name_has_one_bucket_everywhere():
+  from beam_jobs.common.buckets import name_bucket
   assert [rules.join_buckets(rows) for rows in (0, 1, 1000, 1001, 50_000)] == [1, 1, 1, 2, 50]
   assert rules.join_buckets(None) >= 100       # a dry run that did not read the CSV
   names = ['train_0', '=1,2 "x"', 'été', '\udcff-undecodable']
-  assert [rules.name_bucket(n, 7) for n in names] == [rules.name_bucket(n, 7) for n in names]
-  assert len({rules.name_bucket(f'train_{i}', 50) for i in range(2000)}) == 50
+  assert [name_bucket(n, 7) for n in names] == [name_bucket(n, 7) for n in names]
+  assert len({name_bucket(f'train_{i}', 50) for i in range(2000)}) == 50
 
 
 # ---- The whole job ----------------------------------------------------------------------------

@@ -274,9 +274,12 @@ ODD_NAMES = ['comma,name', 'quote"name', 'cr\rname', 'lf\nname', 'crlf\r\nname',
              '+cmd', '-12.5_44.1', '@import', 'plain']
 
 
-def test_submission_is_valid_csv_for_any_name():
+def test_submission_is_valid_csv_for_any_name(tmp_path):
+  from tests.test_submission import write   # pylint: disable=import-outside-toplevel
   rows = [{'image_name': name, 'tags': ['clear', 'primary']} for name in ODD_NAMES]
-  read = list(csv.reader(io.StringIO(predict.submission_text(rows), newline=''), strict=True))
+  write(rows, tmp_path / schema.SUBMISSION_FILE)
+  text = (tmp_path / schema.SUBMISSION_FILE).read_bytes().decode('utf-8')
+  read = list(csv.reader(io.StringIO(text, newline=''), strict=True))
   assert read[0] == ['image_name', 'tags'] and len(read) == len(rows) + 1
   assert all(len(row) == 2 and row[1] == 'clear primary' for row in read[1:])
   written = [row[0] for row in read[1:]]

@@ -3,6 +3,10 @@
 Both jobs write them as JSON lines through a Beam sink into one place,
 OUT/dead_letters/dead_letters-SSSSS-of-NNNNN.jsonl, count them by reason, and fail the job after
 the run (before publishing a manifest) when they exceed `--max_bad_fraction`.
+
+Usage:
+  _ = refused | 'WriteDeadLetters' >> WriteDeadLetters(file_path_prefix(output_dir))
+  check_bad_fraction(bad, total, 0.05, 'images', dead_letters_dir)
 """
 import json
 from typing import Any
@@ -10,7 +14,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from beam_jobs.common.progress import counter
+from beam_jobs.common.metrics import DEAD_LETTERS, counter, dead_letters_of
 from model import schema
 from model.errors import InputRefused, Reason
 
@@ -48,8 +52,8 @@ def from_refusal(image_name: str, refusal: InputRefused, stage: str, path: str |
 
 
 def _count(record: dict) -> dict:
-  counter(f'dead_letters_{record["reason"]}').inc()
-  counter('dead_letters').inc()
+  counter(dead_letters_of(record['reason'])).inc()
+  counter(DEAD_LETTERS).inc()
   return record
 
 

@@ -1,4 +1,4 @@
-"""Counters under one namespace, and a stage's progress line with its total on a local run.
+"""A stage's progress line with its total on a local run.
 
 A local run shows one line per stage: done / total, percent, rate and time left. `ShowProgress`
 draws it in the driver, a live bar on a terminal (rich) and a plain line every 10 s otherwise
@@ -31,7 +31,9 @@ import time
 from typing import TextIO
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
+
+# Re-exported for the serving backends, which import them from here; new code: metrics.py.
+from beam_jobs.common.metrics import METRICS_NAMESPACE, counter, query_counters
 
 __all__ = ['counter', 'count_progress', 'CountProgress', 'METRICS_NAMESPACE', 'progress_line',
            'ProgressTally', 'query_counters', 'ShowProgress', 'show_progress_logs',
@@ -40,7 +42,6 @@ __all__ = ['counter', 'count_progress', 'CountProgress', 'METRICS_NAMESPACE', 'p
 # The temporary folder where each process writes its running count (one small file each).
 TALLY_FOLDER_PREFIX = 'planet-progress-'
 
-METRICS_NAMESPACE = 'planet'
 _PART_SUFFIX = '.part'
 # A phase's count file is <phase>~<process id>; the elements' own is <process id>.
 _PHASE_SEPARATOR = '~'
@@ -58,20 +59,6 @@ def show_progress_logs() -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-
-
-def counter(name: str):
-  """A Beam counter in the project's namespace (cheap to call: Beam caches the cell)."""
-  return Metrics.counter(METRICS_NAMESPACE, name)
-
-
-def query_counters(result) -> dict[str, int]:
-  """All the project's counters of a finished pipeline, by name (committed values)."""
-  metrics = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(METRICS_NAMESPACE))
-  totals: dict[str, int] = {}
-  for item in metrics['counters']:
-    totals[item.key.metric.name] = totals.get(item.key.metric.name, 0) + item.committed
-  return totals
 
 
 class ProgressTally:

@@ -46,9 +46,8 @@ from beam_jobs.predict.config import (LAYOUT, Backend, JobConfig, check_inputs, 
 from beam_jobs.predict.job import main, run
 from beam_jobs.predict.pipeline import build_pipeline
 from beam_jobs.predict.rows import (ThresholdsByVersion, image_name, pick_path, result_row,
-                                    spreadsheet_safe, submission_text)
+                                    spreadsheet_safe)
 
 __all__ = ['LAYOUT', 'Backend', 'JobConfig', 'ThresholdsByVersion', 'build_pipeline',
            'check_inputs', 'check_labels_csv', 'image_name', 'image_source', 'main',
-           'make_backend', 'parse_args', 'pick_path', 'result_row', 'run', 'spreadsheet_safe',
-           'submission_text']
+           'make_backend', 'parse_args', 'pick_path', 'result_row', 'run', 'spreadsheet_safe']

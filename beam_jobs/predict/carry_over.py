@@ -19,30 +19,28 @@ Usage:
                         # `incremental` counts
 """
 import collections
-import concurrent.futures
 import json
 import math
-import zlib
 from json.decoder import scanstring
 from typing import Iterable
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.transforms.window import GlobalWindows
 
-from beam_jobs.common.image_decoder import decode_image
+from beam_jobs.common.buckets import BucketBatcher, name_bucket
 from beam_jobs.common.image_files import read_image_file
-from beam_jobs.common.progress import counter
+from beam_jobs.common.lookahead import Lookahead, stop, thread_pool
+from beam_jobs.common.metrics import counter, images_of_kind, unusable_rows
 from beam_jobs.predict.config import JobConfig
 from beam_jobs.predict.incremental import (CARRIED, REMOVED, RESUMED, decide, fingerprint,
-                                           parse_known_row, row_inference)
+                                           parse_known_row)
 from beam_jobs.predict.rows import row_batch
 from model.errors import InputRefused
 
 __all__ = ['BUCKET_BYTES', 'BatchByBucket', 'CarryOver', 'Decide', 'FingerprintBatch',
-           'ReadRowBatches', 'add_counts', 'bucket_count', 'bucket_of', 'fingerprint_file',
-           'fingerprint_files', 'row_name', 'thumbnail_items']
+           'ReadRowBatches', 'add_counts', 'bucket_count', 'fingerprint_file',
+           'fingerprint_files', 'row_name']
 
 BUCKET_BYTES = 8 << 20     # earlier rows per bucket: about 8,000 rows of about 1 KB
 MIN_BUCKETS = 8            # enough for a few workers to share a small join
@@ -55,12 +53,6 @@ _NAME_AFTER = '}, "image_name": "'
 def bucket_count(row_bytes: int, bucket_bytes: int = BUCKET_BYTES) -> int:
   """How many buckets the join uses for `row_bytes` of earlier rows."""
   return max(MIN_BUCKETS, math.ceil(row_bytes / bucket_bytes))
-
-
-def bucket_of(name: str, buckets: int) -> int:
-  """An image name's bucket: the same in every process (crc32, not Python's salted hash)."""
-  # surrogatepass: a name read from a path with undecodable bytes holds lone surrogates.
-  return zlib.crc32(name.encode('utf-8', 'surrogatepass')) % buckets
 
 
 def row_name(line: str) -> str | None:
@@ -104,22 +96,18 @@ class BatchByBucket(beam.DoFn):
 
   def __init__(self, buckets: int):
     self._buckets = buckets
-    self._batches = {}
+    self._batcher = BucketBatcher(BATCH_SIZE)
 
   def start_bundle(self):
-    self._batches = collections.defaultdict(list)
+    self._batcher = BucketBatcher(BATCH_SIZE)
 
   def process(self, element):
-    bucket = bucket_of(element[0], self._buckets)
-    batch = self._batches[bucket]
-    batch.append(element)
-    if len(batch) >= BATCH_SIZE:
-      yield bucket, (_CURRENT, self._batches.pop(bucket))
+    for bucket, batch in self._batcher.add(name_bucket(element[0], self._buckets), element):
+      yield bucket, (_CURRENT, batch)
 
   def finish_bundle(self):
-    for bucket, batch in self._batches.items():
+    for bucket, batch in self._batcher.drain():
       yield GlobalWindows.windowed_value((bucket, (_CURRENT, batch)))
-    self._batches = {}
 
 
 def fingerprint_files(batch: list, max_file_bytes: int) -> list:
@@ -129,7 +117,11 @@ def fingerprint_files(batch: list, max_file_bytes: int) -> list:
 
 class FingerprintBatch(beam.DoFn):
   """(bucket, ('current', [(name, path)])) -> the same with (name, path, sha256): read and hashed
-  in a few threads, one slice of the batch each (one task per image cost as much as its hash)."""
+  in a few threads, one slice of the batch each (one task per image cost as much as its hash).
+
+  An image left to predict is read and hashed again by ReadAndDecode, on purpose: its bytes do not
+  cross the join (every image's bytes in a grouping), and the row's sha256 must be of the bytes
+  decoded, which a file changed between the two reads would not be."""
 
   def __init__(self, max_file_bytes: int, threads: int = 4):
     self._max_file_bytes = max_file_bytes
@@ -137,19 +129,18 @@ class FingerprintBatch(beam.DoFn):
     self._pool = None
 
   def setup(self):
-    self._pool = concurrent.futures.ThreadPoolExecutor(self._threads,
-                                                       thread_name_prefix='fingerprint')
+    self._pool = thread_pool(self._threads, 'fingerprint')
 
   def process(self, element):
     bucket, (source, batch) = element
     step = math.ceil(len(batch) / self._threads)
-    slices = [batch[i:i + step] for i in range(0, len(batch), step)]
-    yield bucket, (source, [fingerprinted for done in self._pool.map(
-        fingerprint_files, slices, [self._max_file_bytes] * len(slices)) for fingerprinted in done])
+    ahead = Lookahead(self._pool, self._threads)
+    for start in range(0, len(batch), step):
+      ahead.submit(fingerprint_files, batch[start:start + step], self._max_file_bytes)
+    yield bucket, (source, [fingerprinted for done in ahead.drain() for fingerprinted in done])
 
   def teardown(self):
-    if self._pool:
-      self._pool.shutdown(wait=False, cancel_futures=True)
+    stop(self._pool)
 
 
 class ReadRowBatches(beam.DoFn):
@@ -161,7 +152,7 @@ class ReadRowBatches(beam.DoFn):
     self._buckets = buckets
 
   def process(self, path: str):
-    batches = collections.defaultdict(list)
+    batcher = BucketBatcher(BATCH_SIZE)
     unusable = 0
     with FileSystems.open(path) as f:
       for raw in f:
@@ -173,15 +164,12 @@ class ReadRowBatches(beam.DoFn):
         if name is None:
           unusable += 1
           continue
-        bucket = bucket_of(name, self._buckets)
-        batch = batches[bucket]
-        batch.append((name, line))
-        if len(batch) >= BATCH_SIZE:
-          yield bucket, (self._source, batches.pop(bucket))
-    for bucket, batch in batches.items():
+        for bucket, batch in batcher.add(name_bucket(name, self._buckets), (name, line)):
+          yield bucket, (self._source, batch)
+    for bucket, batch in batcher.drain():
       yield bucket, (self._source, batch)
     if unusable:
-      counter(f'unusable_{self._source}_rows').inc(unusable)
+      counter(unusable_rows(self._source)).inc(unusable)
 
 
 class Decide(beam.DoFn):
@@ -215,7 +203,7 @@ class Decide(beam.DoFn):
         else:
           rows[name].append(row)
       if unusable:
-        counter(f'unusable_{source}_rows').inc(unusable)
+        counter(unusable_rows(source)).inc(unusable)
     return known
 
   def process(self, element):
@@ -242,7 +230,7 @@ class Decide(beam.DoFn):
       yield beam.pvalue.TaggedOutput('removed', decide(name, [], rows, [], self._plan,
                                                        self._thresholds)[1])
     for kind, count in kinds.items():
-      counter(f'images_{kind}').inc(count)
+      counter(images_of_kind(kind)).inc(count)
     self._kinds.update(kinds)
 
   def finish_bundle(self):
@@ -281,22 +269,3 @@ def CarryOver(images, config: JobConfig):  # pylint: disable=invalid-name
                  'reused', 'removed', 'kinds', main='to_predict'))
   return {'to_predict': decided.to_predict, 'reused': decided.reused,
           'removed': decided.removed, 'kinds': decided.kinds}
-
-
-def thumbnail_items(sample, image_size: int, max_pixels: int, max_file_bytes: int) -> list:
-  """The report's sample as `thumbnails.make_thumbnails` takes it: ((name, path), result).
-
-  `sample` holds ((name, path, sha256), row) items (or ((name, path, sha256), PredictionResult),
-  taken as they are); the image of a row is read and decoded here (at most MAX_THUMBNAILS of
-  them), and left out if it cannot be any more.
-  """
-  items = []
-  for (name, path, _), value in sample:
-    if isinstance(value, dict):
-      try:
-        pixels = decode_image(read_image_file(path, max_file_bytes), image_size, max_pixels)
-      except InputRefused:
-        continue
-      value = PredictionResult(pixels, row_inference(value))
-    items.append(((name, path), value))
-  return items

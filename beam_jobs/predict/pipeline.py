@@ -4,8 +4,6 @@ Usage:
   with TestPipeline() as p:
     build_pipeline(p, config, SavedModelHandler(inspect_export(model_dir)))
 """
-import collections
-import concurrent.futures
 import json
 from typing import Iterable
 
@@ -18,10 +16,12 @@ from apache_beam.transforms.window import GlobalWindows
 from beam_jobs.common import dead_letters, labels
 from beam_jobs.common.image_decoder import decode_image
 from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, list_image_files, read_image_file
+from beam_jobs.common.lookahead import Lookahead, stop, thread_pool
 from beam_jobs.common.name_forms import OtherForms
-from beam_jobs.common.progress import CountProgress, count_progress, counter, tally_folder_exists
+from beam_jobs.common.metrics import IMAGES_DECODED, IMAGES_REFUSED, PREDICTIONS, counter
+from beam_jobs.common.progress import CountProgress, count_progress, tally_folder_exists
 from beam_jobs.predict import report_html, thumbnails
-from beam_jobs.predict.carry_over import CarryOver, add_counts, thumbnail_items
+from beam_jobs.predict.carry_over import CarryOver, add_counts
 from beam_jobs.predict.completed_rows import KeepCompleted
 from beam_jobs.predict.config import IMAGE_EXTENSIONS, REMOVED_FILE, JobConfig
 from beam_jobs.predict.incremental import fingerprint
@@ -73,19 +73,18 @@ class ReadAndDecode(beam.DoFn):
     self._max_file_bytes = max_file_bytes
     self._threads = threads
     self._pool = None
-    self._pending = collections.deque()
+    self._ahead = None
 
   def setup(self):
-    self._pool = concurrent.futures.ThreadPoolExecutor(self._threads,
-                                                       thread_name_prefix='decode')
+    self._pool = thread_pool(self._threads, 'decode')
     # Counters on the bundle's thread (Beam keeps metrics per thread), made once.
-    self._decoded, self._refused = counter('images_decoded'), counter('images_refused')
+    self._decoded, self._refused = counter(IMAGES_DECODED), counter(IMAGES_REFUSED)
 
   def start_bundle(self):
-    self._pending = collections.deque()
+    self._ahead = Lookahead(self._pool, self._lookahead)
 
-  def _emit(self):
-    kind, value = self._pending.popleft().result()
+  def _output(self, decoded):
+    kind, value = decoded
     if kind == 'decoded':
       self._decoded.inc()
       return value
@@ -94,23 +93,22 @@ class ReadAndDecode(beam.DoFn):
 
   def process(self, element):
     name, path = element
-    self._pending.append(self._pool.submit(read_and_decode, name, path, self._size,
-                                           self._max_pixels, self._max_file_bytes))
-    while len(self._pending) > self._lookahead or (self._pending and self._pending[0].done()):
-      yield self._emit()
+    self._ahead.submit(read_and_decode, name, path, self._size, self._max_pixels,
+                       self._max_file_bytes)
+    for decoded in self._ahead.ready():
+      yield self._output(decoded)
 
   def finish_bundle(self):
     # A batch job: every element is in the global window.
-    while self._pending:
-      output = self._emit()
+    for decoded in self._ahead.drain():
+      output = self._output(decoded)
       if isinstance(output, beam.pvalue.TaggedOutput):
         yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
       else:
         yield GlobalWindows.windowed_value(output)
 
   def teardown(self):
-    if self._pool:
-      self._pool.shutdown(wait=False, cancel_futures=True)
+    stop(self._pool)
 
 
 class KeyedBatchResults(KeyedModelHandler):
@@ -135,7 +133,7 @@ class ToResultRows(beam.DoFn):
     self._predictions = None
 
   def setup(self):
-    self._predictions = counter('predictions')
+    self._predictions = counter(PREDICTIONS)
 
   def process(self, results):
     predicted = []
@@ -379,7 +377,7 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
        | 'WritePredictions' >> beam.io.WriteToText(
            config.output_path(schema.PREDICTIONS_PREFIX), file_name_suffix='.jsonl'))
   _ = all_batches | 'WriteSubmission' >> WriteSubmission(
-      config.unpublished_path(schema.SUBMISSION_FILE), batched=True)
+      config.unpublished_path(schema.SUBMISSION_FILE))
 
   if config.labels_csv:
     with_truth = all_batches | 'AttachTruth' >> beam.ParDo(AttachTruth(config.labels_csv))
@@ -411,8 +409,7 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, model_handler,
   _ = (summary
        | 'RenderReport' >> beam.Map(
            lambda s, candidates: report_html.render_report(s, thumbnails.make_thumbnails(
-               thumbnail_items(thumbnails.draw_sample(candidates), config.image_size,
-                               config.max_pixels, config.max_file_bytes),
-               config.thresholds, config.model_name)),
+               thumbnails.draw_sample(candidates), config.image_size, config.max_pixels,
+               config.max_file_bytes)),
            candidates=beam.pvalue.AsList(sampled))
        | 'WriteReport' >> beam.Map(write_text_file, config.unpublished_path(schema.REPORT_FILE), 'text/html'))

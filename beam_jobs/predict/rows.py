@@ -1,6 +1,10 @@
 """The prediction job's pure row logic: image names, result rows, thresholds, submission.csv.
 
 No Beam here: every function takes and returns plain values, so each is tested on its own.
+
+Usage:
+  batch = row_batch(result_rows(predicted, thresholds, model_name))   # lines encoded once
+  name, line = submission_line(batch.rows[0])
 """
 import csv
 import hashlib
@@ -17,7 +21,7 @@ from model import metrics, schema
 
 __all__ = ['FORMULA_PREFIXES', 'RowBatch', 'ThresholdsByVersion', 'image_name', 'pick_path',
            'result_row', 'result_rows', 'row_batch', 'row_line', 'rows_decisions', 'spreadsheet_safe',
-           'SUBMISSION_HEADER', 'csv_line', 'submission_line', 'submission_text', 'thumbnail_key']
+           'SUBMISSION_HEADER', 'csv_line', 'submission_line', 'thumbnail_key']
 
 # A cell starting with one of these is run as a formula by spreadsheets (OWASP's CSV injection).
 FORMULA_PREFIXES = ('=', '+', '-', '@', '\t', '\r')
@@ -187,13 +191,6 @@ def submission_line(row) -> tuple[str, str]:
   """A prediction row -> (its image name, the sort key; its line of submission.csv)."""
   name = row['image_name']
   return name, csv_line([spreadsheet_safe(name), ' '.join(row['tags'])])
-
-
-def submission_text(rows: Iterable[dict]) -> str:
-  """submission.csv of `rows` rendered at once: the header and their lines sorted by name (the
-  job writes the same bytes from ordered name buckets: submission.py)."""
-  lines = sorted((submission_line(row) for row in rows), key=lambda pair: pair[0])
-  return SUBMISSION_HEADER + ''.join(line for _, line in lines)
 
 
 def thumbnail_key(item) -> str:

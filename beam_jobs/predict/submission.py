@@ -6,16 +6,15 @@ each hold about `rows_per_bucket` rows. Each bucket's lines are sorted by name a
 part file under a beam-temp-submission-<uuid>/ folder beside the output (a pattern the output
 layout owns, so --overwrite of a killed run clears it); the header and the parts, in bucket order,
 are then streamed into that folder's copy of the file, which is renamed into place, and the
-folder is deleted. The file is the one `rows.submission_text` makes of all rows at once: sorted
-by the image name as Python orders strings (code points), CRLF, quoted as RFC 4180 says, a name
-starting with a formula character prefixed with an apostrophe (`rows.spreadsheet_safe`).
+folder is deleted (common/part_files.py). The file is the one that sorting all rows at once
+would make: the header, then each row's `rows.submission_line` sorted by the image name as
+Python orders strings (code points), CRLF, quoted as RFC 4180 says, a name starting with a
+formula character prefixed with an apostrophe (`rows.spreadsheet_safe`).
 
 Usage:
-  rows | 'WriteSubmission' >> WriteSubmission('out/submission.csv')
-  row_batches | 'WriteSubmission' >> WriteSubmission('out/submission.csv', batched=True)
+  row_batches | 'WriteSubmission' >> WriteSubmission('out/submission.csv')
 """
 import bisect
-import collections
 import math
 import uuid
 
@@ -24,10 +23,11 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
+from beam_jobs.common.buckets import BucketBatcher
 from beam_jobs.common.part_files import publish_parts, remove_parts_dir
-from beam_jobs.common.progress import counter
+from beam_jobs.common.metrics import SUBMISSION_BUCKETS, counter
 from beam_jobs.predict.rows import SUBMISSION_HEADER as HEADER
-from beam_jobs.predict.rows import submission_line
+from beam_jobs.predict.rows import RowBatch, submission_line
 
 __all__ = ['DEFAULT_ROWS_PER_BUCKET', 'HEADER', 'WriteSubmission', 'bucket_boundaries',
            'concatenate_parts', 'write_bucket_part']
@@ -54,12 +54,11 @@ def bucket_boundaries(quantiles: list[str], count: int, rows_per_bucket: int) ->
 
 
 class SubmissionLines(beam.DoFn):
-  """A row (or a `rows.RowBatch`, `batched`) -> its [(name, line), ...] on the main output, the
-  names in batches on 'names' (the input of the quantiles: one element per batch, not per row),
-  and how many rows the bundle had on 'counts' (one element per bundle)."""
+  """A `rows.RowBatch` -> its [(name, line), ...] on the main output, the names in batches on
+  'names' (the input of the quantiles: one element per batch, not per row), and how many rows the
+  bundle had on 'counts' (one element per bundle)."""
 
-  def __init__(self, batched: bool = False):
-    self._batched = batched
+  def __init__(self):
     self._names = []
     self._count = 0
 
@@ -67,8 +66,8 @@ class SubmissionLines(beam.DoFn):
     self._names = []
     self._count = 0
 
-  def process(self, element):
-    pairs = [submission_line(row) for row in (element.rows if self._batched else (element,))]
+  def process(self, batch: RowBatch):
+    pairs = [submission_line(row) for row in batch.rows]
     self._names.extend(name for name, _ in pairs)
     self._count += len(pairs)
     if len(self._names) >= _BATCH:
@@ -88,23 +87,18 @@ class BucketLines(beam.DoFn):
   rest of each bucket at the end of the bundle."""
 
   def __init__(self):
-    self._batches = {}
+    self._batcher = BucketBatcher(_BATCH)
 
   def start_bundle(self):
-    self._batches = collections.defaultdict(list)
+    self._batcher = BucketBatcher(_BATCH)
 
   def process(self, pairs, boundaries):
     for pair in pairs:
-      bucket = bisect.bisect_right(boundaries, pair[0])
-      batch = self._batches[bucket]
-      batch.append(pair)
-      if len(batch) >= _BATCH:
-        yield bucket, self._batches.pop(bucket)
+      yield from self._batcher.add(bisect.bisect_right(boundaries, pair[0]), pair)
 
   def finish_bundle(self):
-    for bucket, batch in self._batches.items():
-      yield GlobalWindows.windowed_value((bucket, batch))
-    self._batches = {}
+    for bucket_and_batch in self._batcher.drain():
+      yield GlobalWindows.windowed_value(bucket_and_batch)
 
 
 def write_bucket_part(element, parts_dir: str) -> tuple[int, str]:
@@ -114,7 +108,7 @@ def write_bucket_part(element, parts_dir: str) -> tuple[int, str]:
   path = FileSystems.join(parts_dir, f'part-{bucket:05d}-{uuid.uuid4().hex}.csv')
   with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
     f.write(''.join(line for _, line in lines).encode('utf-8', 'surrogateescape'))
-  counter('submission_buckets').inc()
+  counter(SUBMISSION_BUCKETS).inc()
   return bucket, path
 
 
@@ -129,22 +123,22 @@ def concatenate_parts(_, path: str, parts_dir: str, parts: list[tuple[int, str]]
 
 @beam.ptransform_fn
 def WriteSubmission(rows, path: str,  # pylint: disable=invalid-name
-                    rows_per_bucket: int = DEFAULT_ROWS_PER_BUCKET, batched: bool = False):
-  """Prediction rows -> `path`, the submission.csv of all of them (see the module's docstring).
+                    rows_per_bucket: int = DEFAULT_ROWS_PER_BUCKET):
+  """`rows.RowBatch`es of prediction rows -> `path`, the submission.csv of all of them (see the
+  module's docstring).
 
   Args:
-    rows: prediction rows (only `image_name` and `tags` are read), or `rows.RowBatch`es of them
-      (`batched`); names are unique.
+    rows: `RowBatch`es of prediction rows (only `image_name` and `tags` are read); names are
+      unique.
     path: the file to write.
     rows_per_bucket: about how many rows a worker sorts at once.
-    batched: whether the elements are `RowBatch`es.
 
   Returns:
     A PCollection of one element: `path`, once it is written.
   """
   directory = FileSystems.split(path)[0]
   parts_dir = FileSystems.join(directory, f'beam-temp-submission-{uuid.uuid4().hex}')
-  lines = rows | 'SubmissionLines' >> beam.ParDo(SubmissionLines(batched)).with_outputs(
+  lines = rows | 'SubmissionLines' >> beam.ParDo(SubmissionLines()).with_outputs(
       'names', 'counts', main='lines')
   quantiles = lines.names | 'NameQuantiles' >> beam.ApproximateQuantiles.Globally(
       QUANTILES, input_batched=True)

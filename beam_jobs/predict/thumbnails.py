@@ -7,7 +7,7 @@ smallest: content-independent, the same whatever the order or the workers, and d
 Usage:
   sample = Sample(); sample.add(((name, path, sha256), row)); candidates = sample.items()
   sampled = draw_sample(candidates_of_each_bundle)
-  page = report_html.render_report(summary, make_thumbnails(sampled, thresholds, model_name))
+  page = report_html.render_report(summary, make_thumbnails(sampled, size, max_pixels, max_bytes))
 """
 import base64
 import heapq
@@ -16,7 +16,10 @@ import io
 import numpy as np
 from PIL import Image
 
-from beam_jobs.predict.rows import ThresholdsByVersion, result_row, thumbnail_key
+from beam_jobs.common.image_decoder import decode_image
+from beam_jobs.common.image_files import read_image_file
+from beam_jobs.predict.rows import thumbnail_key
+from model.errors import InputRefused
 
 __all__ = ['MAX_THUMBNAILS', 'THUMBNAIL_QUALITY', 'Sample', 'draw_sample', 'make_thumbnail',
            'make_thumbnails']
@@ -84,10 +87,15 @@ def make_thumbnail(pixels: np.ndarray, side: int = 96) -> str:
   return 'data:image/jpeg;base64,' + base64.b64encode(buffer.getvalue()).decode('ascii')
 
 
-def make_thumbnails(sampled, thresholds: ThresholdsByVersion, model_name: str) -> list[dict]:
-  """((name, path), PredictionResult) pairs -> the report's thumbnails, by name, with their tags."""
+def make_thumbnails(sampled, image_size: int, max_pixels: int, max_file_bytes: int) -> list[dict]:
+  """The sample's ((name, path, sha256), row) items -> the report's thumbnails, by name, with
+  their rows' tags. Each image is read and decoded again here (no pixels travel with the rows),
+  and left out if it cannot be any more."""
   thumbs = []
-  for (name, path), result in sorted(sampled, key=lambda item: item[0]):
-    row = result_row(name, path, result.inference, thresholds, model_name)
-    thumbs.append({'image_name': name, 'tags': row['tags'], 'src': make_thumbnail(result.example)})
+  for (name, path, _), row in sorted(sampled, key=lambda item: item[0]):
+    try:
+      pixels = decode_image(read_image_file(path, max_file_bytes), image_size, max_pixels)
+    except InputRefused:
+      continue
+    thumbs.append({'image_name': name, 'tags': row['tags'], 'src': make_thumbnail(pixels)})
   return thumbs

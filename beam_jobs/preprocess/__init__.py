@@ -11,8 +11,8 @@ The same code runs on DirectRunner (in-process, or `--direct_running_mode=multi_
 
 One CSV row on its way to an Example (pipeline.build_pipeline; the rules are plain functions):
   1. ReadLabels: the CSV, read by one worker in file order, gives (name, line, LabelRow) in
-     lists by join bucket (rules.name_bucket); a line that does not parse is a dead letter at its
-     line (rules.raw_image_name).
+     lists by join bucket (buckets.name_bucket); a line that does not parse is a dead letter at
+     its line (rules.raw_image_name).
   2. ListImages: every <images_dir>/*.jpg as (name, path), in lists by join bucket.
   3. JoinRowsWithImages: rows and files grouped by bucket, then by name within it; the
      duplicate rule and the row-file join (rules.join_rows_with_image) give one LabelledImage,

@@ -25,7 +25,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
 from beam_jobs.common.part_files import publish_parts, remove_parts_dir
-from beam_jobs.common.progress import count_progress, counter, tally_folder_exists
+from beam_jobs.common.metrics import counter
+from beam_jobs.common.progress import count_progress, tally_folder_exists
 from beam_jobs.preprocess.rules import (DEAD_LETTERED_ROWS, DEAD_LETTERS, counter_name,
                                         tally_dead_letter, tally_key)
 

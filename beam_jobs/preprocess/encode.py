@@ -1,13 +1,16 @@
 """The preprocess job's hot path, fused: read, hash, decode, serialise and write each image.
 
 One DoFn does all of it, so an Example's bytes never cross a grouping or a process: each bundle
-decodes its images on a thread pool (reading, sha256 and Pillow's decoding release the GIL, so
-the threads use every core of the worker) and writes each Example, in input order, straight into
+decodes its images ahead on a thread pool (common/lookahead.py: reading, sha256 and Pillow's
+decoding release the GIL, so the threads use every core of the worker) and writes each Example, in input order, straight into
 the bundle's part file of its split's shard (beam_jobs/common/tfrecord_sink.py). What leaves the
 DoFn is small: the part names, dead letters, and the bundle's tally as (key, count) pairs.
+
+Usage:
+  encoded = images | beam.ParDo(EncodeAndWriteExamples(config, parts_dirs)).with_outputs(
+      EncodeAndWriteExamples.REFUSED, EncodeAndWriteExamples.TALLY, main='parts')
 """
 import collections
-import concurrent.futures
 import io
 import os
 import uuid
@@ -18,7 +21,9 @@ from apache_beam.transforms.display import DisplayDataItem
 from apache_beam.transforms.window import GlobalWindows
 
 from beam_jobs.common.image_files import read_image_file
-from beam_jobs.common.progress import count_progress, counter, tally_folder_exists
+from beam_jobs.common.lookahead import Lookahead, stop, thread_pool
+from beam_jobs.common.metrics import IMAGE_BYTES_READ, counter
+from beam_jobs.common.progress import count_progress, tally_folder_exists
 from beam_jobs.common.tfrecord_sink import (ShardPartWriter, append_part, part_path,
                                             shard_pattern, write_record)
 from beam_jobs.preprocess import encoder_processes
@@ -148,20 +153,19 @@ class EncodeAndWriteExamples(beam.DoFn):
       self._by_shard = {split: count % workers == 0 for split, count in self._shards.items()}
     else:
       workers = self._threads or os.cpu_count() or 1
-      self._executors = (concurrent.futures.ThreadPoolExecutor(workers,
-                                                               thread_name_prefix='encode'),)
+      self._executors = (thread_pool(workers, 'encode'),)
       self._pool_is_processes, self._chunk_images = False, _CHUNK_IMAGES
       self._by_shard = {split: False for split in self._shards}
       self._window = workers * _IN_FLIGHT_PER_THREAD
     self._count_progress = tally_folder_exists(self._progress_folder)
-    self._bytes_read = counter('image_bytes_read')
+    self._bytes_read = counter(IMAGE_BYTES_READ)
 
   def start_bundle(self):
     # Per lane (the thread pool, or each encoder process): the batch being filled, and the
     # batches in flight, at most `_window`: a lane waits for its own oldest batch only, so one
     # busy process never keeps another waiting for work.
     self._chunks = [[] for _ in self._executors]
-    self._pending = [collections.deque() for _ in self._executors]
+    self._lanes = [Lookahead(executor, self._window) for executor in self._executors]
     self._next_lane = 0
     self._writers = {split: ShardPartWriter(folder, self._config.compression)
                      for split, folder in self._parts_dirs.items()}
@@ -181,14 +185,13 @@ class EncodeAndWriteExamples(beam.DoFn):
     chunk, self._chunks[lane] = self._chunks[lane], []
     self._next_lane = (lane + 1) % len(self._executors)
     if self._pool_is_processes:
-      self._pending[lane].append(self._executors[lane].submit(
-          encode_and_append, chunk, self._config, self._parts_dirs, self._bundle))
+      self._lanes[lane].submit(encode_and_append, chunk, self._config, self._parts_dirs,
+                               self._bundle)
     else:
-      self._pending[lane].append(self._executors[lane].submit(_encode_chunk, chunk, self._config))
+      self._lanes[lane].submit(_encode_chunk, chunk, self._config)
 
-  def _settle_oldest(self, lane: int) -> Iterator[dict]:
-    """Waits for a lane's oldest batch; writes or counts its images; yields their dead letters."""
-    result = self._pending[lane].popleft().result()
+  def _settle_batch(self, result) -> Iterator[dict]:
+    """Writes or counts the images of a lane's batch; yields their dead letters."""
     if self._pool_is_processes:   # written and tallied by the encoder process
       self._appended.update(result.parts)
       self._tally.update(result.tally)
@@ -209,9 +212,9 @@ class EncodeAndWriteExamples(beam.DoFn):
       if len(self._chunks[lane]) < self._chunk_images:
         continue
       self._submit(lane)
-      for other, pending in enumerate(self._pending):
-        while pending and (len(pending) > self._window or pending[0].done()):
-          for letter in self._settle_oldest(other):
+      for ahead in self._lanes:
+        for result in ahead.ready():
+          for letter in self._settle_batch(result):
             yield beam.pvalue.TaggedOutput(self.REFUSED, letter)
 
   def _settle(self, outcome: tuple[EncodedExample | None, dict | None, int]) -> dict | None:
@@ -231,9 +234,9 @@ class EncodeAndWriteExamples(beam.DoFn):
     for lane, chunk in enumerate(self._chunks):
       if chunk:
         self._submit(lane)
-    for lane, pending in enumerate(self._pending):
-      while pending:
-        for letter in self._settle_oldest(lane):
+    for ahead in self._lanes:
+      for result in ahead.drain():
+        for letter in self._settle_batch(result):
           yield beam.pvalue.TaggedOutput(self.REFUSED, GlobalWindows.windowed_value(letter))
     for split, writer in self._writers.items():
       for shard_and_path in writer.close():
@@ -247,4 +250,4 @@ class EncodeAndWriteExamples(beam.DoFn):
 
   def teardown(self):
     if self._executors and not self._pool_is_processes:   # the driver ends the processes
-      self._executors[0].shutdown(wait=False, cancel_futures=True)
+      stop(self._executors[0])

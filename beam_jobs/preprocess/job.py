@@ -1,4 +1,8 @@
-"""The preprocess job's driver: validate, claim the output folder, run, check, publish."""
+"""The preprocess job's driver: validate, claim the output folder, run, check, publish.
+
+Usage:
+  outcome = run(['--labels_csv', 'labels.csv', '--images_dir', 'jpg', '--output_dir', 'out'])
+"""
 import contextlib
 import dataclasses
 import time
@@ -9,8 +13,8 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from apache_beam.runners.runner import PipelineState
 
 from beam_jobs.common import dead_letters, runner_options
-from beam_jobs.common.progress import (ProgressTally, ShowProgress, query_counters,
-                                       show_progress_logs)
+from beam_jobs.common.metrics import query_counters
+from beam_jobs.common.progress import ProgressTally, ShowProgress, show_progress_logs
 from beam_jobs.preprocess import encoder_processes
 from beam_jobs.preprocess.config import ConfigError, PreprocessConfig, parse_args, validate_config
 from beam_jobs.preprocess.pipeline import build_pipeline

@@ -1,74 +1,37 @@
-"""The preprocess job's Beam graph: thin DoFns over the rules, composite transforms, the builder."""
-import itertools
+"""The preprocess job's Beam graph: thin DoFns over the rules, composite transforms, the builder.
+
+Usage:
+  with TestPipeline() as p:
+    outputs = build_pipeline(p, config)     # PreprocessOutputs: shards, dead letters, tally
+"""
 import json
-import pickle
 import posixpath
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.common import labels
+from beam_jobs.common.buckets import BucketBatcher, name_bucket, unpacked
 from beam_jobs.common.image_files import ImageSource, list_image_files
-from beam_jobs.common.progress import count_progress, counter, tally_folder_exists
+from beam_jobs.common.metrics import IMAGES_LISTED, counter
+from beam_jobs.common.progress import count_progress, tally_folder_exists
 from beam_jobs.common.tfrecord_sink import PublishShards, parts_dir_for
 from beam_jobs.preprocess.config import IMAGE_EXTENSION, PreprocessConfig, images_dir_source
 from beam_jobs.preprocess.dead_letter_sink import WriteDeadLetterFile
 from beam_jobs.preprocess.encode import EncodeAndWriteExamples
 from beam_jobs.preprocess.rules import (CSV_ROWS, DEAD_LETTERS, counter_name, join_one_bucket,
-                                        name_bucket, raw_image_name, row_dead_letter, tally_key)
+                                        raw_image_name, row_dead_letter, tally_key)
 from model import schema
 from model.errors import InputRefused
 
-__all__ = ['BucketBatches', 'JoinOneBucket', 'JoinRowsWithImages', 'ListImageFiles', 'ListImages',
+__all__ = ['JoinOneBucket', 'JoinRowsWithImages', 'ListImageFiles', 'ListImages',
            'PreprocessOutputs', 'READ_PHASE', 'ReadLabelRows', 'ReadLabels', 'WriteCounts',
-           'build_pipeline', 'count_tally', 'unpack_batch']
+           'build_pipeline', 'count_tally']
 
 # The progress phase of CSV rows read (progress.count_progress), counted every this many rows.
 READ_PHASE = 'read'
 _READ_PROGRESS_EVERY = 1024
-
-
-class BucketBatches:
-  """Items gathered by join bucket and let go as lists: a bucket's list once it holds `batch`
-  items, and every list once `max_held` items are held, so memory stays bounded however many
-  buckets there are. Lists, not items, cross the grouping by bucket, each pickled into one bytes
-  object (`unpack_batch` reads it): a local runner holds everything grouped as Python objects
-  until the grouping ends, ~170 bytes a CSV row as (name, line, bits) tuples and ~25 pickled."""
-
-  def __init__(self, batch: int = 500, max_held: int = 100_000):
-    self._batch = batch
-    self._max_held = max_held
-    self._lists: dict[int, list] = {}
-    self._held = 0
-
-  def add(self, bucket: int, item) -> Iterator[tuple[int, bytes]]:
-    items = self._lists.setdefault(bucket, [])
-    items.append(item)
-    self._held += 1
-    if len(items) >= self._batch:
-      self._held -= len(items)
-      yield bucket, _pack(self._lists.pop(bucket))
-    elif self._held >= self._max_held:
-      yield from self.drain()
-
-  def drain(self) -> Iterator[tuple[int, bytes]]:
-    lists, self._lists, self._held = self._lists, {}, 0
-    for bucket, items in lists.items():
-      yield bucket, _pack(items)
-
-
-def _pack(items: list) -> bytes:
-  return pickle.dumps(items, pickle.HIGHEST_PROTOCOL)
-
-
-def unpack_batch(packed: bytes) -> list:
-  """The items of one list that `BucketBatches` let go."""
-  return pickle.loads(packed)
-
-
-def _unpacked(batches: Iterable[bytes]) -> Iterator:
-  return itertools.chain.from_iterable(map(unpack_batch, batches))
 
 
 class ReadLabelRows(beam.DoFn):
@@ -95,7 +58,7 @@ class ReadLabelRows(beam.DoFn):
 
   def process(self, path: str) -> Iterator:
     fmt, lines = labels.read_label_lines(path)
-    rows, refused_names = BucketBatches(), BucketBatches()
+    rows, refused_names = BucketBatcher(packed=True), BucketBatcher(packed=True)
     count = 0
     for line, raw in lines:
       count += 1
@@ -131,10 +94,10 @@ class ListImageFiles(beam.DoFn):
     self._buckets = buckets
 
   def setup(self):
-    self._listed = counter('images_listed')
+    self._listed = counter(IMAGES_LISTED)
 
   def process(self, source: ImageSource) -> Iterator[tuple[int, list]]:
-    files = BucketBatches()
+    files = BucketBatcher(packed=True)
     for path in list_image_files(source, (IMAGE_EXTENSION,)):   # any case: .JPG, .Jpg
       self._listed.inc()
       # posixpath, not FileSystems.split (10 us a call): every path here, local or gs://, is
@@ -164,7 +127,7 @@ class JoinOneBucket(beam.DoFn):
     _, grouped = element
     images = []
     for image, refused in join_one_bucket(
-        _unpacked(grouped['rows']), _unpacked(grouped['refused']), _unpacked(grouped['files']),
+        unpacked(grouped['rows']), unpacked(grouped['refused']), unpacked(grouped['files']),
         self._expected_path):
       for record in refused:
         yield beam.pvalue.TaggedOutput(self.REFUSED, record)

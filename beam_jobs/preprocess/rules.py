@@ -1,13 +1,17 @@
-"""The preprocess rules as plain functions: split, shard count, join, tally, conservation."""
+"""The preprocess rules as plain functions: split, shard count, join, tally, conservation.
+
+Usage:
+  assign_split('train_1', 0.2)         # 'eval'
+  example_shard('train_1', 4)          # the shard of its split that holds its Example
+"""
 import collections
 import csv
 import hashlib
 import math
 import posixpath
-import zlib
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
-from beam_jobs.common import dead_letters, labels
+from beam_jobs.common import dead_letters, labels, metrics
 from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS, decode_image
 from beam_jobs.common.labels import LabelRow
 from beam_jobs.common.name_forms import mismatch_text, nfc
@@ -19,7 +23,7 @@ __all__ = ['CSV_ROWS', 'DEAD_LETTERED_ROWS', 'DEAD_LETTERS', 'EXAMPLES', 'Encode
            'IMAGES_WITHOUT_ROWS', 'LABELS', 'LabelledImage', 'ROWS_WITHOUT_WEATHER',
            'assign_split', 'check_conservation', 'counter_name', 'counts_from_tally',
            'estimate_num_shards', 'example_shard', 'image_to_example', 'join_buckets',
-           'join_one_bucket', 'join_rows_with_image', 'name_bucket', 'raw_image_name',
+           'join_one_bucket', 'join_rows_with_image', 'raw_image_name',
            'row_dead_letter', 'tally_dead_letter', 'tally_example', 'tally_key']
 
 # Shards of 100-200 MB: big enough that opening one costs nothing next to reading it, small
@@ -45,7 +49,7 @@ IMAGES_WITHOUT_ROWS = 'images_without_rows'
 ROWS_WITHOUT_WEATHER = 'rows_without_weather'
 EXAMPLES = 'examples'            # examples/<split>
 LABELS = 'labels'                # labels/<split>/<label>
-DEAD_LETTERS = 'dead_letters'    # dead_letters/<REASON>
+DEAD_LETTERS = metrics.DEAD_LETTERS   # dead_letters/<REASON>
 
 
 def tally_key(*parts: str) -> str:
@@ -57,7 +61,7 @@ def counter_name(key: str) -> str:
   """The Beam counter of the same fact: 'labels/train/clear' -> 'labels_train_clear'.
 
   beam_jobs.common.dead_letters counts dead letters by reason under this spelling too
-  (dead_letters_<REASON>); the README documents both spellings.
+  (metrics.dead_letters_of); the README documents both spellings.
   """
   return key.replace('/', '_')
 
@@ -83,18 +87,11 @@ def join_buckets(csv_rows: int | None) -> int:
   return max(1, math.ceil(csv_rows / JOIN_BUCKET_ROWS))
 
 
-def name_bucket(image_name: str, buckets: int) -> int:
-  """An image name's join bucket: the crc32 of the UTF-8 bytes of its NFC form, the same on every
-  worker. NFC, so that a name and the same text in another Unicode normalization form ('café'
-  composed in the CSV, decomposed on disk) meet in one bucket, where the join can say so."""
-  return zlib.crc32(nfc(image_name).encode('utf-8', 'surrogatepass')) % buckets
-
-
 def example_shard(image_name: str, num_shards: int) -> int:
   """The shard of a split that holds an image's Example: from its name alone (a salted sha256,
   far cheaper than hashing the 48 KB Example). Not a crc32: crc32 is linear, so a salted crc32
-  of the names in one join bucket (`name_bucket`, the same crc32 modulo the buckets) would share
-  their low bits and send a whole bucket to one shard."""
+  of the names in one join bucket (`buckets.name_bucket`, the same crc32 modulo the buckets)
+  would share their low bits and send a whole bucket to one shard."""
   digest = hashlib.sha256(b'shard:' + image_name.encode('utf-8', 'surrogatepass')).digest()
   return int.from_bytes(digest[:8], 'big') % num_shards
 
@@ -133,7 +130,8 @@ def join_one_bucket(rows: Iterable[tuple[str, int, int]],
 
   Names match exactly, as the file system does. A row without its file, or a file without its
   row, whose name is the same text as another's in another Unicode normalization form (all such
-  meet in one bucket: `name_bucket`) is not matched to it, but its dead letter names the other.
+  meet in one bucket: `buckets.name_bucket`) is not matched to it, but its dead letter names
+  the other.
 
   Args:
     rows: (name, line, LabelRow.label_bits) of the parsed CSV rows; a LabelRow is built only for
