@@ -131,7 +131,7 @@ def feed_server(address: str, pixels: np.ndarray) -> None:
 def rest_bodies(pixels: np.ndarray) -> list[bytes]:
   """The JSON bodies the REST job sends for `pixels`: as many images each as fit its limit."""
   # pylint: disable=import-outside-toplevel
-  from beam_jobs.predict.backends.tf_serving import DEFAULT_MAX_REQUEST_BYTES, plan_requests
+  from beam_jobs.predict.backends.serving_base import DEFAULT_MAX_REQUEST_BYTES, plan_requests
   from beam_jobs.predict.backends.tf_serving_rest import image_bytes_within
   from model.serving.rest_tensors import columnar_request
   groups, _ = plan_requests(list(pixels), image_bytes_within(DEFAULT_MAX_REQUEST_BYTES),

@@ -433,8 +433,9 @@ def test_https_with_a_private_root_certificate(model_dir):
     handler = rest.ServingRestHandler(address, use_tls=True, root_certificates=certificate, **FAST)
     results = run_direct(handler, pixels(3))
     assert all(not isinstance(r.inference, InputRefused) for r in results)
-    with pytest.raises(ValueError, match='no TF Serving REST API answered'):
+    with pytest.raises(ValueError, match='no TF Serving REST API answered') as refused:
       rest.check_serving_model(address, timeout_secs=1)   # plain HTTP to an HTTPS port
+    assert 'start one (docs/serving.md), fix the address' in str(refused.value)
 
 
 def test_an_address_with_a_scheme_is_refused_in_one_line():

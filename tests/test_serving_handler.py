@@ -38,6 +38,9 @@ from beam_jobs.common import progress
 from beam_jobs.predict.backends import tf_serving as sh
 from beam_jobs.predict.backends import retry_policy as serving_retry
 from beam_jobs.predict.backends import serving_address
+from beam_jobs.predict.backends import serving_base
+from beam_jobs.predict.backends import serving_check
+from beam_jobs.predict.backends import transport
 from model import schema
 from model.errors import InputRefused
 from model.errors import Reason
@@ -158,31 +161,31 @@ def test_plaintext_only_to_loopback_unless_allowed():
 
 def test_plan_keeps_256px_batches_under_the_byte_limit():
   batch = [np.zeros((256, 256, 3), np.uint8)] * 64   # 12.6 MB
-  groups, too_large = sh.plan_requests(batch, sh.DEFAULT_MAX_REQUEST_BYTES, 32)
+  groups, too_large = serving_base.plan_requests(batch, serving_base.DEFAULT_MAX_REQUEST_BYTES, 32)
   assert too_large == []
   assert [len(g) for g in groups] == [20, 20, 20, 4]
   assert sum(groups, []) == list(range(64))
   for group in groups:
     request = protocol.build_predict_request([batch[i] for i in group])
-    assert request.ByteSize() <= sh.DEFAULT_MAX_REQUEST_BYTES
+    assert request.ByteSize() <= serving_base.DEFAULT_MAX_REQUEST_BYTES
 
 
 def test_plan_splits_on_shape_and_count_and_sets_aside_oversize_images():
   small, other = np.zeros((4, 4, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)
   huge = np.zeros((1024, 1024, 3), np.uint8)
   batch = [small, small, small, other, huge, other, small]
-  groups, too_large = sh.plan_requests(batch, 1024 * 1024, max_images_per_request=2)
+  groups, too_large = serving_base.plan_requests(batch, 1024 * 1024, max_images_per_request=2)
   assert groups == [[0, 1], [2], [3, 5], [6]]
   assert too_large == [4]
 
 
 def test_image_problem():
-  assert sh.image_problem(np.zeros((32, 32, 3), np.uint8)) is None
-  assert sh.image_problem(np.zeros((32, 32, 3), np.uint8), image_size=32) is None
-  assert 'takes 64x64' in sh.image_problem(np.zeros((32, 32, 3), np.uint8), image_size=64)
-  assert 'float32 [32, 32, 3]' in sh.image_problem(np.zeros((32, 32, 3), np.float32))
-  assert 'uint8 [32, 32]' in sh.image_problem(np.zeros((32, 32), np.uint8))
-  assert 'numpy array' in sh.image_problem(b'jpeg bytes')
+  assert serving_base.image_problem(np.zeros((32, 32, 3), np.uint8)) is None
+  assert serving_base.image_problem(np.zeros((32, 32, 3), np.uint8), image_size=32) is None
+  assert 'takes 64x64' in serving_base.image_problem(np.zeros((32, 32, 3), np.uint8), image_size=64)
+  assert 'float32 [32, 32, 3]' in serving_base.image_problem(np.zeros((32, 32, 3), np.float32))
+  assert 'uint8 [32, 32]' in serving_base.image_problem(np.zeros((32, 32), np.uint8))
+  assert 'numpy array' in serving_base.image_problem(b'jpeg bytes')
 
 
 def test_request_tensor_is_raw_bytes_that_tensorflow_reads_back():
@@ -290,44 +293,65 @@ class _ScriptedThrottler:
     self.failures += not accepted
 
 
-class _Unavailable(grpc.RpcError):
-  """What a stub raises when the server is away."""
-
-  def code(self):
-    return grpc.StatusCode.UNAVAILABLE
-
-  def details(self):
-    return 'server away'
-
-
 def test_a_client_throttled_before_any_attempt_waits_then_sends():
   throttler = _ScriptedThrottler(throttled={1, 2})
   tally = serving_retry.CallTally()
   answer = predict_pb2.PredictResponse()
 
   response = serving_retry.RetryPolicy(retry_budget_secs=0.0).call(
-      lambda request, timeout: answer, predict_pb2.PredictRequest(), throttler=throttler,
-      tally=tally, address='here:8500')
+      lambda timeout: answer, request_bytes=7, throttler=throttler, tally=tally,
+      address='here:8500')
 
   assert response is answer
   assert (throttler.asks, throttler.successes, tally.requests, tally.retries) == (3, 1, 1, 0)
+  assert tally.request_bytes == [7]
   assert tally.throttled_secs == pytest.approx(2 * throttler.throttle_delay_secs)
+
+
+def test_a_transient_failure_is_retried_and_a_refusal_raised_at_once():
+  throttler = _ScriptedThrottler(throttled=())
+  failures = [serving_retry.CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, 'queue full'),
+              serving_retry.CallFailed(grpc.StatusCode.UNAVAILABLE, 'away', answered=False)]
+  deadlines = []
+
+  def send(timeout):
+    deadlines.append(timeout)
+    if failures:
+      raise failures.pop(0)
+    return 'answer'
+
+  policy = serving_retry.RetryPolicy(timeout_secs=3, initial_backoff_secs=0.01,
+                                     max_backoff_secs=0.01)
+  tally = serving_retry.CallTally()
+  assert policy.call(send, request_bytes=5, throttler=throttler, tally=tally, address='x') == 'answer'
+  assert deadlines == [3, 3, 3]   # every attempt has the deadline
+  assert (tally.requests, tally.retries, tally.request_bytes) == (3, 2, [5, 5, 5])
+  assert (throttler.successes, throttler.failures) == (1, 2)
+
+  refused = serving_retry.CallFailed(grpc.StatusCode.INVALID_ARGUMENT, 'bad image')
+
+  def send_refused(timeout):
+    raise refused
+  tally = serving_retry.CallTally()
+  with pytest.raises(serving_retry.CallFailed) as raised:
+    policy.call(send_refused, request_bytes=5, throttler=throttler, tally=tally, address='x')
+  assert raised.value is refused and (tally.requests, tally.retries) == (1, 0)
+  assert throttler.successes == 2   # a refusal of the input counts for the server
 
 
 def test_a_client_throttled_after_a_failure_gives_up_when_the_budget_runs_out():
   throttler = _ScriptedThrottler(throttled=range(2, 10_000))
   tally = serving_retry.CallTally()
 
-  def predict(request, timeout):
-    raise _Unavailable()
+  def predict(timeout):
+    raise serving_retry.CallFailed(grpc.StatusCode.UNAVAILABLE, 'server away', answered=False)
 
   policy = serving_retry.RetryPolicy(retry_budget_secs=0.2, initial_backoff_secs=0.01,
                                      max_backoff_secs=0.01)
   with pytest.raises(serving_retry.GaveUp, match=r'^here:8500: UNAVAILABLE after 1 attempt\(s\) '
                      r'over 0\.\ds, then throttled client-side \(retry budget 0\.2s\): '
                      r'server away$'):
-    policy.call(predict, predict_pb2.PredictRequest(), throttler=throttler, tally=tally,
-                address='here:8500')
+    policy.call(predict, request_bytes=7, throttler=throttler, tally=tally, address='here:8500')
 
   assert (tally.requests, tally.retries, throttler.successes, throttler.failures) == (1, 1, 0, 1)
   assert tally.throttled_secs >= 0.15
@@ -342,18 +366,18 @@ def signature_map(model_dir: str) -> get_model_metadata_pb2.SignatureDefMap:
 
 def test_served_image_size_names_expected_and_found(model_dir):
   found = signature_map(model_dir)
-  assert sh.served_image_size(found, schema.SERVING_SIGNATURE, 'here') == IMAGE_SIZE
+  assert serving_check.served_image_size(found, schema.SERVING_SIGNATURE, 'here') == IMAGE_SIZE
   with pytest.raises(ValueError, match=r"here has no signature 'nope'; it has "
                                        r"\['predict_float', 'serving_default', 'serving_tta'\]"):
-    sh.served_image_size(found, 'nope', 'here')
+    serving_check.served_image_size(found, 'nope', 'here')
   with pytest.raises(ValueError, match=r"takes inputs \['input_image'\]; expected one input "
                                        r"'images'"):
-    sh.served_image_size(found, schema.FLOAT_SIGNATURE, 'here')
+    serving_check.served_image_size(found, schema.FLOAT_SIGNATURE, 'here')
   with pytest.raises(ValueError, match='takes 32x32 images; expected 128x128'):
-    sh.served_image_size(found, schema.SERVING_SIGNATURE, 'here', image_size=128)
+    serving_check.served_image_size(found, schema.SERVING_SIGNATURE, 'here', image_size=128)
   found.signature_def[schema.SERVING_SIGNATURE].outputs.pop(schema.OUTPUT_GROUND)
   with pytest.raises(ValueError, match="output 'ground' .* is missing"):
-    sh.served_image_size(found, schema.SERVING_SIGNATURE, 'here')
+    serving_check.served_image_size(found, schema.SERVING_SIGNATURE, 'here')
 
 
 def test_handler_pickles_and_batches():
@@ -390,9 +414,10 @@ def test_check_serving_model_without_a_server(local_server):
   address = local_server.address
   local_server.stop()
   started = time.monotonic()
-  with pytest.raises(ValueError, match=f'no TF Serving answered at {address} within 1s'):
+  with pytest.raises(ValueError, match=f'no TF Serving answered at {address} within 1s') as refused:
     sh.check_serving_model(address, timeout_secs=1)
   assert time.monotonic() - started < 5
+  assert 'start one (docs/serving.md) or fix the address' in str(refused.value)
 
 
 @pytest.mark.parametrize('address,given', [
@@ -464,14 +489,14 @@ def test_a_batch_streams_its_requests_max_requests_in_flight_at_a_time(local_ser
   run_direct(handler, images(1))   # the model traced before the calls that are counted
   local_server.set_faults(Faults(latency_secs=0.5))
   # By default a RunInference batch is REQUESTS_PER_BATCH full requests, 4 of them in flight.
-  assert handler.batch_elements_kwargs() == {'min_batch_size': 2 * sh.REQUESTS_PER_BATCH,
-                                             'max_batch_size': 2 * sh.REQUESTS_PER_BATCH}
-  batch = images(2 * sh.REQUESTS_PER_BATCH)
+  assert handler.batch_elements_kwargs() == {'min_batch_size': 2 * serving_base.REQUESTS_PER_BATCH,
+                                             'max_batch_size': 2 * serving_base.REQUESTS_PER_BATCH}
+  batch = images(2 * serving_base.REQUESTS_PER_BATCH)
 
   results = run_direct(handler, batch)
 
   assert_all_predicted(results, batch)
-  assert len(local_server.predict_request_bytes) == 1 + sh.REQUESTS_PER_BATCH
+  assert len(local_server.predict_request_bytes) == 1 + serving_base.REQUESTS_PER_BATCH
   assert local_server.peak_predicts_in_progress == 4
 
 
@@ -575,7 +600,7 @@ def test_large_batches_stay_under_the_limit(server_256):
     results = run_direct(sh.ServingGrpcHandler(server.address, **FAST), batch)
     sizes = server.predict_request_bytes
   assert_all_predicted(results, batch)
-  assert len(sizes) == 4 and max(sizes) <= sh.DEFAULT_MAX_REQUEST_BYTES
+  assert len(sizes) == 4 and max(sizes) <= serving_base.DEFAULT_MAX_REQUEST_BYTES
   assert sum(sizes) > 64 * 256 * 256 * 3
 
 
@@ -618,7 +643,7 @@ def make_self_signed_certificate() -> tuple[bytes, bytes]:
 def test_tls_with_a_self_signed_certificate(model_dir, tmp_path):
   key, certificate = make_self_signed_certificate()
   (tmp_path / 'ca.pem').write_bytes(certificate)
-  roots = sh.read_root_certificates(str(tmp_path / 'ca.pem'))
+  roots = transport.read_root_certificates(str(tmp_path / 'ca.pem'))
   with LocalServingServer(model_dir, ssl_key=key, ssl_cert=certificate) as server:
     for host in ['127.0.0.1', 'localhost']:
       address = f'{host}:{server.port}'

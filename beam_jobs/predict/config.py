@@ -236,15 +236,17 @@ def make_backend(args) -> Backend:
 
   export = inspect_export(args.model_dir) if args.model_dir else None
 
-  from beam_jobs.predict.backends import tf_serving  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from beam_jobs.predict.backends.transport import read_root_certificates
   if args.serving_protocol == 'rest':
     # pylint: disable-next=import-outside-toplevel
     from beam_jobs.predict.backends import tf_serving_rest as protocol
     handler_class = protocol.ServingRestHandler
   else:
-    protocol, handler_class = tf_serving, tf_serving.ServingGrpcHandler
+    from beam_jobs.predict.backends import tf_serving as protocol  # pylint: disable=import-outside-toplevel
+    handler_class = protocol.ServingGrpcHandler
   transport = {'use_tls': args.tls, 'allow_insecure': args.allow_insecure,
-               'root_certificates': (tf_serving.read_root_certificates(args.root_cert)
+               'root_certificates': (read_root_certificates(args.root_cert)
                                      if args.root_cert else None)}
   image_size, version = protocol.check_serving_model(
       args.serving_address, args.model_name, args.model_version, signature,

@@ -8,9 +8,11 @@ predict (the job writes that one to its dead letters).
 
 Backends:
   in_process.SavedModelHandler   the exported SavedModel, loaded in the worker (`--model_dir`)
-  tf_serving.ServingGrpcHandler  TensorFlow Serving over gRPC (`--serving_address`), with the retry
-                                 and throttling rules of retry_policy
-  tf_serving_rest.ServingRestHandler  the same over TF Serving's REST API (--serving_protocol rest)
+  serving_base.ServingHandler    TensorFlow Serving (`--serving_address`): batching, retries
+                                 (retry_policy), throttling and rows once, over a transport
+                                 (transport.Transport); its start-up check is serving_check's
+    tf_serving.ServingGrpcHandler       over gRPC (GrpcTransport)
+    tf_serving_rest.ServingRestHandler  over the REST API (RestTransport, --serving_protocol rest)
 """
 import numpy as np
 
@@ -20,7 +22,7 @@ __all__ = ['DEFAULT_MAX_BATCH_SIZE', 'model_id', 'prediction']
 
 # 64 chips at 128 px are 3 MB of uint8: big enough to keep the CPU's matrix units busy, small
 # enough that a worker's threads can each hold a batch. The in-process backend's --batch_size
-# default (the TF Serving backends send RunInference batches of several requests: tf_serving).
+# default (the TF Serving backends send RunInference batches of several requests: serving_base).
 DEFAULT_MAX_BATCH_SIZE = 64
 
 

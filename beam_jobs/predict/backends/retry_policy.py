@@ -1,6 +1,8 @@
-"""How the gRPC prediction client retries: transient codes, jittered backoff, a budget, throttling.
+"""How the TF Serving clients retry: transient codes, jittered backoff, a budget, throttling.
 
-A Predict call that fails with a transient code (UNAVAILABLE, RESOURCE_EXHAUSTED,
+Both transports (gRPC and REST) report a failed call as a `CallFailed` with the gRPC status code
+TF Serving meant (its REST API sends each code as an HTTP status: `model.serving.rest_protocol`),
+so one policy serves both. A Predict call that fails with a transient code (UNAVAILABLE, RESOURCE_EXHAUSTED,
 DEADLINE_EXCEEDED) is retried with jittered exponential backoff until `retry_budget_secs` after
 its first failure, and every attempt first waits while the client-side throttler
 (`AnsweredRequestsThrottler`: the SRE book's adaptive throttling, as Beam's, counting each
@@ -8,8 +10,9 @@ attempt when its answer comes) says the server is overloaded.
 
 Usage:
   policy = RetryPolicy(timeout_secs=30, retry_budget_secs=30)
-  response = policy.call(stub.Predict, request, throttler=handler.throttler, tally=CallTally(),
-                         address='tfserving:8500')   # or GaveUp, or the non-transient RpcError
+  answer = policy.call(lambda timeout: send(payload, timeout), request_bytes=len(payload),
+                       throttler=handler.throttler, tally=CallTally(), address='tfserving:8500')
+  # or GaveUp, or the CallFailed that is not transient
 """
 import dataclasses
 import random
@@ -20,7 +23,7 @@ from typing import Any, Callable, Iterator
 import grpc
 from apache_beam.io.components.adaptive_throttler import ReactiveThrottler
 
-__all__ = ['AnsweredRequestsThrottler', 'CallTally', 'GaveUp', 'RetryPolicy', 'TRANSIENT_CODES',
+__all__ = ['AnsweredRequestsThrottler', 'CallFailed', 'CallTally', 'GaveUp', 'RetryPolicy', 'TRANSIENT_CODES',
            'backoff_delays', 'is_transient', 'may_be_one_image']
 
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -85,6 +88,23 @@ def backoff_delays(initial_secs: float, max_secs: float, rng: random.Random) -> 
     delay = min(max_secs, delay * 2)
 
 
+class CallFailed(Exception):
+  """A call to the server that failed, in either API, as the gRPC status code TF Serving meant.
+
+  Attributes:
+    code: the `grpc.StatusCode` (a REST answer's HTTP status read back, or a connection failure).
+    details: the server's message, or what went wrong on the way.
+    answered: False when no server answered at all (nothing listens, no answer in time), which
+      the start-up check reports as a missing server rather than a refusal.
+  """
+
+  def __init__(self, code: grpc.StatusCode, details: str, *, answered: bool = True):
+    super().__init__(details)
+    self.code = code
+    self.details = details
+    self.answered = answered
+
+
 class GaveUp(Exception):
   """Transient failures outlasted the retry budget."""
 
@@ -136,25 +156,24 @@ class RetryPolicy:
   initial_backoff_secs: float = 0.25
   max_backoff_secs: float = 4.0
 
-  def call(self, predict: Callable[..., Any], request: Any, *, throttler, tally: CallTally,
-           address: str) -> Any:
-    """`predict(request, timeout=...)`, retried on transient codes until the budget runs out.
+  def call(self, send: Callable[[float], Any], *, request_bytes: int, throttler,
+           tally: CallTally, address: str) -> Any:
+    """`send(timeout_secs)`, retried on transient failures until the budget runs out.
 
     Args:
-      predict: the stub method (`PredictionServiceStub.Predict`).
-      request: its request; its size is added to `tally` once per attempt.
+      send: one attempt, given the deadline; raises `CallFailed` when the call fails.
+      request_bytes: the size of what one attempt sends, added to `tally` per attempt.
       throttler: the handler's `AnsweredRequestsThrottler`, told of every answer.
       tally: counts attempts, retries, time throttled and bytes sent.
       address: the server, for messages.
 
     Raises:
       GaveUp: transient failures (then throttling) outlasted `retry_budget_secs`.
-      grpc.RpcError: a failure that is not transient, at once.
+      CallFailed: a failure that is not transient, at once.
     """
-    size = request.ByteSize()
     delays = backoff_delays(self.initial_backoff_secs, self.max_backoff_secs, random.Random())
     first_failure_at = None
-    last_failure: grpc.RpcError | None = None
+    last_failure: CallFailed | None = None
     attempts = 0
     while True:
       # The budget runs from the first failure: before one, a throttled client only waits.
@@ -166,11 +185,11 @@ class RetryPolicy:
                                            'then throttled client-side'))
       attempts += 1
       tally.requests += 1
-      tally.request_bytes.append(size)
+      tally.request_bytes.append(request_bytes)
       try:
-        response = predict(request, timeout=self.timeout_secs)
-      except grpc.RpcError as failure:
-        transient = is_transient(failure.code(), failure.details())
+        answer = send(self.timeout_secs)
+      except CallFailed as failure:
+        transient = is_transient(failure.code, failure.details)
         throttler.answered(time.time() * 1000, accepted=not transient)
         if not transient:
           raise
@@ -186,10 +205,10 @@ class RetryPolicy:
         time.sleep(delay)
         continue
       throttler.answered(time.time() * 1000, accepted=True)
-      return response
+      return answer
 
-  def _gave_up_message(self, address: str, failure: grpc.RpcError, attempts: int,
+  def _gave_up_message(self, address: str, failure: CallFailed, attempts: int,
                        first_failure_at: float, note: str = '') -> str:
-    return (f'{address}: {failure.code().name} after {attempts} attempt(s) over '
+    return (f'{address}: {failure.code.name} after {attempts} attempt(s) over '
             f'{time.monotonic() - first_failure_at:.1f}s{", " + note if note else ""} (retry '
-            f'budget {self.retry_budget_secs:g}s): {failure.details()}')
+            f'budget {self.retry_budget_secs:g}s): {failure.details}')

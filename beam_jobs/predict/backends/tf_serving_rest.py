@@ -1,11 +1,11 @@
-"""The REST backend of the prediction job: TF Serving's JSON API, with the gRPC backend's rules.
+"""The REST backend of the prediction job: TensorFlow Serving's JSON API, as a transport.
 
-`ServingRestHandler` is the gRPC handler (`tf_serving.ServingGrpcHandler`) with another wire: each
-`PredictRequest` it plans is posted as the JSON body that TF Serving's REST layer turns back into
-that request (`{"signature_name": ..., "inputs": {"images": [...]}}`, the columnar format), and
-the `outputs` of the answer become the `PredictResponse` the gRPC handler reads. So everything else
-is the gRPC handler's: deadlines, retries with backoff within the budget (`retry_policy`), Beam's
-client-side throttling, refused requests re-sent image by image, dead letters, result rows.
+`RestTransport` is the wire under `serving_base.ServingHandler` for TF Serving's REST API
+(`--rest_api_port`, 8501): a batch of images is posted as one JSON body in the columnar format
+(`{"signature_name": ..., "inputs": {"images": [...]}}`, written from the numpy arrays), and the
+`outputs` of the answer are read straight into float32 arrays (`model.serving.rest_tensors`).
+Batching, deadlines, retries with backoff within the budget (`retry_policy`), client-side
+throttling, refused requests re-sent image by image, dead letters and rows are `serving_base`'s.
 
 An HTTP answer is read as the gRPC code TF Serving meant by it (`rest_protocol`): 503 (and a
 proxy's 502) UNAVAILABLE, 429 RESOURCE_EXHAUSTED, 504 DEADLINE_EXCEEDED, which the retry policy
@@ -25,7 +25,6 @@ Usage:
   image_size, version = check_serving_model('localhost:8501')         # before the pipeline
   handler = KeyedModelHandler(ServingRestHandler('localhost:8501', image_size=image_size))
 """
-import concurrent.futures
 import json
 import os
 import tempfile
@@ -34,26 +33,22 @@ import time
 from typing import Any
 
 import grpc
+import numpy as np
 import requests
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2
-from tensorflow_serving.apis import predict_pb2
 
-from beam_jobs.predict.backends.retry_policy import CallTally
-from beam_jobs.predict.backends.retry_policy import RetryPolicy
+from beam_jobs.predict.backends.retry_policy import CallFailed
 from beam_jobs.predict.backends.serving_address import HTTP2
 from beam_jobs.predict.backends.serving_address import answering_protocol
 from beam_jobs.predict.backends.serving_address import check_serving_address
 from beam_jobs.predict.backends.serving_address import rest_port_message
-from beam_jobs.predict.backends.tf_serving import DEFAULT_MAX_REQUEST_BYTES
-from beam_jobs.predict.backends.tf_serving import ServingGrpcHandler
-from beam_jobs.predict.backends.tf_serving import served_image_size
-from beam_jobs.predict.backends.tf_serving import wanted_model
+from beam_jobs.predict.backends.serving_base import ServingHandler
+from beam_jobs.predict.backends.serving_check import check_served_model
+from beam_jobs.predict.backends.transport import ServedModel, Transport
 from model import schema
 from model.serving.protocol import is_loopback_host
 from model.serving.protocol import parse_address
-from model.serving.protocol import tensor_as_proto_field
-from model.serving.protocol import tensor_from_proto
 from model.serving.rest_protocol import base_url
 from model.serving.rest_protocol import code_of_http_status
 from model.serving.rest_protocol import predict_path
@@ -61,7 +56,7 @@ from model.serving.rest_protocol import status_path
 from model.serving.rest_tensors import columnar_request
 from model.serving.rest_tensors import read_float_outputs
 
-__all__ = ['JSON_BYTES_PER_IMAGE_BYTE', 'RestCallFailed', 'RestClient', 'ServingRestHandler',
+__all__ = ['JSON_BYTES_PER_IMAGE_BYTE', 'RestConnection', 'RestTransport', 'ServingRestHandler',
            'check_rest_transport', 'check_serving_model', 'image_bytes_within']
 
 # The most JSON body bytes a uint8 image byte takes ("255," plus its pixel's "[", "]," shared by 3).
@@ -71,6 +66,8 @@ _BODY_OVERHEAD_BYTES = 256
 # How long the version a label named is used before the label is asked again: TF Serving reads
 # a moved label from its config file at most this often (--model_config_file_poll_wait_seconds).
 _LABEL_REFRESH_SECS = 1.0
+# How often the start-up check asks again while nothing listens yet (a server still starting).
+_STARTING_POLL_SECS = 0.2
 
 
 def image_bytes_within(max_request_bytes: int) -> int:
@@ -95,44 +92,17 @@ def check_rest_transport(address: str, *, use_tls: bool = False,
         '--allow_insecure).')
 
 
-class RestCallFailed(grpc.RpcError):
-  """An HTTP call without a 200 answer, as the gRPC status TF Serving meant (the retry policy's
-  terms: `code()`, `details()`); `http_status` is None when no answer came."""
-
-  def __init__(self, code: grpc.StatusCode, details: str, http_status: int | None = None):
-    super().__init__(details)
-    self._code = code
-    self._details = details
-    self.http_status = http_status
-
-  def code(self) -> grpc.StatusCode:
-    return self._code
-
-  def details(self) -> str:
-    return self._details
-
-
-class _Body:
-  """A predict body, sized as the retry policy sizes requests (`ByteSize()`)."""
-
-  def __init__(self, data: bytes):
-    self.data = data
-
-  def ByteSize(self) -> int:  # pylint: disable=invalid-name
-    return len(self.data)
-
-
-class RestClient:
-  """What `create_client` makes on a worker: a connection pool, threads, the version being asked.
+class RestConnection:
+  """A worker's connection pool to the server, and the version its calls name.
 
   Args:
     url: http(s)://host:port of the server.
     root_certificates: PEM bytes to trust for HTTPS (default: the system's).
-    max_requests_in_flight: connections and threads.
+    max_requests_in_flight: connections kept open.
   """
 
   def __init__(self, url: str, root_certificates: bytes | None, max_requests_in_flight: int):
-    self.address = url
+    self.url = url
     self.session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max_requests_in_flight,
                                             max_retries=0)
@@ -144,207 +114,183 @@ class RestClient:
       handle, self._ca_file = tempfile.mkstemp(prefix='planet-ca-', suffix='.pem')
       with os.fdopen(handle, 'wb') as f:
         f.write(root_certificates)
-    self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_requests_in_flight,
-                                                      thread_name_prefix='planet-rest')
     self.version: int | None = None
     self.version_asked_at = 0.0   # time.monotonic() when `version` was asked for (labels)
     self.version_lock = threading.Lock()
 
   def call(self, method: str, path: str, timeout_secs: float, body: bytes | None = None) -> bytes:
-    """The answer's body; `RestCallFailed` for any other answer than 200, or none."""
+    """The answer's body; `CallFailed` for any other answer than 200, or none."""
     try:
       # verify per call: a session's own is overridden by REQUESTS_CA_BUNDLE when set.
-      response = self.session.request(method, self.address + path, data=body,
+      response = self.session.request(method, self.url + path, data=body,
                                       timeout=timeout_secs, verify=self._ca_file or True,
                                       headers={'Content-Type': 'application/json'})
     except requests.Timeout as error:
-      raise RestCallFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
-                           f'no answer within {timeout_secs:g}s ({error})') from None
+      raise CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
+                       f'no answer within {timeout_secs:g}s ({error})', answered=False) from None
     except requests.ConnectionError as error:   # refused, reset, closed mid-answer, TLS
-      raise RestCallFailed(grpc.StatusCode.UNAVAILABLE, f'connection failed: {error}') from None
+      raise CallFailed(grpc.StatusCode.UNAVAILABLE, f'connection failed: {error}',
+                       answered=False) from None
     if response.status_code != 200:
       try:
         message = response.json()['error']
       except (ValueError, KeyError, TypeError):
         message = response.text[:300]
-      raise RestCallFailed(code_of_http_status(response.status_code),
-                           f'HTTP {response.status_code}: {message}', response.status_code)
+      raise CallFailed(code_of_http_status(response.status_code),
+                       f'HTTP {response.status_code}: {message}')
     return response.content
 
   def versions(self, model_name: str, timeout_secs: float,
                label: str | None = None) -> dict[int, str]:
-    """{version: state} from the server's GetModelStatus (`GET /v1/models/NAME[/labels/L]`)."""
-    answer = json.loads(
-        self.call('GET', status_path(model_name, label=label), timeout_secs))
+    """{version: state} from GetModelStatus (`GET /v1/models/NAME[/labels/L]`)."""
+    answer = json.loads(self.call('GET', status_path(model_name, label=label), timeout_secs))
     return {int(s['version']): s['state'] for s in answer.get('model_version_status', [])}
 
   def close(self) -> None:
-    self.pool.shutdown(wait=False)
     self.session.close()
     if self._ca_file:
       os.unlink(self._ca_file)
       self._ca_file = None
 
 
-def _served_versions(client: RestClient, model_name: str, timeout_secs: float) -> str:
-  """'versions 3 (AVAILABLE), 2 (END)', or why they could not be listed."""
-  try:
-    states = client.versions(model_name, timeout_secs)
-  except (RestCallFailed, ValueError) as error:
-    return f'no versions ({error})'
-  return 'versions ' + ', '.join(f'{v} ({states[v]})' for v in sorted(states, reverse=True))
+class RestTransport(Transport):
+  """TF Serving's REST API at `address` (HOST:PORT): http://, or https:// with `use_tls`.
+
+  Args:
+    root_certificates: PEM bytes to trust for HTTPS (default: the system's).
+  """
+  name = 'rest'
+
+  def __init__(self, address: str, *, use_tls: bool = False,
+               root_certificates: bytes | None = None):
+    self.address = base_url(address, use_tls)
+    self._host_port = address
+    self._use_tls = use_tls
+    self._root_certificates = root_certificates
+
+  def image_bytes_within(self, max_request_bytes: int) -> int:
+    return image_bytes_within(max_request_bytes)
+
+  def connect(self, max_requests_in_flight: int) -> RestConnection:
+    return RestConnection(self.address, self._root_certificates, max_requests_in_flight)
+
+  def encode(self, images: list[np.ndarray], model: ServedModel) -> bytes:
+    return columnar_request({schema.INPUT_IMAGES: np.stack(images)}, model.signature)
+
+  def payload_bytes(self, payload: bytes) -> int:
+    return len(payload)
+
+  def send(self, connection: RestConnection, payload: bytes, model: ServedModel,
+           timeout_secs: float) -> tuple[int, bytes]:
+    """(version, answer body) from one predict call to the version asked for (see the module)."""
+    version = model.version
+    if version is None:
+      version = self._known_version(connection, model, timeout_secs)
+    try:
+      answer = connection.call('POST', predict_path(model.name, version), timeout_secs, payload)
+    except CallFailed as failure:
+      if failure.code != grpc.StatusCode.NOT_FOUND or model.version is not None:
+        raise
+      latest = self._ask_version(connection, model, timeout_secs)
+      if latest == version:
+        raise
+      version = latest
+      answer = connection.call('POST', predict_path(model.name, version), timeout_secs, payload)
+    return version, answer
+
+  def decode(self, answer: tuple[int, bytes]) -> tuple[int, dict[str, np.ndarray]]:
+    version, body = answer
+    return version, read_float_outputs(body, schema.OUTPUT_NAMES)
+
+  def _known_version(self, connection: RestConnection, model: ServedModel, timeout: float) -> int:
+    """The version last asked for; a label's is asked again once it is a second old."""
+    with connection.version_lock:
+      version, asked_at = connection.version, connection.version_asked_at
+    stale = model.label is not None and time.monotonic() - asked_at > _LABEL_REFRESH_SECS
+    return self._ask_version(connection, model, timeout) if version is None or stale else version
+
+  def _ask_version(self, connection: RestConnection, model: ServedModel, timeout: float) -> int:
+    """The version the label names, or else the highest AVAILABLE one, remembered for the next
+    calls; UNAVAILABLE while there is none."""
+    states = connection.versions(model.name, timeout, label=model.label)
+    available = [v for v, state in states.items() if state == 'AVAILABLE']
+    if not available:
+      raise CallFailed(grpc.StatusCode.UNAVAILABLE,
+                       f'no version of {model.name} is AVAILABLE yet: {states}')
+    with connection.version_lock:
+      connection.version, connection.version_asked_at = max(available), time.monotonic()
+      return connection.version
+
+  def metadata(self, connection: RestConnection, model: ServedModel, timeout_secs: float
+               ) -> tuple[str, int, get_model_metadata_pb2.SignatureDefMap | None]:
+    """`GET .../metadata`, asked again while nothing listens yet; a gRPC server there (one
+    short probe, `serving_address`) is named at once."""
+    path = status_path(model.name, model.version, metadata=True, label=model.label)
+    give_up_at = time.monotonic() + timeout_secs
+    while True:
+      try:
+        answer = connection.call('GET', path, timeout_secs)
+        break
+      except CallFailed as failure:
+        if failure.answered:
+          raise
+        # A refused connection (a server still starting) is refused again at once; only a
+        # server that answered in another protocol makes the probe read anything.
+        if (failure.code == grpc.StatusCode.UNAVAILABLE
+            and answering_protocol(self._host_port, use_tls=self._use_tls,
+                                   root_certificates=self._root_certificates) == HTTP2):
+          raise ValueError(rest_port_message(self.address)) from None
+        if time.monotonic() >= give_up_at:
+          raise
+        time.sleep(_STARTING_POLL_SECS)
+    try:
+      metadata = json.loads(answer)
+      return (metadata['model_spec']['name'], int(metadata['model_spec']['version']),
+              json_format.ParseDict(metadata['metadata']['signature_def'],
+                                    get_model_metadata_pb2.SignatureDefMap(),
+                                    ignore_unknown_fields=True))
+    except (ValueError, KeyError, TypeError, json_format.ParseError) as error:
+      raise ValueError(f'{self.address} sent no usable metadata for {model} ({error})') from None
+
+  def versions(self, connection: RestConnection, model_name: str,
+               timeout_secs: float) -> dict[int, str]:
+    states = connection.versions(model_name, timeout_secs)
+    return {version: states[version] for version in sorted(states, reverse=True)}
+
+  def failure_text(self, failure: CallFailed) -> str:
+    return failure.details   # it starts with the HTTP status, or says that none came
+
+  def unanswered_message(self, failure: CallFailed, timeout_secs: float) -> str:
+    return (f'no TF Serving REST API answered at {self.address} within {timeout_secs:g}s '
+            f'({failure.details}); start one (docs/serving.md), fix the address, or check --tls '
+            'and --root_cert')
 
 
-def check_serving_model(address: str, model_name: str = schema.MODEL_NAME,
-                        model_version: int | None = None,
-                        signature: str = schema.SERVING_SIGNATURE, *,
-                        image_size: int | None = None, use_tls: bool = False,
+def check_serving_model(address: str, *model: Any, use_tls: bool = False,
                         root_certificates: bytes | None = None, allow_insecure: bool = False,
-                        timeout_secs: float = 10.0,
-                        model_version_label: str | None = None) -> tuple[int, int]:
-  """`tf_serving.check_serving_model` over REST (`GET .../metadata`): returns (image_size, version).
-
-  Waits up to `timeout_secs` for a server that is still starting. A connection that fails without
-  an HTTP answer is probed (`serving_address`): a gRPC server there is named at once.
+                        **model_and_timeout: Any) -> tuple[int, int]:
+  """`serving_check.check_served_model` over REST (`GET .../metadata`): returns (image_size,
+  version). Waits up to `timeout_secs` (10 s) for a server that is still starting.
 
   Raises:
     ValueError: naming what was expected and what was found.
   """
   check_rest_transport(address, use_tls=use_tls, allow_insecure=allow_insecure)
-  wanted = wanted_model(model_name, model_version, model_version_label)
-  client = RestClient(base_url(address, use_tls), root_certificates, 1)
-  url = client.address
-  give_up_at = time.monotonic() + timeout_secs
-  try:
-    while True:
-      try:
-        answer = client.call('GET', status_path(model_name, model_version, metadata=True,
-                                                label=model_version_label), timeout_secs)
-        break
-      except RestCallFailed as failure:
-        if failure.http_status == 404:
-          versions = _served_versions(client, model_name, timeout_secs)
-          raise ValueError(f'{url} does not serve {wanted} ({failure.details()}); for model '
-                           f'{model_name!r} it has {versions}') from None
-        if failure.http_status is not None:
-          raise ValueError(f'{url} refused the metadata request for {wanted}: '
-                           f'{failure.details()}') from None
-        # A refused connection (a server still starting) is refused again at once; only a
-        # server that answered in another protocol makes the probe read anything.
-        if (failure.code() == grpc.StatusCode.UNAVAILABLE
-            and answering_protocol(address, use_tls=use_tls,
-                                   root_certificates=root_certificates) == HTTP2):
-          raise ValueError(rest_port_message(url)) from None
-        if time.monotonic() >= give_up_at:
-          raise ValueError(
-              f'no TF Serving REST API answered at {url} within {timeout_secs:g}s '
-              f'({failure.details()}); start one (README: "Serving with TensorFlow Serving"), fix '
-              'the address, or check --tls and --root_cert') from None
-        time.sleep(0.2)
-  finally:
-    client.close()
-  try:
-    metadata = json.loads(answer)
-    found_name = metadata['model_spec']['name']
-    found_version = int(metadata['model_spec']['version'])
-    signature_map = json_format.ParseDict(metadata['metadata']['signature_def'],
-                                          get_model_metadata_pb2.SignatureDefMap(),
-                                          ignore_unknown_fields=True)
-  except (ValueError, KeyError, TypeError, json_format.ParseError) as error:
-    raise ValueError(f'{url} sent no usable metadata for {wanted} ({error})') from None
-  if found_name != model_name:
-    raise ValueError(f'{url} answered for model {found_name!r}; expected {model_name!r}')
-  if model_version is not None and found_version != model_version:
-    raise ValueError(f'{url} answered with version {found_version}; expected {model_version}')
-  where = f'{model_name} version {found_version} at {url}'
-  return served_image_size(signature_map, signature, where, image_size), found_version
+  return check_served_model(RestTransport(address, use_tls=use_tls,
+                                          root_certificates=root_certificates),
+                            *model, **model_and_timeout)
 
 
-class ServingRestHandler(ServingGrpcHandler):
+class ServingRestHandler(ServingHandler):
   """Predicts uint8 [H, W, 3] images with a model served by TensorFlow Serving's REST API.
 
   Takes `ServingGrpcHandler`'s arguments (less `tls_server_name`), with `max_request_bytes`
   counting JSON body bytes (default 4 MiB less 64 KiB, as for gRPC: the local server's limit).
   """
-  COUNTER_PREFIX = 'rest_'
 
-  def __init__(self, address: str, *, model_name: str = schema.MODEL_NAME,
-               model_version: int | None = None, signature: str = schema.SERVING_SIGNATURE,
-               use_tls: bool = False, root_certificates: bytes | None = None,
-               allow_insecure: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               max_requests_in_flight: int = 4, timeout_secs: float = 30.0,
-               retry_budget_secs: float = 30.0, initial_backoff_secs: float = 0.25,
-               max_backoff_secs: float = 4.0, model_version_label: str | None = None,
-               **batching_and_throttling: Any):
+  def __init__(self, address: str, *, use_tls: bool = False,
+               root_certificates: bytes | None = None, allow_insecure: bool = False,
+               **model_and_limits: Any):
     check_rest_transport(address, use_tls=use_tls, allow_insecure=allow_insecure)
-    super().__init__(
-        address, model_name=model_name, model_version=model_version, signature=signature,
-        model_version_label=model_version_label,
-        use_tls=use_tls, root_certificates=root_certificates, allow_insecure=allow_insecure,
-        max_request_bytes=image_bytes_within(max_request_bytes),
-        max_requests_in_flight=max_requests_in_flight, timeout_secs=timeout_secs,
-        retry_budget_secs=retry_budget_secs, initial_backoff_secs=initial_backoff_secs,
-        max_backoff_secs=max_backoff_secs, **batching_and_throttling)
-    self._url = base_url(address, use_tls)
-    self._rest_model = (model_name, model_version, signature)
-    self._rest_label = model_version_label
-    self._rest_certificates = root_certificates
-    self._rest_in_flight = max_requests_in_flight
-    self._rest_retry = RetryPolicy(timeout_secs, retry_budget_secs, initial_backoff_secs,
-                                   max_backoff_secs)
-
-  def create_client(self) -> RestClient:
-    return RestClient(self._url, self._rest_certificates, self._rest_in_flight)
-
-  def _call(self, client: RestClient, request: predict_pb2.PredictRequest,
-            tally: CallTally) -> predict_pb2.PredictResponse:
-    """One Predict as a REST call, retried as the gRPC one is; the answer as a PredictResponse."""
-    model_name, _, signature = self._rest_model
-    body = _Body(columnar_request(
-        {alias: tensor_from_proto(tensor) for alias, tensor in request.inputs.items()}, signature))
-    version, outputs = self._rest_retry.call(
-        lambda sent, timeout: self._post(client, sent, timeout), body, throttler=self.throttler,
-        tally=tally, address=client.address)
-    response = predict_pb2.PredictResponse()
-    response.model_spec.name = model_name
-    response.model_spec.version.value = version
-    response.model_spec.signature_name = signature
-    for name, array in outputs.items():
-      response.outputs[name].CopyFrom(tensor_as_proto_field(array))
-    return response
-
-  def _post(self, client: RestClient, body: _Body, timeout: float):
-    """(version, outputs) from one predict call to the version asked for (see the module)."""
-    model_name, fixed_version, _ = self._rest_model
-    version = fixed_version if fixed_version is not None else self._known_version(client, timeout)
-    try:
-      answer = client.call('POST', predict_path(model_name, version), timeout, body.data)
-    except RestCallFailed as failure:
-      if failure.code() != grpc.StatusCode.NOT_FOUND or fixed_version is not None:
-        raise
-      latest = self._ask_version(client, timeout)
-      if latest == version:
-        raise
-      version = latest
-      answer = client.call('POST', predict_path(model_name, version), timeout, body.data)
-    return version, read_float_outputs(answer, schema.OUTPUT_NAMES)
-
-  def _known_version(self, client: RestClient, timeout: float) -> int:
-    """The version last asked for; a label's is asked again once it is a second old."""
-    with client.version_lock:
-      version, asked_at = client.version, client.version_asked_at
-    stale = self._rest_label is not None and time.monotonic() - asked_at > _LABEL_REFRESH_SECS
-    return self._ask_version(client, timeout) if version is None or stale else version
-
-  def _ask_version(self, client: RestClient, timeout: float) -> int:
-    """The version the label names, or else the highest AVAILABLE one, remembered for the next
-    calls; UNAVAILABLE while there is none."""
-    model_name = self._rest_model[0]
-    states = client.versions(model_name, timeout, label=self._rest_label)
-    available = [v for v, state in states.items() if state == 'AVAILABLE']
-    if not available:
-      raise RestCallFailed(grpc.StatusCode.UNAVAILABLE,
-                           f'no version of {model_name} is AVAILABLE yet: {states}')
-    with client.version_lock:
-      client.version, client.version_asked_at = max(available), time.monotonic()
-      return client.version
+    super().__init__(RestTransport(address, use_tls=use_tls, root_certificates=root_certificates),
+                     **model_and_limits)
