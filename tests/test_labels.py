@@ -160,6 +160,19 @@ def test_quoted_line_break_is_one_record(tmp_path, monkeypatch, eol, chunk_bytes
       (5, Reason.UNKNOWN_TAG), (9, Reason.MALFORMED_ROW)]
 
 
+def test_one_pass_counts_the_records_and_hashes_every_byte(tmp_path, monkeypatch):
+  import hashlib
+  monkeypatch.setattr(labels, '_READ_CHUNK_BYTES', 7)
+  # An over-long record and an unclosed quote at the end: bytes the records leave unread.
+  data = (b'image_name,tags\ntrain_0,haze\n' + b'x' * (labels.MAX_LINE_CHARS + 50)
+          + b'\ntrain_1,"clear\n\n\n')
+  path = _write(tmp_path, data)
+  digest = hashlib.sha256()
+  _, records = labels.read_label_lines(path, digest)
+  assert len(list(records)) == 3
+  assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
 def test_quoted_line_break_in_a_tutorial_record(tmp_path):
   path = _write(tmp_path, b'image_name,weather_labels,ground_labels\r\n'
                 b'train_1,"[1, 0,\r\n 0, 0]","[1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1]"\r\n'

@@ -324,8 +324,11 @@ def _records(reader: _LineReader) -> Iterator[tuple[int, bytes]]:
         for i, line in enumerate(lines))
 
 
-def read_label_lines(path: str) -> tuple[CsvFormat, Iterator[tuple[int, bytes]]]:
+def read_label_lines(path: str, digest=None) -> tuple[CsvFormat, Iterator[tuple[int, bytes]]]:
   """Opens a labels CSV (local or gs://) and returns its format and its data records.
+
+  `digest` (a hashlib object), if given, is updated with every byte of the file as it is read,
+  to its end once the records are, so that one pass both counts and hashes the file.
 
   Records come as `(line_number, raw_bytes)`: the number of the physical line the record starts
   on, from 1 for the header; raw_bytes without the final line break, holding the line breaks of
@@ -339,6 +342,8 @@ def read_label_lines(path: str) -> tuple[CsvFormat, Iterator[tuple[int, bytes]]]
     FileNotFoundError / OSError: the file cannot be read.
   """
   handle = FileSystems.open(path)
+  if digest is not None:
+    handle = _Digesting(handle, digest)
   try:
     reader = _LineReader(handle)
     header = reader.next_line(MAX_HEADER_BYTES)
@@ -356,9 +361,25 @@ def read_label_lines(path: str) -> tuple[CsvFormat, Iterator[tuple[int, bytes]]]
     raise
 
   def records() -> Iterator[tuple[int, bytes]]:
-    with handle:
+    try:
       yield from _records(reader)
+      while handle.read(_READ_CHUNK_BYTES):   # what the records leave unread, for `digest`
+        pass
+    finally:
+      handle.close()
   return fmt, records()
+
+
+class _Digesting:
+  """A binary file whose bytes read also update `digest`."""
+
+  def __init__(self, handle: BinaryIO, digest):
+    self._handle, self._digest, self.close = handle, digest, handle.close
+
+  def read(self, size: int = -1) -> bytes:
+    chunk = self._handle.read(size)
+    self._digest.update(chunk)
+    return chunk
 
 
 def has_data_rows(path: str) -> bool:

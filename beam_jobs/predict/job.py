@@ -144,7 +144,11 @@ def _publish_last_files(config: JobConfig) -> None:
 
 
 def _count_images(sources) -> int:
-  """The images the pipeline will match (a path under two --input folders counts once)."""
+  """The images the pipeline will match (a path under two --input folders counts once).
+
+  A second listing of the inputs, on a local run only: the progress line needs its total before
+  the pipeline starts, and the pipeline keeps its own listing rather than take this list, so that
+  a Dataflow job's graph never carries every path."""
   return len(set(itertools.chain.from_iterable(
       list_image_files(source, IMAGE_EXTENSIONS) for source in sources)))
 

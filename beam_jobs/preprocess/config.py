@@ -1,6 +1,12 @@
-"""The preprocess job's flags and their validation, done before anything runs."""
+"""The preprocess job's flags and their validation, done before anything runs.
+
+Usage:
+  args, beam_args = parse_args(argv)
+  config, facts = validate_config(args)     # ConfigError before anything runs
+"""
 import argparse
 import dataclasses
+import hashlib
 import os
 
 from apache_beam.io.filesystems import FileSystems
@@ -10,7 +16,7 @@ from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS
 from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files
 from beam_jobs.preprocess.rules import estimate_num_shards, join_buckets
 from model import command_line, schema
-from model.manifest import is_local_path, sha256_of_file
+from model.manifest import is_local_path
 
 __all__ = ['ConfigError', 'CsvFacts', 'DEFAULT_EVAL_FRACTION',
            'DESCRIPTION', 'IMAGE_EXTENSION', 'PreprocessConfig', 'SHARD_FILE_PREFIX',
@@ -77,16 +83,19 @@ def inspect_labels_csv(path: str) -> CsvFacts:
     raise ConfigError(f'--labels_csv {path} does not exist')
   if is_local_path(path) and not os.path.isfile(path):
     raise ConfigError(f'--labels_csv {path} is not a regular file')
+  digest = hashlib.sha256()
   try:
-    fmt, records = labels.read_label_lines(path)
+    fmt, records = labels.read_label_lines(path, digest)
   except ValueError as e:
     raise ConfigError(f'--labels_csv {path}: {e}') from None
-  # Counted as the job reads them (records, not lines), so the progress total is exact.
+  # Counted and hashed in one pass, before the pipeline: the count sizes the join and the shards
+  # and is the progress total, so it cannot wait for the pipeline's own read (a worker's, which
+  # parses). Counted as the job reads them (records, not lines), so the total is exact.
   rows = sum(1 for _ in records)
   if not rows:
     raise ConfigError(f'--labels_csv {path} has a header but no rows: there is nothing to '
                       'prepare; point it at the labels file of your images')
-  return CsvFacts(fmt.value, sha256_of_file(path), rows)
+  return CsvFacts(fmt.value, digest.hexdigest(), rows)
 
 
 def images_dir_source(images_dir: str) -> ImageSource:
