@@ -36,7 +36,7 @@ import apache_beam as beam
 from beam_jobs.common.metrics import METRICS_NAMESPACE, counter, query_counters
 
 __all__ = ['counter', 'count_progress', 'CountProgress', 'METRICS_NAMESPACE', 'progress_line',
-           'ProgressTally', 'query_counters', 'ShowProgress', 'show_progress_logs',
+           'ProgressCounter', 'ProgressTally', 'query_counters', 'ShowProgress', 'show_progress_logs',
            'tally_folder_exists', 'TALLY_FOLDER_PREFIX']
 
 # The temporary folder where each process writes its running count (one small file each).
@@ -134,6 +134,30 @@ def tally_folder_exists(tally_folder: str | None) -> bool:
   return bool(tally_folder) and os.path.isdir(tally_folder)
 
 
+class ProgressCounter:
+  """One DoFn's counts into a `ProgressTally` folder (`count_progress`). Where the folder is not
+  on this worker (None, or a Dataflow worker) every call is a no-op: looked for once, on the
+  first count on the worker, not where the DoFn is built."""
+
+  def __init__(self, tally_folder: str | None):
+    self._folder = tally_folder
+    self._active = None
+
+  def _counts(self) -> bool:
+    if self._active is None:
+      self._active = tally_folder_exists(self._folder)
+    return self._active
+
+  def add(self, added: int, phase: str = '') -> None:
+    if self._counts():
+      count_progress(self._folder, added, phase=phase)
+
+  def write_now(self, added: int = 0, phase: str = '') -> None:
+    """Adds `added` and writes the count now (the end of a bundle)."""
+    if self._counts():
+      count_progress(self._folder, added, write_now=True, phase=phase)
+
+
 class CountProgress(beam.DoFn):
   """Passes elements through, counting them into a `ProgressTally` folder (None: no counting).
 
@@ -145,20 +169,14 @@ class CountProgress(beam.DoFn):
   _written: dict[tuple[str, str], float] = {}
 
   def __init__(self, tally_folder: str | None):
-    self._folder = tally_folder
-    self._active = False
-
-  def setup(self):
-    self._active = tally_folder_exists(self._folder)
+    self._progress = ProgressCounter(tally_folder)
 
   def process(self, element):
-    if self._active:
-      count_progress(self._folder, 1)
+    self._progress.add(1)
     yield element
 
   def finish_bundle(self):
-    if self._active:
-      count_progress(self._folder, 0, write_now=True)
+    self._progress.write_now()
 
 
 def _clock(seconds: float | None) -> str:

@@ -19,7 +19,7 @@ from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, list_image_file
 from beam_jobs.common.lookahead import Lookahead, stop, thread_pool
 from beam_jobs.common.name_forms import OtherForms
 from beam_jobs.common.metrics import IMAGES_DECODED, IMAGES_REFUSED, PREDICTIONS, counter
-from beam_jobs.common.progress import CountProgress, count_progress, tally_folder_exists
+from beam_jobs.common.progress import CountProgress, ProgressCounter
 from beam_jobs.predict import report_html, thumbnails
 from beam_jobs.predict.carry_over import CarryOver, add_counts
 from beam_jobs.predict.completed_rows import KeepCompleted
@@ -205,19 +205,13 @@ class CountRows(beam.DoFn):
   """Counts the rows of each `RowBatch` into a `ProgressTally` folder (None: no counting)."""
 
   def __init__(self, tally_folder: str | None):
-    self._folder = tally_folder
-    self._active = False
-
-  def setup(self):
-    self._active = tally_folder_exists(self._folder)
+    self._progress = ProgressCounter(tally_folder)
 
   def process(self, batch: RowBatch):
-    if self._active:
-      count_progress(self._folder, len(batch.rows))
+    self._progress.add(len(batch.rows))
 
   def finish_bundle(self):
-    if self._active:
-      count_progress(self._folder, 0, write_now=True)
+    self._progress.write_now()
 
 
 def failed_batch_to_dead_letters(failure) -> Iterable[dict]:

@@ -26,7 +26,7 @@ from apache_beam.transforms.window import GlobalWindows
 
 from beam_jobs.common.part_files import publish_parts, remove_parts_dir
 from beam_jobs.common.metrics import counter
-from beam_jobs.common.progress import count_progress, tally_folder_exists
+from beam_jobs.common.progress import ProgressCounter
 from beam_jobs.preprocess.rules import (DEAD_LETTERED_ROWS, DEAD_LETTERS, counter_name,
                                         tally_dead_letter, tally_key)
 
@@ -53,10 +53,7 @@ class WriteDeadLetterParts(beam.DoFn):
 
   def __init__(self, parts_dir: str, progress_folder: str | None = None):
     self._parts_dir = parts_dir
-    self._progress_folder = progress_folder
-
-  def setup(self):
-    self._count_progress = tally_folder_exists(self._progress_folder)
+    self._progress = ProgressCounter(progress_folder)
 
   def start_bundle(self):
     self._path = None
@@ -70,8 +67,8 @@ class WriteDeadLetterParts(beam.DoFn):
     self._file.write(json.dumps(record, sort_keys=True).encode('utf-8') + b'\n')
     keys = tally_dead_letter(record)
     self._tally.update(keys)
-    if self._count_progress and DEAD_LETTERED_ROWS in keys:
-      count_progress(self._progress_folder, 1)
+    if DEAD_LETTERED_ROWS in keys:
+      self._progress.add(1)
     return iter(())
 
   def finish_bundle(self) -> Iterator:
@@ -84,8 +81,7 @@ class WriteDeadLetterParts(beam.DoFn):
       if key.startswith(_BY_REASON):
         counter(counter_name(key)).inc(count)
         counter(DEAD_LETTERS).inc(count)
-    if self._count_progress:
-      count_progress(self._progress_folder, 0, write_now=True)
+    self._progress.write_now()
     self._file = None
 
 

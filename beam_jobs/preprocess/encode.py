@@ -23,7 +23,7 @@ from apache_beam.transforms.window import GlobalWindows
 from beam_jobs.common.image_files import read_image_file
 from beam_jobs.common.lookahead import Lookahead, stop, thread_pool
 from beam_jobs.common.metrics import IMAGE_BYTES_READ, counter
-from beam_jobs.common.progress import count_progress, tally_folder_exists
+from beam_jobs.common.progress import ProgressCounter
 from beam_jobs.common.tfrecord_sink import (ShardPartWriter, append_part, part_path,
                                             shard_pattern, write_record)
 from beam_jobs.preprocess import encoder_processes
@@ -128,7 +128,7 @@ class EncodeAndWriteExamples(beam.DoFn):
                progress_folder: str | None = None, threads: int | None = None):
     self._config = config
     self._parts_dirs = parts_dirs
-    self._progress_folder = progress_folder
+    self._progress = ProgressCounter(progress_folder)
     self._threads = threads
     self._executors = ()
     self._pool_is_processes = False
@@ -157,7 +157,6 @@ class EncodeAndWriteExamples(beam.DoFn):
       self._pool_is_processes, self._chunk_images = False, _CHUNK_IMAGES
       self._by_shard = {split: False for split in self._shards}
       self._window = workers * _IN_FLIGHT_PER_THREAD
-    self._count_progress = tally_folder_exists(self._progress_folder)
     self._bytes_read = counter(IMAGE_BYTES_READ)
 
   def start_bundle(self):
@@ -196,8 +195,8 @@ class EncodeAndWriteExamples(beam.DoFn):
       self._appended.update(result.parts)
       self._tally.update(result.tally)
       self._bytes_read.inc(result.bytes_read)
-      if self._count_progress and result.written:
-        count_progress(self._progress_folder, result.written)
+      if result.written:
+        self._progress.add(result.written)
       yield from result.letters
       return
     for outcome in result:
@@ -226,8 +225,7 @@ class EncodeAndWriteExamples(beam.DoFn):
     self._writers[example.split].write(
         example_shard(example.row.image_name, self._shards[example.split]), example.serialized)
     self._tally.update(tally_example(example))
-    if self._count_progress:
-      count_progress(self._progress_folder, 1)
+    self._progress.add(1)
     return None
 
   def finish_bundle(self) -> Iterator:
@@ -245,8 +243,7 @@ class EncodeAndWriteExamples(beam.DoFn):
       yield GlobalWindows.windowed_value(split_and_part)
     for key_and_count in sorted(self._tally.items()):
       yield beam.pvalue.TaggedOutput(self.TALLY, GlobalWindows.windowed_value(key_and_count))
-    if self._count_progress:
-      count_progress(self._progress_folder, 0, write_now=True)
+    self._progress.write_now()
 
   def teardown(self):
     if self._executors and not self._pool_is_processes:   # the driver ends the processes

@@ -15,7 +15,7 @@ from beam_jobs.common import labels
 from beam_jobs.common.buckets import BucketBatcher, name_bucket, unpacked
 from beam_jobs.common.image_files import ImageSource, list_image_files
 from beam_jobs.common.metrics import IMAGES_LISTED, counter
-from beam_jobs.common.progress import count_progress, tally_folder_exists
+from beam_jobs.common.progress import ProgressCounter
 from beam_jobs.common.tfrecord_sink import PublishShards, parts_dir_for
 from beam_jobs.preprocess.config import IMAGE_EXTENSION, PreprocessConfig, images_dir_source
 from beam_jobs.preprocess.dead_letter_sink import WriteDeadLetterFile
@@ -29,7 +29,7 @@ __all__ = ['JoinOneBucket', 'JoinRowsWithImages', 'ListImageFiles', 'ListImages'
            'PreprocessOutputs', 'READ_PHASE', 'ReadLabelRows', 'ReadLabels', 'WriteCounts',
            'build_pipeline', 'count_tally']
 
-# The progress phase of CSV rows read (progress.count_progress), counted every this many rows.
+# The progress phase of CSV rows read (progress.ProgressCounter), counted every this many rows.
 READ_PHASE = 'read'
 _READ_PROGRESS_EVERY = 1024
 
@@ -51,10 +51,7 @@ class ReadLabelRows(beam.DoFn):
 
   def __init__(self, buckets: int, progress_folder: str | None = None):
     self._buckets = buckets
-    self._progress_folder = progress_folder
-
-  def setup(self):
-    self._count_progress = tally_folder_exists(self._progress_folder)
+    self._progress = ProgressCounter(progress_folder)
 
   def process(self, path: str) -> Iterator:
     fmt, lines = labels.read_label_lines(path)
@@ -62,8 +59,8 @@ class ReadLabelRows(beam.DoFn):
     count = 0
     for line, raw in lines:
       count += 1
-      if self._count_progress and not count % _READ_PROGRESS_EVERY:
-        count_progress(self._progress_folder, _READ_PROGRESS_EVERY, phase=READ_PHASE)
+      if not count % _READ_PROGRESS_EVERY:
+        self._progress.add(_READ_PROGRESS_EVERY, phase=READ_PHASE)
       try:
         row = labels.parse_label_line(raw, fmt)
       except InputRefused as refusal:
@@ -80,9 +77,7 @@ class ReadLabelRows(beam.DoFn):
     for batch in refused_names.drain():
       yield beam.pvalue.TaggedOutput(self.REFUSED_NAMES, batch)
     yield beam.pvalue.TaggedOutput(self.TALLY, (CSV_ROWS, count))
-    if self._count_progress:
-      count_progress(self._progress_folder, count % _READ_PROGRESS_EVERY, write_now=True,
-                     phase=READ_PHASE)
+    self._progress.write_now(count % _READ_PROGRESS_EVERY, phase=READ_PHASE)
 
 
 class ListImageFiles(beam.DoFn):
