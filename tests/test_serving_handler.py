@@ -323,7 +323,8 @@ def test_a_transient_failure_is_retried_and_a_refusal_raised_at_once():
   policy = serving_retry.RetryPolicy(timeout_secs=3, initial_backoff_secs=0.01,
                                      max_backoff_secs=0.01)
   tally = serving_retry.CallTally()
-  assert policy.call(send, request_bytes=5, throttler=throttler, tally=tally, address='x') == 'answer'
+  answer = policy.call(send, request_bytes=5, throttler=throttler, tally=tally, address='x')
+  assert answer == 'answer'
   assert deadlines == [3, 3, 3]   # every attempt has the deadline
   assert (tally.requests, tally.retries, tally.request_bytes) == (3, 2, [5, 5, 5])
   assert (throttler.successes, throttler.failures) == (1, 2)

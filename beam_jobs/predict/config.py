@@ -243,7 +243,8 @@ def make_backend(args) -> Backend:
     from beam_jobs.predict.backends import tf_serving_rest as protocol
     handler_class = protocol.ServingRestHandler
   else:
-    from beam_jobs.predict.backends import tf_serving as protocol  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from beam_jobs.predict.backends import tf_serving as protocol
     handler_class = protocol.ServingGrpcHandler
   transport = {'use_tls': args.tls, 'allow_insecure': args.allow_insecure,
                'root_certificates': (read_root_certificates(args.root_cert)

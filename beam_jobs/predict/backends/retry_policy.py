@@ -2,11 +2,11 @@
 
 Both transports (gRPC and REST) report a failed call as a `CallFailed` with the gRPC status code
 TF Serving meant (its REST API sends each code as an HTTP status: `model.serving.rest_protocol`),
-so one policy serves both. A Predict call that fails with a transient code (UNAVAILABLE, RESOURCE_EXHAUSTED,
-DEADLINE_EXCEEDED) is retried with jittered exponential backoff until `retry_budget_secs` after
-its first failure, and every attempt first waits while the client-side throttler
-(`AnsweredRequestsThrottler`: the SRE book's adaptive throttling, as Beam's, counting each
-attempt when its answer comes) says the server is overloaded.
+so one policy serves both. A Predict call that fails with a transient code (UNAVAILABLE,
+RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) is retried with jittered exponential backoff until
+`retry_budget_secs` after its first failure, and every attempt first waits while the client-side
+throttler (`AnsweredRequestsThrottler`: the SRE book's adaptive throttling, as Beam's, counting
+each attempt when its answer comes) says the server is overloaded.
 
 Usage:
   policy = RetryPolicy(timeout_secs=30, retry_budget_secs=30)
@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterator
 import grpc
 from apache_beam.io.components.adaptive_throttler import ReactiveThrottler
 
-__all__ = ['AnsweredRequestsThrottler', 'CallFailed', 'CallTally', 'GaveUp', 'RetryPolicy', 'TRANSIENT_CODES',
-           'backoff_delays', 'is_transient', 'may_be_one_image']
+__all__ = ['AnsweredRequestsThrottler', 'CallFailed', 'CallTally', 'GaveUp', 'RetryPolicy',
+           'TRANSIENT_CODES', 'backoff_delays', 'is_transient', 'may_be_one_image']
 
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                              grpc.StatusCode.DEADLINE_EXCEEDED})

@@ -68,7 +68,8 @@ _REQUEST_OVERHEAD_BYTES = 512
 # The client-side throttler's window (Beam's RemoteModelHandler default): a server back from a
 # restart is no longer held back a second after its last failure.
 _THROTTLE_WINDOW_MS = 1000
-_OUTPUT_WIDTHS = {schema.OUTPUT_WEATHER: schema.NUM_WEATHER, schema.OUTPUT_GROUND: schema.NUM_GROUND}
+_OUTPUT_WIDTHS = {schema.OUTPUT_WEATHER: schema.NUM_WEATHER,
+                  schema.OUTPUT_GROUND: schema.NUM_GROUND}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +126,8 @@ def _image_rows(version: int, outputs: dict[str, np.ndarray], count: int) -> lis
   for name, width in _OUTPUT_WIDTHS.items():
     array = np.asarray(outputs[name]).astype(np.float32, copy=False)
     if array.shape != (count, width):
-      raise ValueError(f'output {name!r} has shape {list(array.shape)}, expected [{count}, {width}]')
+      raise ValueError(f'output {name!r} has shape {list(array.shape)}, '
+                       f'expected [{count}, {width}]')
     arrays[name] = array
   weather, ground = arrays[schema.OUTPUT_WEATHER], arrays[schema.OUTPUT_GROUND]
   # Copies: a row must not keep its whole request's outputs alive.

@@ -96,8 +96,8 @@ class Transport(abc.ABC):
     """(the version that answered, {output name: array}); ValueError for an unusable answer."""
 
   @abc.abstractmethod
-  def metadata(self, connection: Any, model: ServedModel,
-               timeout_secs: float) -> tuple[str, int, get_model_metadata_pb2.SignatureDefMap | None]:
+  def metadata(self, connection: Any, model: ServedModel, timeout_secs: float
+               ) -> tuple[str, int, get_model_metadata_pb2.SignatureDefMap | None]:
     """(model name, version, signatures or None when not sent) from GetModelMetadata, waiting up
     to `timeout_secs` for a server that is still starting."""
 
