@@ -120,6 +120,7 @@ export.export_model(network.build_model(16), base)
 '''
 
 
+@pytest.mark.slow
 def test_an_export_killed_mid_write_never_shows_a_version(model, tmp_path):
   export_lib.export_model(model, str(tmp_path))
   marker = tmp_path / 'writing'

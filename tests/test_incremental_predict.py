@@ -335,6 +335,7 @@ def assert_resumed_equals_uninterrupted(out, kept: dict, uninterrupted, toleranc
   return difference
 
 
+@pytest.mark.slow
 def test_a_killed_job_resumes_without_inferring_completed_images_again(
     many_images, export, uninterrupted, tmp_path):
   out, log = tmp_path / 'out', tmp_path / 'killed.log'
@@ -364,6 +365,7 @@ def test_a_killed_job_resumes_without_inferring_completed_images_again(
     predict.run(args + ['--resume'])
 
 
+@pytest.mark.slow
 def test_a_killed_grpc_job_resumes_and_no_image_is_inferred_twice(
     many_images, export, uninterrupted, tmp_path):
   inferred = [0]

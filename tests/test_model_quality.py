@@ -127,6 +127,7 @@ def tta_chips(tmp_path_factory):
   return out / 'train-jpg'
 
 
+@pytest.mark.slow
 def test_tta_predicts_alike_in_process_grpc_and_rest_and_is_never_carried_over(
     tmp_path, export_base, tta_chips):
   model_dir = str(export_base / schema.MODEL_NAME)
@@ -199,6 +200,7 @@ def _backbone_weights(model) -> list[np.ndarray]:
   return network.find_backbone(model).get_weights()
 
 
+@pytest.mark.slow
 def test_backbone_weights_from_a_file_are_the_weights_used(tmp_path):
   keras.utils.set_random_seed(5)
   source = network.build_model(32, network.preset_features(PRESET))
@@ -246,6 +248,7 @@ def _tiny_application(include_top, weights, input_shape, pooling, name):
   return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x), name=name)
 
 
+@pytest.mark.slow
 def test_frozen_epochs_train_the_heads_then_fine_tuning_trains_all_across_resume(
     prepared_data, tmp_path, monkeypatch):
   monkeypatch.setitem(network.PRESETS, 'tiny', network.Preset(
@@ -281,6 +284,7 @@ def test_frozen_epochs_train_the_heads_then_fine_tuning_trains_all_across_resume
   assert any(not np.array_equal(a, b) for a, b in zip(_backbone_weights(resumed), start))
 
 
+@pytest.mark.slow
 def test_a_preset_trains_exports_and_predicts_alike_in_process_and_through_grpc(tmp_path):
   prepared = write_prepared(tmp_path / 'data', count=12, image_size=128, shards_per_split=1)
   result = train.train(_train_args(tmp_path, prepared, '--architecture', PRESET, '--epochs', 1,

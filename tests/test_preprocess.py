@@ -565,7 +565,8 @@ def test_shards_hold_the_decoders_pixels_and_the_rows_labels(bad_mix, mixed_run)
   assert examples['nowx_1']['weather'] == (0.0,) * 4
 
 
-@pytest.mark.parametrize('mode', ['threads', 'beam_worker_processes'])
+@pytest.mark.parametrize('mode', ['threads',
+                                  pytest.param('beam_worker_processes', marks=pytest.mark.slow)])
 def test_encoder_processes_write_the_same_examples_as_threads_and_beams_workers(
     bad_mix, mixed_run, tmp_path, mode):
   """The default local run forks an encoder process per core (mixed_run); threads in one
@@ -614,6 +615,7 @@ def test_encoder_processes_only_for_a_local_run_in_this_process_on_local_files(t
       (('train', 5), ('eval', 1), ('other', 4)), 2)] == [6, 1, 4]
 
 
+@pytest.mark.slow
 def test_too_many_bad_rows_fail_unpublished_and_reruns_never_mix_shards(bad_mix, tmp_path):
   root, _ = bad_mix
   with pytest.raises(TooManyBadInputs, match=r'14 of \d+ CSV rows .*dead_letters'):

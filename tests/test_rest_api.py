@@ -208,6 +208,7 @@ def test_columnar_and_row_requests_of_uint8_pixels(server, saved_model):
   assert_close({name: [row[name] for row in rows['predictions']] for name in want}, want)
 
 
+@pytest.mark.slow
 def test_the_serve_command_answers_curl(tmp_path, model_dir, saved_model):
   ports = []
   for _ in range(2):
@@ -527,6 +528,7 @@ def _dead(out) -> list:
                 for d in read_jsonl(out / schema.DEAD_LETTERS_DIR / '*.jsonl'))
 
 
+@pytest.mark.slow
 def test_rest_job_equals_in_process_and_grpc(tmp_path, model_dir, mixed_folder):
   base = ['--input', str(mixed_folder), '--model_dir', model_dir, '--max_bad_fraction', '0.3']
   with LocalServingServer(model_dir, rest_api_port=0) as served:

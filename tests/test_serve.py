@@ -247,6 +247,7 @@ def test_metadata_status_codes(server):
 
 
 @pytest.mark.parametrize('kind', BACKENDS)
+@pytest.mark.slow
 def test_picks_up_a_new_version_and_never_a_temporary_or_partial_folder(kind, tmp_path):
   export_model(build_model(IMAGE_SIZE), str(tmp_path))
   base = tmp_path / schema.MODEL_NAME
@@ -367,6 +368,7 @@ def test_stop_and_restart_on_the_same_port(export_base):
   assert server.predict_request_bytes == [request.ByteSize()]  # the refused call never arrived
 
 
+@pytest.mark.slow
 def test_command_line(export_base):
   process = subprocess.Popen(
       [sys.executable, '-m', 'model.serve', '--model_base_path',

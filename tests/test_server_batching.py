@@ -211,6 +211,7 @@ def test_the_job_handler_retries_a_full_queue_and_predicts_every_image(model_dir
   assert sum(server.model_call_rows) == 64
 
 
+@pytest.mark.slow
 def test_command_line_batching_flags(model_dir, tmp_path, capsys):
   parameters_file = tmp_path / 'batching.txt'
   parameters_file.write_text('max_batch_size { value: 16 }\nnum_batch_threads { value: 1 }\n')

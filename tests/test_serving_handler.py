@@ -540,6 +540,7 @@ def test_a_slow_server_meets_the_deadline_and_the_budget(local_server):
   assert 'DEADLINE_EXCEEDED' in result.inference.message
 
 
+@pytest.mark.slow
 def test_server_restart_of_10_seconds_mid_run(local_server):
   local_server.set_faults(Faults(latency_secs=0.05))
   batch = images(40)

@@ -31,6 +31,7 @@ def pooled_features(inputs):
   return keras.layers.GlobalAveragePooling2D()(x)
 
 
+@pytest.mark.slow
 def test_training_learns_beyond_the_prior_only_baseline(prepared_data, tmp_path):
   job, exports = tmp_path / 'job', tmp_path / 'export'
   result = train.train(_args(prepared_data, job, exports, '--epochs', 8, '--patience', 3))
@@ -80,6 +81,7 @@ def test_training_learns_beyond_the_prior_only_baseline(prepared_data, tmp_path)
   assert planet['image_size'] == written['image_size']
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_next_epoch_with_the_optimizer_state(prepared_data, tmp_path):
   job, exports = tmp_path / 'job', tmp_path / 'export'
   train.train(_args(prepared_data, job, exports, '--epochs', 2, '--patience', 0))

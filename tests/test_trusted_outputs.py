@@ -62,6 +62,7 @@ def _one_error_line(done: subprocess.CompletedProcess, code: int = 1) -> str:
 # ----------------------------------------------------------------------------- the model's rows
 
 
+@pytest.mark.slow
 def test_previous_output_of_another_model_is_never_carried(images, tmp_path_factory, tmp_path,
                                                            capsys):
   # Two checkpoints exported into two fresh export bases: both "PlanetModel version 1", 0.2.
@@ -240,6 +241,7 @@ def test_preprocess_refuses_a_folder_another_preprocess_is_writing(tmp_path):
   _published_files_exist(out)
 
 
+@pytest.mark.slow
 def test_training_refuses_a_job_folder_another_process_holds(tmp_path_factory, tmp_path):
   from tests.conftest_training import cached_prepared
   prepared = cached_prepared(tmp_path_factory, count=40, image_size=32)
@@ -264,6 +266,7 @@ def test_training_refuses_a_job_folder_another_process_holds(tmp_path_factory, t
 # ----------------------------------------------------------------------------- failed runs
 
 
+@pytest.mark.slow
 def test_a_failed_run_leaves_nothing_that_looks_finished(images, export_base, tmp_path):
   folder = tmp_path / 'in'
   shutil.copytree(images, folder)
@@ -286,6 +289,7 @@ def test_a_failed_run_leaves_nothing_that_looks_finished(images, export_base, tm
 # ----------------------------------------------------------------------------- every input
 
 
+@pytest.mark.slow
 def test_an_unreadable_folder_under_an_input_is_a_dead_letter(images, export_base, tmp_path):
   root = tmp_path / 'in'
   (root / 'open').mkdir(parents=True)
@@ -321,6 +325,7 @@ def test_an_unreadable_folder_under_an_input_is_a_dead_letter(images, export_bas
 # ----------------------------------------------------------------------------- the machine's errors
 
 
+@pytest.mark.slow
 def test_permissions_are_one_line_in_both_jobs(images, export_base, tmp_path):
   tmp_path.chmod(0o755)
   labels = tmp_path / 'labels.csv'
@@ -385,6 +390,7 @@ def test_a_full_disk_is_one_line_in_every_stage(images, export_base, tmp_path):
 # ----------------------------------------------------------------------------- paths
 
 
+@pytest.mark.slow
 def test_tilde_means_home_in_every_path_flag(images, export_base, tmp_path):
   home, elsewhere = tmp_path / 'home', tmp_path / 'cwd'
   elsewhere.mkdir()

@@ -79,6 +79,7 @@ def test_preprocess_matches_any_extension_case_and_explains_another_form(sample,
   assert repr(COMPOSED) in records[Reason.IMAGE_WITHOUT_ROW.value]['message']
 
 
+@pytest.mark.slow
 def test_predict_says_which_unscored_images_the_csv_writes_in_another_form(sample, export_base,
                                                                          tmp_path):
   images = tmp_path / 'images'

@@ -152,6 +152,7 @@ def test_overwrite_deletes_exactly_an_earlier_run_and_nothing_else(tmp_path):
   assert target.read_text() == 'keep' and not (out / 'predictions-00001-of-00002.jsonl').exists()
 
 
+@pytest.mark.slow
 def test_overwrite_over_real_outputs_replaces_them(sample, export_base, tmp_path):
   prep = tmp_path / 'prep'
   first = preprocess.run(_preprocess_args(sample, prep, '--num_shards', '3')).manifest
@@ -241,6 +242,7 @@ def test_preprocess_refuses_what_is_not_an_image_file_in_bounded_time_and_memory
   assert abs(pixels.mean() - grey.mean()) < 2 and pixels.mean() < 200   # not clipped to white
 
 
+@pytest.mark.slow
 def test_predict_refuses_what_is_not_an_image_file_in_bounded_time_and_memory(sample, export_base,
                                                                               tmp_path):
   images = tmp_path / 'images'
@@ -396,6 +398,7 @@ def _group_alive(group: int) -> bool:
   return True
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_a_job_with_one_line_and_nothing_published(tmp_path, export_base):
   make_sample(str(tmp_path / 'many'), count=2500, seed=9)
   images = tmp_path / 'many' / 'train-jpg'
