@@ -51,6 +51,11 @@ NOISE = tuple(re.compile(pattern) for pattern in (
     r'Discarding unparseable args',
     r'No semi_persistent_directory found',
     r'Resource module is not available for current platform',
+    # multiprocessing's resource tracker, cleaning up after a job that stopped at once (Ctrl-C,
+    # SIGTERM, a kill): the semaphores of the preprocess job's encoder processes. It does so;
+    # nothing is left, and nothing is for the user to do.
+    r'resource_tracker: There appear to be \d+ leaked semaphore objects to clean up',
+    r"^\s+warnings\.warn\('resource_tracker: There appear to be",
 ))
 
 # Where the records above are made: a logger's filter sees only the records made on it.

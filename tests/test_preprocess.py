@@ -26,7 +26,7 @@ from beam_jobs.common.labels import CsvFormat, LabelRow, parse_label_line
 from beam_jobs.make_sample import make_sample
 from beam_jobs.preprocess import ConfigError, EncodedExample, LabelledImage
 from beam_jobs.preprocess import job as preprocess_job
-from beam_jobs.preprocess import encoder_processes, rules
+from beam_jobs.preprocess import rules
 from model import schema
 from model.output_layout import OutputRefused
 from tests.conftest import DATAFLOW_DRY_RUN_ARGS, REPO
@@ -272,7 +272,7 @@ def test_the_fused_encoder_writes_in_input_order_and_refuses_with_the_reason(tmp
 
 @pytest.mark.parametrize('compression', schema.COMPRESSIONS)
 def test_encoder_processes_write_owned_shards_whole_and_every_image_once(tmp_path, compression):
-  """The same DoFn with the driver's encoder processes started: Examples are written by the
+  """The same DoFn with encoder processes (started by its setup()): Examples are written by the
   processes, train's 2 shards each by the one process that owns it (one part each), eval's one
   shard by both in turn (a part each); only outcomes and part names come back."""
   import tensorflow as tf
@@ -287,15 +287,14 @@ def test_encoder_processes_write_owned_shards_whole_and_every_image_once(tmp_pat
   config = preprocess.PreprocessConfig(
       labels_csv='unused.csv', images_dir=str(tmp_path / 'images'),
       output_dir=str(tmp_path / 'out'), image_size=32, compression=compression,
-      num_shards=(('train', 2), ('eval', 1)))
+      num_shards=(('train', 2), ('eval', 1)), encoder_processes=2)
   parts_dirs = {split: str(tmp_path / f'parts_{split}') for split in schema.SPLITS}
-  with encoder_processes.started(2):
-    encoder = EncodeAndWriteExamples(config, parts_dirs)
-    encoder.setup()
-    encoder.start_bundle()
-    outputs = [out for batch in (images[:100], images[100:]) for out in encoder.process(batch)]
-    outputs += list(encoder.finish_bundle())
-    encoder.teardown()
+  encoder = EncodeAndWriteExamples(config, parts_dirs)
+  encoder.setup()
+  encoder.start_bundle()
+  outputs = [out for batch in (images[:100], images[100:]) for out in encoder.process(batch)]
+  outputs += list(encoder.finish_bundle())
+  encoder.teardown()
   tagged = [(getattr(o, 'tag', None), getattr(o, 'value', o)) for o in outputs]
   values = [(tag, v.value if isinstance(v, WindowedValue) else v) for tag, v in tagged]
   assert [(r['image_name'], r['reason']) for tag, r in values if tag == 'refused'] == [
@@ -338,19 +337,19 @@ def test_an_encoder_process_that_dies_fails_the_bundle_instead_of_hanging(tmp_pa
     images.append(LabelledImage(f'img_{i}', i + 2, _row(f'img_{i}'), str(path)))
   config = preprocess.PreprocessConfig(
       labels_csv='unused.csv', images_dir=str(tmp_path / 'images'),
-      output_dir=str(tmp_path / 'out'), image_size=32, num_shards=(('train', 2), ('eval', 2)))
+      output_dir=str(tmp_path / 'out'), image_size=32, num_shards=(('train', 2), ('eval', 2)),
+      encoder_processes=2)
   parts_dirs = {split: str(tmp_path / f'parts_{split}') for split in schema.SPLITS}
-  with encoder_processes.started(2):
-    encoder = EncodeAndWriteExamples(config, parts_dirs)
-    encoder.setup()
-    encoder.start_bundle()
-    for executor in encoder_processes.pool().executors[:1]:
-      for process in executor._processes.values():  # pylint: disable=protected-access
-        os.kill(process.pid, signal.SIGKILL)
-    with pytest.raises(BrokenProcessPool):
-      for _ in encoder.process(images):
-        pass
-      list(encoder.finish_bundle())
+  encoder = EncodeAndWriteExamples(config, parts_dirs)
+  encoder.setup()
+  encoder.start_bundle()
+  for executor in encoder._executors[:1]:  # pylint: disable=protected-access
+    for process in executor._processes.values():  # pylint: disable=protected-access
+      os.kill(process.pid, signal.SIGKILL)
+  with pytest.raises(BrokenProcessPool):
+    for _ in encoder.process(images):
+      pass
+    list(encoder.finish_bundle())
 
 
 # ---- The fixed-shard TFRecord sink ------------------------------------------------------------
@@ -611,8 +610,7 @@ def test_encoder_processes_only_for_a_local_run_in_this_process_on_local_files(t
   assert count(*options('--runner=DataflowRunner', '--project=p'), config) == 0
   remote = dataclasses.replace(config, output_dir='gs://bucket/out')
   assert count(*options('--direct_num_workers=3'), remote) == 0
-  assert [n for _, n in encoder_processes.shards_per_process(
-      (('train', 5), ('eval', 1), ('other', 4)), 2)] == [6, 1, 4]
+  assert count(*options('--runner=PortableRunner'), config) == 0
 
 
 @pytest.mark.slow

@@ -20,9 +20,9 @@ One CSV row on its way to an Example (pipeline.build_pipeline; the rules are pla
   4. EncodeExamples (encode.py): one fused step per bundle: each file read once (bounded),
      hashed and decoded (rules.image_to_example), its split and its shard from its name
      (rules.assign_split, rules.example_shard), and the Example written straight into a part
-     file of that shard: on a local run by the encoder processes the driver forked
-     (encoder_processes.py), each writing its own parts; elsewhere on a thread pool of one
-     thread per core. A file that cannot be used is a dead letter with the reason. Only part
+     file of that shard: on a local run by the encoder processes the DoFn starts in setup()
+     (encoder_processes.py, --encoder_processes), each writing its own parts; elsewhere on a
+     thread pool of one thread per core. A file that cannot be used is a dead letter with the reason. Only part
      names, dead letters and (key, count) tallies leave it.
   5. WriteTrain / WriteEval: the part names grouped by shard; a shard is its one part renamed
      (a local run: every byte written once) or its parts' bytes concatenated, compressed as

@@ -52,6 +52,8 @@ class PreprocessConfig:
   max_pixels: int = DEFAULT_MAX_PIXELS
   max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
   join_buckets: int = 1   # rules.join_buckets of the CSV's rows
+  # Encoder processes per worker (encoder_processes.py); 0: the encoder's threads.
+  encoder_processes: int = 0
 
   def shard_prefix(self, split: str) -> str:
     return FileSystems.join(self.output_dir, split, SHARD_FILE_PREFIX)
@@ -145,6 +147,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument('--max_file_bytes', type=int, default=DEFAULT_MAX_FILE_BYTES,
                       help='refuse image files larger than this without reading them '
                            '(default %(default)s)')
+  parser.add_argument('--encoder_processes', type=int, default=None,
+                      help='processes that read, decode and write the images, per worker '
+                           '(default: one per core on a local run in this process with local '
+                           'files; 0, the encoder\'s threads, where the runner already runs a '
+                           'process per core: Dataflow, the portable runner, '
+                           '--direct_running_mode=multi_processing)')
   parser.add_argument('--overwrite', action='store_true',
                       help='delete an earlier run of this job in --output_dir (only its own '
                            'files) before writing')
@@ -164,6 +172,12 @@ def _check_ranges(args: argparse.Namespace) -> None:
     raise ConfigError(f'--num_shards must be at least 1, not {args.num_shards}')
   if args.max_pixels < 1:
     raise ConfigError(f'--max_pixels must be at least 1, not {args.max_pixels}')
+  if args.encoder_processes is not None and args.encoder_processes < 0:
+    raise ConfigError(f'--encoder_processes must be 0 or more, not {args.encoder_processes}')
+  if args.encoder_processes and not all(
+      is_local_path(path) for path in (args.images_dir, args.output_dir)):
+    raise ConfigError('--encoder_processes needs local --images_dir and --output_dir (the '
+                      'processes write their parts as local files): pass 0, or leave it out')
   if args.max_file_bytes < 1:
     raise ConfigError(f'--max_file_bytes must be at least 1, not {args.max_file_bytes}')
 

@@ -19,6 +19,7 @@ from typing import Iterator, NamedTuple
 import apache_beam as beam
 from apache_beam.transforms.display import DisplayDataItem
 from apache_beam.transforms.window import GlobalWindows
+from apache_beam.utils import shared
 
 from beam_jobs.common.image_files import read_image_file
 from beam_jobs.common.lookahead import Lookahead, stop, thread_pool
@@ -88,7 +89,7 @@ def encode_and_append(images: list[LabelledImage], config: PreprocessConfig,
                       parts_dirs: dict[str, str], bundle: str) -> EncodedBatch:
   """In an encoder process (encoder_processes.py): encodes `images` and appends each Example to
   this process's part of its shard for `bundle`, in input order; the tally is counted here, so
-  the driver's work per image is nil."""
+  the DoFn's work per image is nil."""
   shards = dict(config.num_shards)
   framed: dict[tuple[str, int], io.BytesIO] = {}
   letters, tally, bytes_read = [], collections.Counter(), 0
@@ -117,9 +118,12 @@ class EncodeAndWriteExamples(beam.DoFn):
   Outputs: main, at the end of a bundle: (split, (shard, part path)) for each part written;
   'refused': dead letters; 'tally': (tally key, count) pairs, at the end of a bundle.
 
-  Where the driver started encoder processes (a local run, encoder_processes.py), batches of
-  images go to them and each writes its own parts; elsewhere a thread pool decodes and this
-  DoFn writes each Example, in the order the images arrived, into the bundle's parts.
+  With `config.encoder_processes` (a local run, encoder_processes.py), batches of images go to
+  that many processes of this worker and each writes its own parts: an image whose shard is
+  owned by one process (all shards but the last `count % processes` of a split) goes to that
+  process, so the shard is one part, published by a rename; the others go to the processes in
+  turn. Without, a thread pool decodes and this DoFn writes each Example, in the order the images
+  arrived, into the bundle's parts.
   """
   REFUSED = 'refused'
   TALLY = 'tally'
@@ -130,6 +134,8 @@ class EncodeAndWriteExamples(beam.DoFn):
     self._parts_dirs = parts_dirs
     self._progress = ProgressCounter(progress_folder)
     self._threads = threads
+    self._shared_processes = shared.Shared()
+    self._processes = None
     self._executors = ()
     self._pool_is_processes = False
 
@@ -142,20 +148,21 @@ class EncodeAndWriteExamples(beam.DoFn):
                for split, n in shards.items()}}
 
   def setup(self):
-    processes = encoder_processes.pool()
     self._shards = dict(self._config.num_shards)
-    if processes is not None:
-      self._executors, self._pool_is_processes = processes.executors, True
+    if self._config.encoder_processes:
+      self._processes = encoder_processes.acquire(self._shared_processes,
+                                                  self._config.encoder_processes)
+      self._executors, self._pool_is_processes = self._processes.executors, True
       self._chunk_images, self._window = _CHUNK_IMAGES_PER_PROCESS_TASK, _IN_FLIGHT_PER_THREAD
-      workers = len(processes.executors)
-      # An image of a split whose shards the processes share evenly goes to the one process
-      # that owns its shard; others go to the processes in turn.
-      self._by_shard = {split: count % workers == 0 for split, count in self._shards.items()}
+      workers = len(self._executors)
+      # Shards below this are each owned by one process; the rest are shared in turn.
+      self._owned_shards = {split: count - count % workers
+                            for split, count in self._shards.items()}
     else:
       workers = self._threads or os.cpu_count() or 1
       self._executors = (thread_pool(workers, 'encode'),)
       self._pool_is_processes, self._chunk_images = False, _CHUNK_IMAGES
-      self._by_shard = {split: False for split in self._shards}
+      self._owned_shards = {split: 0 for split in self._shards}
       self._window = workers * _IN_FLIGHT_PER_THREAD
     self._bytes_read = counter(IMAGE_BYTES_READ)
 
@@ -176,9 +183,8 @@ class EncodeAndWriteExamples(beam.DoFn):
     if len(self._executors) == 1:
       return 0
     split = assign_split(image.image_name, self._config.eval_fraction)
-    if not self._by_shard[split]:
-      return self._next_lane
-    return example_shard(image.image_name, self._shards[split]) % len(self._executors)
+    shard = example_shard(image.image_name, self._shards[split])
+    return shard % len(self._executors) if shard < self._owned_shards[split] else self._next_lane
 
   def _submit(self, lane: int) -> None:
     chunk, self._chunks[lane] = self._chunks[lane], []
@@ -246,5 +252,7 @@ class EncodeAndWriteExamples(beam.DoFn):
     self._progress.write_now()
 
   def teardown(self):
-    if self._executors and not self._pool_is_processes:   # the driver ends the processes
+    if self._executors and not self._pool_is_processes:
       stop(self._executors[0])
+    # The processes are this worker's (Shared): they end once no instance holds them.
+    self._processes, self._executors = None, ()

@@ -1,98 +1,96 @@
-"""A local run's encoder processes: read, hash, decode, serialise and write on every core.
+"""The encoder's processes: read, hash, decode, serialise and write on every core of a worker.
 
-In one Python process the encoder's threads reach about 0.9 of a core of two (Pillow and the
-Example's framing hold the GIL for part of each image), and Beam's own worker processes
-(`--direct_running_mode=multi_processing`) each start a Python runtime and import Beam, 1.5-2 s
-of CPU per core before the first image. So a local run forks one encoder process per core before
-the pipeline is built (`started`): they inherit every module already imported, and run only the
-pure work of `encode.encode_and_append`. Each process appends the Examples of a batch to its own
-part file of each shard (one gzip member per batch when compressed); only part names, dead
-letters and each image's split and labels come back. The Examples' bytes never cross a process
-boundary. When a split's shard count is a multiple of the processes (the driver rounds the
-counts it chooses, `shards_per_process`), each of its shards belongs to one process, so it is
-written by that one process alone and published by a rename.
+In one Python process the encoder's threads reach about one core (Pillow and the Example's
+framing hold the GIL for part of each image), so on a machine whose runner gives a pipeline one
+process (the DirectRunner in-process, the default local run) the encoder DoFn runs its work in
+processes of its own. They belong to the pipeline: the DoFn acquires them in `setup()` through
+Beam's `Shared` (one set per worker process, shared by the DoFn's instances there and released
+with them), sized by the job's `--encoder_processes`, whose default is the cores on a local run
+and 0 (the DoFn's threads) where the runner already runs a process per core (Dataflow, the
+portable runner, `--direct_running_mode=multi_processing`). Nothing is set by the driver for the
+workers to find.
 
-A Dataflow worker, or one of Beam's local worker processes, never has these processes: the
-fused DoFn (encode.py) then decodes on threads, as before.
+The processes come from a forkserver that imports the encoder once: each is a fork of that
+single-threaded server with every import done, never of the pipeline's threaded worker (a fork of
+a threaded process can inherit a lock that another thread held), and none inherits the output
+folder's lock. Each runs only the pure work of `encode.encode_and_append`, appending Examples to
+its own part files; only part names, dead letters and tallies come back.
 
-Usage (the driver, around the local pipeline):
-  with started(processes=cores):
-    pipeline.run().wait_until_finish()
+Usage (in the encoder DoFn):
+  self._shared = shared.Shared()                           # __init__
+  self._processes = acquire(self._shared, processes)       # setup()
+  self._processes.executors[lane].submit(encode_and_append, ...)
 """
-import contextlib
+import atexit
 import multiprocessing
 import os
 import signal
 import threading
-import time
+import weakref
 from concurrent.futures import ProcessPoolExecutor
-from typing import Iterator, NamedTuple
 
-__all__ = ['EncoderProcesses', 'pool', 'shards_per_process', 'started']
+from apache_beam.utils import shared
 
+__all__ = ['EncoderProcesses', 'acquire']
 
-def shards_per_process(num_shards: tuple[tuple[str, int], ...],
-                       processes: int) -> tuple[tuple[str, int], ...]:
-  """A split's shard count, when it is more than one, rounded up to a multiple of `processes`,
-  for a run that chose its own counts: each process then owns as many shards of the split as
-  every other, writes them whole, and a shard is its one part renamed (no byte copied to
-  publish it). A split small enough for one shard keeps one (its parts are concatenated)."""
-  return tuple((split, count if count == 1 else -(-count // processes) * processes)
-               for split, count in num_shards)
+# What the forkserver imports once, so that each process it forks starts with them loaded.
+_PRELOAD = ['beam_jobs.preprocess.encode', 'PIL.JpegImagePlugin']
 
 
-class EncoderProcesses(NamedTuple):
-  """One single-process executor per encoder process, so that a batch can be sent to a given
-  process: the one that owns the shard its images go to (encode.py)."""
-  executors: tuple[ProcessPoolExecutor, ...]
-
-
-_POOL: EncoderProcesses | None = None
-_ORPHAN_CHECK_SECONDS = 0.2
-
-
-def pool() -> EncoderProcesses | None:
-  """This process's encoder processes, when the driver started them (a local run); else None."""
-  return _POOL
-
-
-def _start_encoder_process(driver: int) -> None:
-  """In each encoder process, first: it ends with the driver, however the driver ends."""
-  # Ctrl-C reaches the whole process group: the driver alone reports it and exits.
+def _start_encoder_process(job_alive) -> None:
+  """In each encoder process, first: it ends with the job's process, however that ends."""
+  # Ctrl-C reaches the whole process group: the job's process alone reports it and exits.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
-  # A forked process holds both ends of its task pipe, so the driver's end (an exit on Ctrl-C,
-  # a kill) is no end of file for it: it watches for being orphaned instead, and so never
-  # outlives the driver or holds the driver's terminal or pipes open.
-  threading.Thread(target=_exit_when_orphaned, args=(driver,), daemon=True,
-                   name='exit-with-driver').start()
+  threading.Thread(target=_exit_when_job_ends, args=(job_alive,), daemon=True,
+                   name='exit-with-job').start()
 
 
-def _exit_when_orphaned(driver: int) -> None:
-  while os.getppid() == driver:
-    time.sleep(_ORPHAN_CHECK_SECONDS)
+def _exit_when_job_ends(job_alive) -> None:
+  # The read end of a pipe whose only write end the job's process holds: end of file once it
+  # is gone. (Not the parent's pid: the parent is the forkserver, which itself lives as long as
+  # any process it forked holds its own pipe; nor the executor's queue, whose write end every
+  # worker holds too.)
+  try:
+    job_alive.recv_bytes()
+  except (EOFError, OSError):
+    pass
   os._exit(1)  # pylint: disable=protected-access
 
 
-@contextlib.contextmanager
-def started(processes: int) -> Iterator[None]:
-  """Forks `processes` encoder processes now, for the encoder DoFns of this process to use.
+class EncoderProcesses:
+  """One single-process executor per encoder process, so that a batch can be sent to a given
+  process: the one that owns the shard its images go to (encode.py). A process that dies (a
+  crash in a decoder library) fails the batch it held with BrokenProcessPool, and so the job:
+  nothing waits for it. The processes end when this object is collected (the executors' own
+  rule), at `shutdown`, or when the worker process exits."""
 
-  Forked before the pipeline starts any thread of its own, so that no child inherits a lock
-  held by another thread. A process that dies (a crash in a decoder library) fails the batch
-  that it held with BrokenProcessPool, and so the job: nothing waits for it.
-  """
-  global _POOL  # pylint: disable=global-statement
-  from PIL import JpegImagePlugin  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
-  fork = multiprocessing.get_context('fork')
-  executors = tuple(ProcessPoolExecutor(1, mp_context=fork, initializer=_start_encoder_process,
-                                        initargs=(os.getpid(),))
-                    for _ in range(processes))
-  try:
-    for executor in executors:   # a fork-context executor forks its process on its first task
+  def __init__(self, count: int):
+    context = multiprocessing.get_context('forkserver')
+    context.set_forkserver_preload(_PRELOAD)
+    job_alive, self._alive = context.Pipe(duplex=False)   # written by nobody, ever
+    self.executors = tuple(ProcessPoolExecutor(1, mp_context=context,
+                                               initializer=_start_encoder_process,
+                                               initargs=(job_alive,))
+                           for _ in range(count))
+    for executor in self.executors:   # started now, so that a broken start fails in setup()
       executor.submit(int).result()
-    _POOL = EncoderProcesses(executors)
-    yield
-  finally:
-    _POOL = None
-    for executor in executors:
+    job_alive.close()   # each process has its own copy; this one would keep them alive
+    # Ended before the interpreter's teardown, where an executor collected late cannot stop;
+    # by a weak reference, so that a set no DoFn holds any more is still collected at once.
+    atexit.register(_shutdown_if_alive, weakref.ref(self))
+
+  def shutdown(self) -> None:
+    for executor in self.executors:
       executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _shutdown_if_alive(processes: 'weakref.ref[EncoderProcesses]') -> None:
+  alive = processes()
+  if alive is not None:
+    alive.shutdown()
+
+
+def acquire(handle: shared.Shared, count: int) -> EncoderProcesses:
+  """This worker process's `count` encoder processes for the DoFn whose `Shared` handle this is
+  (its pickled copies share it; another DoFn has another handle), started on the first call."""
+  return handle.acquire(lambda: EncoderProcesses(count), tag=f'encoder-processes-{count}')

@@ -3,7 +3,6 @@
 Usage:
   outcome = run(['--labels_csv', 'labels.csv', '--images_dir', 'jpg', '--output_dir', 'out'])
 """
-import contextlib
 import dataclasses
 import time
 
@@ -15,7 +14,6 @@ from apache_beam.runners.runner import PipelineState
 from beam_jobs.common import dead_letters, runner_options
 from beam_jobs.common.metrics import query_counters
 from beam_jobs.common.progress import ProgressTally, ShowProgress, show_progress_logs
-from beam_jobs.preprocess import encoder_processes
 from beam_jobs.preprocess.config import ConfigError, PreprocessConfig, parse_args, validate_config
 from beam_jobs.preprocess.pipeline import build_pipeline
 from beam_jobs.preprocess.publish import (build_manifest, list_shards, prepare_output_dir,
@@ -50,19 +48,17 @@ def run(argv: list[str] | None = None) -> RunOutcome:
   options = runner_options.OptionsWithViews(beam_args)
   dry_run = runner_options.is_dataflow_dry_run(options)
   config, facts = validate_config(args, check_paths=not dry_run)
-  processes = encoder_process_count(options, beam_args, config)
-  if processes and args.num_shards is None:
-    config = dataclasses.replace(config, num_shards=encoder_processes.shards_per_process(
-        config.num_shards, processes))
+  # A pipeline option like any other: the encoder DoFn starts its processes itself (setup()).
+  # The shard counts never depend on it: the same input gives the same shards on any machine.
+  processes = (encoder_process_count(options, beam_args, config)
+               if args.encoder_processes is None else args.encoder_processes)
+  config = dataclasses.replace(config, encoder_processes=processes)
   show_progress_logs()
-  # The encoder processes are forked before the output folder is locked: a child that inherited
-  # the lock would hold the folder for a moment after a killed job, refusing its re-run.
-  with encoder_processes.started(processes) if processes else contextlib.nullcontext():
-    if dry_run:
-      return _run_claimed(config, facts, options, dry_run=True)
-    # Held until the run ends (or its process dies): a second run into OUT is refused meanwhile.
-    with prepare_output_dir(config, args.overwrite):
-      return _run_claimed(config, facts, options, dry_run=False)
+  if dry_run:
+    return _run_claimed(config, facts, options, dry_run=True)
+  # Held until the run ends (or its process dies): a second run into OUT is refused meanwhile.
+  with prepare_output_dir(config, args.overwrite):
+    return _run_claimed(config, facts, options, dry_run=False)
 
 
 def _run_claimed(config: PreprocessConfig, facts, options: PipelineOptions,
@@ -98,10 +94,10 @@ def _run_claimed(config: PreprocessConfig, facts, options: PipelineOptions,
 
 def encoder_process_count(options: PipelineOptions, beam_args: list[str],
                           config: PreprocessConfig) -> int:
-  """How many encoder processes this run forks (encoder_processes.py): one per core, or
+  """The default of --encoder_processes (encoder_processes.py): one per core, or
   --direct_num_workers when given, for a local run in this process whose images and outputs are
-  local files; 0 (the encoder's threads) for Dataflow, Beam's own worker processes
-  (--direct_running_mode=multi_processing), gs:// paths, or one worker."""
+  local files; 0 (the encoder's threads) for Dataflow, the portable runner, Beam's own worker
+  processes (--direct_running_mode=multi_processing), gs:// paths, or one worker."""
   if not runner_options.runs_here(options) or not all(
       is_local_path(path) for path in (config.images_dir, config.output_dir)):
     return 0
