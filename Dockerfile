@@ -1,7 +1,7 @@
 # The Dataflow worker image: Beam's Python SDK image of the version setup.py pins, with this
 # package and its pinned dependencies installed, so that workers start without installing any.
 #   docker build -t REGION-docker.pkg.dev/PROJECT/REPO/planet:TAG .
-# Jobs use it with --sdk_container_image=... --sdk_location=container (README, "Running on
+# Jobs use it with --sdk_container_image=... --sdk_location=container (docs/dataflow.md, "Running on
 # Dataflow"); the image's own entrypoint, Beam's worker boot, stays as it is.
 FROM apache/beam_python3.11_sdk:2.77.0
 

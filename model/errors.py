@@ -1,7 +1,8 @@
 """Typed refusals: every input a stage cannot use becomes one of these, with a reason code.
 
 A dead letter is written from an `InputRefused`: the code says which rule refused the input,
-the message says what the user can do about it. Codes are stable strings; the README lists them.
+the message says what the user can do about it. Codes are stable strings;
+docs/failure_reasons.md lists them.
 """
 import enum
 

@@ -2,7 +2,7 @@
 
 The server itself is `model.serving.local_server.LocalServingServer` (its module says how it
 matches TF Serving and where it deliberately does not); this command adds TLS from PEM files and
-fault injection from flags. Production runs TensorFlow Serving itself (README).
+fault injection from flags. Production runs TensorFlow Serving itself (docs/serving.md).
 
 Usage:
   python -m model.serve --model_base_path EXPORT/PlanetModel --port 8500 [--rest_api_port 8501]

@@ -2,7 +2,7 @@
 
 As tfx-bsl's `_MetricsCollector` holds its RunInference counters: a DoFn names its counter by a
 constant or a function here, never by a string at its call site, so the code, the tests and the
-README spell each counter one way, and this module is the list of what a job counts. The
+docs spell each counter one way, and this module is the list of what a job counts. The
 preprocess job's tally (counts.json: `labels_train_clear`, `examples_eval`, ...) is counted
 under `preprocess.rules.counter_name` of each tally key, beside these.
 

@@ -170,7 +170,7 @@ def rows_decisions(rows: Sequence[dict]) -> np.ndarray:
 def spreadsheet_safe(cell: str) -> str:
   """A cell a spreadsheet shows as text: a leading formula character gets an apostrophe.
 
-  The rule of submission.csv only (see the README): `=cmd` is written `'=cmd`. Every other output
+  The rule of submission.csv only (docs/predict.md): `=cmd` is written `'=cmd`. Every other output
   (predictions-*.jsonl, summary.json, the report) keeps the name exactly.
   """
   return "'" + cell if cell.startswith(FORMULA_PREFIXES) else cell

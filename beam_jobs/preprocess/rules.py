@@ -61,7 +61,7 @@ def counter_name(key: str) -> str:
   """The Beam counter of the same fact: 'labels/train/clear' -> 'labels_train_clear'.
 
   beam_jobs.common.dead_letters counts dead letters by reason under this spelling too
-  (metrics.dead_letters_of); the README documents both spellings.
+  (metrics.dead_letters_of); docs/preprocess.md documents both spellings.
   """
   return key.replace('/', '_')
 
