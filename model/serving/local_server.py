@@ -19,8 +19,9 @@ requests may then name a version by label (`ModelSpec.version_label`, REST `/lab
 Production runs TensorFlow Serving itself (`tensorflow_model_server`, or the `tensorflow/serving`
 container image); see docs/serving.md. One deliberate difference: this server refuses requests
 over the gRPC default of 4 MiB (`max_receive_message_bytes`), where `tensorflow_model_server`
-raises its own limit to 2 GiB; proxies and servers started with `--grpc_channel_arguments` keep lower limits, and
-a client that stays under 4 MiB works with all of them, so the tests hold clients to it. The REST
+raises its own limit to 2 GiB; proxies and servers started with `--grpc_channel_arguments` keep
+lower limits, and a client that stays under 4 MiB works with all of them, so the tests hold
+clients to it. The REST
 port holds request bodies to the same limit (TF Serving sets none there).
 
 Usage:
