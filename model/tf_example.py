@@ -7,6 +7,7 @@ Usage:
   serialized = build_example(row, pixels, sha256_hex)       # row: name, weather, ground
   parsed = tf.io.parse_single_example(serialized, feature_spec(with_identity=True))
 """
+import functools
 import struct
 from typing import Protocol, Sequence
 
@@ -38,9 +39,11 @@ def build_example(row: LabelledName, pixels: np.ndarray, source_sha256: str) -> 
   _add_feature(parts, schema.KEY_NAME, _BYTES_LIST, row.image_name.encode())
   _add_feature(parts, schema.KEY_SHA256, _BYTES_LIST, source_sha256.encode())
   _add_feature(parts, schema.KEY_PIXELS, _BYTES_LIST, pixels.tobytes())
-  _add_feature(parts, schema.KEY_SHAPE, _INT64_LIST, b''.join(_varint(int(d)) for d in pixels.shape))
-  _add_feature(parts, schema.KEY_WEATHER, _FLOAT_LIST, _floats(row.weather))
-  _add_feature(parts, schema.KEY_GROUND, _FLOAT_LIST, _floats(row.ground))
+  # The shape and the labels take few values across a data set: each entry is encoded once.
+  parts.append(_small_feature(schema.KEY_SHAPE, _INT64_LIST,
+                              b''.join(_varint(int(d)) for d in pixels.shape)))
+  parts.append(_small_feature(schema.KEY_WEATHER, _FLOAT_LIST, _floats(row.weather)))
+  parts.append(_small_feature(schema.KEY_GROUND, _FLOAT_LIST, _floats(row.ground)))
   # Example { Features features = 1; }
   return b''.join([_header(1, sum(map(len, parts))), *parts])
 
@@ -65,8 +68,10 @@ def _varint(value: int) -> bytes:
   return bytes(out)
 
 
+@functools.lru_cache(maxsize=4096)
 def _header(field: int, size: int) -> bytes:
-  """The tag (wire type 2, length-delimited) and length of a field of `size` bytes."""
+  """The tag (wire type 2, length-delimited) and length of a field of `size` bytes. Cached: an
+  Example's headers take the same few sizes image after image (the pixels' size is fixed)."""
   return _varint(field << 3 | 2) + _varint(size)
 
 
@@ -86,6 +91,14 @@ def _add_feature(parts: list[bytes], key: str, kind: int, payload: bytes) -> Non
   entry_size = len(key_header) + len(key_field) + len(value_header) + feature_size
   parts += [_header(1, entry_size), key_header, key_field, value_header, feature_header,
             list_header, payload]
+
+
+@functools.lru_cache(maxsize=4096)
+def _small_feature(key: str, kind: int, payload: bytes) -> bytes:
+  """The whole map entry of a feature with a small payload (`_add_feature`'s parts, joined)."""
+  parts: list[bytes] = []
+  _add_feature(parts, key, kind, payload)
+  return b''.join(parts)
 
 
 def feature_spec(with_identity: bool = False) -> dict:
