@@ -423,3 +423,16 @@ def test_an_empty_path_is_refused_not_taken_for_the_working_directory(module, ar
   done = _command(module, argv, cwd=tmp_path)
   line = _one_error_line(done, code=2)
   assert 'is empty: give a path' in line and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize('flag', ['--max_pixels', '--max_file_bytes'])
+def test_the_read_limits_are_one_flag_checked_alike_in_both_jobs(flag, tmp_path, capsys):
+  from beam_jobs.predict.config import parse_args as predict_args
+  line = f'{flag} must be at least 1, not 0'
+  with pytest.raises(preprocess.ConfigError, match=line):
+    preprocess.validate_config(preprocess.parse_args(
+        ['--labels_csv', 'x.csv', '--images_dir', 'i', '--output_dir', 'o', flag, '0'])[0])
+  with pytest.raises(SystemExit):
+    predict_args(['--input', 'i', '--output_dir', 'o', '--model_dir', 'm', flag, '0'])
+  assert capsys.readouterr().err.strip().endswith(line)
+  assert not list(tmp_path.iterdir())

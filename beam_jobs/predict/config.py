@@ -10,8 +10,8 @@ from typing import Any, Iterable, NamedTuple
 from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs.common import dead_letters, labels, runner_options
-from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS
 from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files
+from beam_jobs.common.read_limits import add_read_limit_flags, read_limit_problem
 from beam_jobs.predict import completed_rows
 from beam_jobs.predict.backends import DEFAULT_MAX_BATCH_SIZE
 from beam_jobs.predict.rows import ThresholdsByVersion
@@ -146,10 +146,7 @@ def parse_args(argv) -> tuple[Any, list[str]]:
   parser.add_argument('--batch_size', type=int,
                       help=f'images per RunInference batch (default {DEFAULT_MAX_BATCH_SIZE} '
                            'in-process; serving: 16 requests of 32 images, streamed)')
-  parser.add_argument('--max_pixels', type=int, default=DEFAULT_MAX_PIXELS)
-  parser.add_argument('--max_file_bytes', type=int, default=DEFAULT_MAX_FILE_BYTES,
-                      help='refuse image files larger than this without reading them '
-                           '(default %(default)s)')
+  add_read_limit_flags(parser)
   parser.add_argument('--overwrite', action='store_true',
                       help='delete an earlier run of this job in OUTPUT_DIR (only its own files)')
   parser.add_argument('--previous_output', type=command_line.user_path,
@@ -183,9 +180,8 @@ def parse_args(argv) -> tuple[Any, list[str]]:
     parser.error('--max_bad_fraction must be between 0 and 1')
   if args.batch_size is not None and args.batch_size < 1:
     parser.error('--batch_size must be at least 1')
-  for name in ('max_pixels', 'max_file_bytes'):
-    if getattr(args, name) < 1:
-      parser.error(f'--{name} must be at least 1')
+  if read_limit_problem(args):
+    parser.error(read_limit_problem(args))
   return args, pipeline_args
 
 

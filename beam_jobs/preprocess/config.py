@@ -14,6 +14,7 @@ from apache_beam.io.filesystems import FileSystems
 from beam_jobs.common import dead_letters, labels, runner_options
 from beam_jobs.common.image_decoder import DEFAULT_MAX_PIXELS
 from beam_jobs.common.image_files import DEFAULT_MAX_FILE_BYTES, ImageSource, list_image_files
+from beam_jobs.common.read_limits import add_read_limit_flags, read_limit_problem
 from beam_jobs.preprocess.rules import estimate_num_shards, join_buckets
 from model import command_line, schema
 from model.manifest import is_local_path
@@ -142,11 +143,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                       default=dead_letters.DEFAULT_MAX_BAD_FRACTION,
                       help='fail when dead-lettered CSV rows exceed this share of rows '
                            '(default %(default)s)')
-  parser.add_argument('--max_pixels', type=int, default=DEFAULT_MAX_PIXELS,
-                      help='refuse images whose header declares more pixels (default %(default)s)')
-  parser.add_argument('--max_file_bytes', type=int, default=DEFAULT_MAX_FILE_BYTES,
-                      help='refuse image files larger than this without reading them '
-                           '(default %(default)s)')
+  add_read_limit_flags(parser)
   parser.add_argument('--encoder_processes', type=int, default=None,
                       help='processes that read, decode and write the images, per worker '
                            '(default: one per core on a local run in this process with local '
@@ -170,16 +167,14 @@ def _check_ranges(args: argparse.Namespace) -> None:
     raise ConfigError(f'--image_size must be between 1 and 4096, not {args.image_size}')
   if args.num_shards is not None and args.num_shards < 1:
     raise ConfigError(f'--num_shards must be at least 1, not {args.num_shards}')
-  if args.max_pixels < 1:
-    raise ConfigError(f'--max_pixels must be at least 1, not {args.max_pixels}')
   if args.encoder_processes is not None and args.encoder_processes < 0:
     raise ConfigError(f'--encoder_processes must be 0 or more, not {args.encoder_processes}')
   if args.encoder_processes and not all(
       is_local_path(path) for path in (args.images_dir, args.output_dir)):
     raise ConfigError('--encoder_processes needs local --images_dir and --output_dir (the '
                       'processes write their parts as local files): pass 0, or leave it out')
-  if args.max_file_bytes < 1:
-    raise ConfigError(f'--max_file_bytes must be at least 1, not {args.max_file_bytes}')
+  if read_limit_problem(args):
+    raise ConfigError(read_limit_problem(args))
 
 
 def _shards_per_split(args: argparse.Namespace, csv_rows: int | None) -> dict[str, int]:
