@@ -34,8 +34,7 @@ from model.serving.batching import BatchScheduler
 from model.serving.batching import parse_batching_parameters
 from model.serving.faults import Faults
 from model.serving.local_server import LocalServingServer
-from model.serving.protocol import build_predict_request
-from model.serving.protocol import split_response
+from model.serving.protocol import build_predict_request, tensor_from_proto
 from model.serving.refusal import Refusal
 from tests.conftest import make_export_base
 
@@ -141,8 +140,8 @@ def predict_in_requests(address: str, pixels: np.ndarray, per_request: int) -> l
     futures = [stub.Predict.future(build_predict_request(list(pixels[i:i + per_request])),
                                    timeout=30)
                for i in range(0, len(pixels), per_request)]
-    answers = [split_response(future.result(), per_request) for future in futures]
-  return [np.stack([row[schema.OUTPUT_WEATHER] for row in rows]) for _, rows in answers]
+    return [tensor_from_proto(future.result().outputs[schema.OUTPUT_WEATHER])
+            for future in futures]
 
 
 def test_concurrent_requests_are_merged_into_one_model_call_with_the_same_answers(model_dir):

@@ -210,27 +210,21 @@ def _answer(weather: np.ndarray, ground: np.ndarray, encode) -> predict_pb2.Pred
 
 @pytest.mark.parametrize('encode', [tf.make_tensor_proto,              # tensor_content
                                     protocol.tensor_as_proto_field])  # float_val, as TF Serving does
-def test_split_response_reads_both_encodings(encode):
+def test_the_grpc_transport_reads_both_encodings(encode):
   weather = np.arange(8, dtype=np.float32).reshape(2, 4) / 7
   ground = np.arange(26, dtype=np.float32).reshape(2, 13) / 29
-  version, rows = protocol.split_response(_answer(weather, ground, encode), 2)
-  assert version == 3 and len(rows) == 2
-  for i, row in enumerate(rows):
-    np.testing.assert_array_equal(row[schema.OUTPUT_WEATHER], weather[i])
-    np.testing.assert_array_equal(row[schema.OUTPUT_GROUND], ground[i])
+  version, outputs = sh.GrpcTransport('localhost:1').decode(_answer(weather, ground, encode))
+  assert version == 3
+  np.testing.assert_array_equal(outputs[schema.OUTPUT_WEATHER], weather)
+  np.testing.assert_array_equal(outputs[schema.OUTPUT_GROUND], ground)
 
 
-def test_split_response_fills_a_short_value_field_with_its_last_value():
+def test_the_grpc_transport_fills_a_short_value_field_with_its_last_value():
   def constant(array):
     return tf.make_tensor_proto(1.5, shape=array.shape, dtype=tf.float32)
-  _, rows = protocol.split_response(_answer(np.zeros((2, 4)), np.zeros((2, 13)), constant), 2)
-  np.testing.assert_array_equal(rows[1][schema.OUTPUT_GROUND], np.full(13, 1.5, np.float32))
-
-
-def test_split_response_refuses_a_wrong_shape():
-  with pytest.raises(ValueError, match='expected \\[3, 4\\]'):
-    protocol.split_response(_answer(np.zeros((2, 4), np.float32), np.zeros((2, 13), np.float32),
-                                    tf.make_tensor_proto), 3)
+  _, outputs = sh.GrpcTransport('localhost:1').decode(
+      _answer(np.zeros((2, 4)), np.zeros((2, 13)), constant))
+  np.testing.assert_array_equal(outputs[schema.OUTPUT_GROUND], np.full((2, 13), 1.5, np.float32))
 
 
 def test_transient_codes_and_backoff():

@@ -1,13 +1,13 @@
 """What the prediction client and the local server share: TF Serving's messages, their limit, the channel.
 
 Both sides read and write `tensorflow.serving` protos: the client encodes images into a
-`PredictRequest` and splits the `PredictResponse`; the server reads the request tensors and writes
-its outputs the way TF Serving does. Channels go over TLS, or plaintext only to this machine.
+`PredictRequest` and reads the `PredictResponse`'s tensors; the server reads the request tensors
+and writes its outputs the way TF Serving does. Channels go over TLS, or plaintext only to this machine.
 
 Usage:
   channel = open_channel('localhost:8500')
   response = PredictionServiceStub(channel).Predict(build_predict_request(images), timeout=30)
-  version, rows = split_response(response, len(images))
+  weather = tensor_from_proto(response.outputs['weather'])
 """
 import ipaddress
 from typing import Sequence
@@ -23,7 +23,7 @@ from model import schema
 
 __all__ = [
     'GRPC_DEFAULT_MAX_MESSAGE_BYTES', 'METADATA_FIELD', 'build_predict_request', 'check_transport',
-    'encode_images', 'is_loopback_host', 'open_channel', 'parse_address', 'split_response',
+    'encode_images', 'is_loopback_host', 'open_channel', 'parse_address',
     'tensor_as_proto_field', 'tensor_from_proto',
 ]
 
@@ -153,23 +153,3 @@ def build_predict_request(images: Sequence[np.ndarray], model_name: str = schema
   request.inputs[schema.INPUT_IMAGES].CopyFrom(encode_images(images))
   request.output_filter.extend(schema.OUTPUT_NAMES)
   return request
-
-
-def split_response(response: predict_pb2.PredictResponse,
-                   count: int) -> tuple[int, list[dict[str, np.ndarray]]]:
-  """(version, one {'weather', 'ground'} dict per image) from a Predict answer for `count` images.
-
-  Raises:
-    ValueError: an output is missing or has another shape than [count, width].
-  """
-  widths = {schema.OUTPUT_WEATHER: schema.NUM_WEATHER, schema.OUTPUT_GROUND: schema.NUM_GROUND}
-  outputs = {}
-  for name, width in widths.items():
-    if name not in response.outputs:
-      raise ValueError(f'the answer has no output {name!r} (it has {sorted(response.outputs)})')
-    array = tensor_from_proto(response.outputs[name]).astype(np.float32, copy=False)
-    if array.shape != (count, width):
-      raise ValueError(f'output {name!r} has shape {list(array.shape)}, expected [{count}, {width}]')
-    outputs[name] = array
-  rows = [{name: outputs[name][i].copy() for name in widths} for i in range(count)]
-  return int(response.model_spec.version.value), rows
