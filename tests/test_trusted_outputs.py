@@ -202,8 +202,9 @@ def test_a_second_run_is_refused_while_the_first_runs_and_sigterm_publishes_noth
     refusal = _one_error_line(subprocess.CompletedProcess(other.args, other.returncode, stdout,
                                                           stderr))
     assert f'is in use by a predict job (pid {first.pid}' in refusal, refusal
+    # Said only while the first job holds the folder: each refusal happened while it ran (the
+    # first may end before the last refusal is read; a run after it would not be refused).
     assert 'still running; nothing was touched' in refusal
-  assert first.poll() is None, 'the first job ended before the others were refused'
   _, stderr = first.communicate(timeout=300)
   assert first.returncode == 0, stderr[-3000:]
   assert len(read_jsonl(out / PREDICTIONS)) == 1500
