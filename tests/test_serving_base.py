@@ -13,7 +13,7 @@ import pytest
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import predict_pb2
 
-from beam_jobs.common import progress
+from beam_jobs.common import metrics
 from beam_jobs.predict.backends import tf_serving
 from beam_jobs.predict.backends import tf_serving_rest
 from beam_jobs.predict.backends.retry_policy import CallFailed
@@ -103,7 +103,7 @@ class _Counter:
 def test_rows_name_the_version_that_answered_and_are_counted_under_the_transports_name(
     monkeypatch):
   counts = {}
-  monkeypatch.setattr(progress, 'counter', lambda name: _Counter(counts, name))
+  monkeypatch.setattr(metrics, 'counter', lambda name: _Counter(counts, name))
   batch = images(5)
   transport = ScriptedTransport()
   results = run(ServingHandler(transport, max_images_per_request=2, **FAST), batch)

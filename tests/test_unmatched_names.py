@@ -21,7 +21,7 @@ DECOMPOSED = 'cafe\u0301_field'   # NFD: what macOS and some archivers write
 # A CSV row without its image may cost at most this much memory in preprocess: its name, line
 # and label bits, packed, in the join's grouping until the join ends (measured ~180 bytes).
 BYTES_PER_ABSENT_ROW = 400
-ABSENT_ROWS = 300_000
+ABSENT_ROWS = 150_000
 
 
 @pytest.fixture(scope='module')

@@ -16,8 +16,11 @@ from apache_beam.metrics import Metrics
 
 __all__ = ['DEAD_LETTERS', 'IMAGES_DECODED', 'IMAGES_LISTED', 'IMAGES_REFUSED',
            'IMAGE_BYTES_READ', 'INFERENCE_BATCH_FALLBACKS', 'METRICS_NAMESPACE', 'PREDICTIONS',
-           'SUBMISSION_BUCKETS', 'counter', 'dead_letters_of', 'images_of_kind',
-           'query_counters', 'unusable_rows']
+           'SERVING_FAILED_IMAGES', 'SERVING_PREDICTED_IMAGES', 'SERVING_REQUESTS',
+           'SERVING_REQUEST_BYTES', 'SERVING_RETRIES', 'SERVING_SINGLE_IMAGE_REQUESTS',
+           'SERVING_THROTTLED_MS', 'SERVING_UNAVAILABLE_IMAGES', 'SUBMISSION_BUCKETS', 'counter',
+           'dead_letters_of', 'distribution', 'images_of_kind', 'query_counters',
+           'serving_metric', 'unusable_rows']
 
 METRICS_NAMESPACE = 'planet'
 
@@ -34,6 +37,15 @@ IMAGES_REFUSED = 'images_refused'              # unreadable or undecodable: dead
 PREDICTIONS = 'predictions'                    # rows predicted (not carried over or resumed)
 INFERENCE_BATCH_FALLBACKS = 'inference_batch_fallbacks'   # batches predicted one by one
 SUBMISSION_BUCKETS = 'submission_buckets'      # submission.csv's sorted parts
+# predict through TF Serving: per transport ('grpc', 'rest'), as serving_metric(transport, ...).
+SERVING_REQUESTS = 'requests'
+SERVING_RETRIES = 'retries'
+SERVING_SINGLE_IMAGE_REQUESTS = 'single_image_requests'   # a refused request's images, one by one
+SERVING_PREDICTED_IMAGES = 'predicted_images'
+SERVING_UNAVAILABLE_IMAGES = 'unavailable_images'
+SERVING_FAILED_IMAGES = 'failed_images'
+SERVING_REQUEST_BYTES = 'request_bytes'                   # a distribution
+SERVING_THROTTLED_MS = 'throttled_ms'
 
 
 def dead_letters_of(reason: str) -> str:
@@ -51,9 +63,19 @@ def unusable_rows(source: str) -> str:
   return f'unusable_{source}_rows'
 
 
+def serving_metric(transport: str, what: str) -> str:
+  """A TF Serving backend's metric: <transport>_<what> (grpc_requests, rest_retries, ...)."""
+  return f'{transport}_{what}'
+
+
 def counter(name: str):
   """A Beam counter in the project's namespace (cheap to call: Beam caches the cell)."""
   return Metrics.counter(METRICS_NAMESPACE, name)
+
+
+def distribution(name: str):
+  """A Beam distribution in the project's namespace."""
+  return Metrics.distribution(METRICS_NAMESPACE, name)
 
 
 def query_counters(result) -> dict[str, int]:

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from beam_jobs.common.progress import METRICS_NAMESPACE, counter
+from beam_jobs.common.metrics import INFERENCE_BATCH_FALLBACKS, METRICS_NAMESPACE, counter
 from beam_jobs.predict.backends import DEFAULT_MAX_BATCH_SIZE, model_id, prediction
 from model import schema
 from model.errors import InputRefused, Reason
@@ -62,7 +62,7 @@ class SavedModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
     except Exception as e:  # pylint: disable=broad-except
       # One bad example must not take its batch down: retry them one by one.
       logging.warning('batch of %d failed (%s); predicting one by one', len(batch), e)
-      counter('inference_batch_fallbacks').inc()
+      counter(INFERENCE_BATCH_FALLBACKS).inc()
       yield from (self._predict_one(model, example) for example in batch)
       return
     version = self._export.version

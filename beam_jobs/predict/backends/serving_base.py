@@ -32,11 +32,10 @@ import logging
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.base import RemoteModelHandler
 
-from beam_jobs.common import progress
+from beam_jobs.common import metrics
 from beam_jobs.predict.backends import model_id, prediction
 from beam_jobs.predict.backends.retry_policy import AnsweredRequestsThrottler, RetryPolicy
 from beam_jobs.predict.backends.retry_policy import CallFailed
@@ -210,13 +209,13 @@ class ServingHandler(RemoteModelHandler[np.ndarray, PredictionResult, ServingCli
       raise ValueError(f'max_batch_size {max_batch_size} < min_batch_size {min_batch_size}')
     if retry_budget_secs < 0 or max_backoff_secs < initial_backoff_secs:
       raise ValueError('need retry_budget_secs >= 0 and max_backoff_secs >= initial_backoff_secs')
-    super().__init__(namespace=progress.METRICS_NAMESPACE, num_retries=0,
+    super().__init__(namespace=metrics.METRICS_NAMESPACE, num_retries=0,
                      throttle_delay_secs=throttle_delay_secs, retry_filter=_never_retry,
                      overload_ratio=overload_ratio)
     # Beam's window and K, but attempts counted as they are answered (see the class).
     self.throttler = AnsweredRequestsThrottler(
         window_ms=_THROTTLE_WINDOW_MS, bucket_ms=_THROTTLE_WINDOW_MS, overload_ratio=overload_ratio,
-        namespace=progress.METRICS_NAMESPACE, throttle_delay_secs=throttle_delay_secs)
+        namespace=metrics.METRICS_NAMESPACE, throttle_delay_secs=throttle_delay_secs)
     self._transport = transport
     self._image_size = image_size
     self._max_request_bytes = max_request_bytes
@@ -316,16 +315,19 @@ class ServingHandler(RemoteModelHandler[np.ndarray, PredictionResult, ServingCli
 
   def _count(self, tally: CallTally, answers) -> None:
     refused = [inference.reason for inference, _ in answers if isinstance(inference, InputRefused)]
-    prefix = f'{self._transport.name}_'
-    progress.counter(f'{prefix}requests').inc(tally.requests)
-    progress.counter(f'{prefix}retries').inc(tally.retries)
-    progress.counter(f'{prefix}single_image_requests').inc(tally.single_image_requests)
-    progress.counter(f'{prefix}predicted_images').inc(len(answers) - len(refused))
-    progress.counter(f'{prefix}unavailable_images').inc(refused.count(Reason.UNAVAILABLE))
-    progress.counter(f'{prefix}failed_images').inc(refused.count(Reason.INFERENCE_FAILED))
-    request_bytes = Metrics.distribution(progress.METRICS_NAMESPACE, f'{prefix}request_bytes')
+    def named(what: str) -> str:
+      return metrics.serving_metric(self._transport.name, what)
+    metrics.counter(named(metrics.SERVING_REQUESTS)).inc(tally.requests)
+    metrics.counter(named(metrics.SERVING_RETRIES)).inc(tally.retries)
+    metrics.counter(named(metrics.SERVING_SINGLE_IMAGE_REQUESTS)).inc(tally.single_image_requests)
+    metrics.counter(named(metrics.SERVING_PREDICTED_IMAGES)).inc(len(answers) - len(refused))
+    metrics.counter(named(metrics.SERVING_UNAVAILABLE_IMAGES)).inc(
+        refused.count(Reason.UNAVAILABLE))
+    metrics.counter(named(metrics.SERVING_FAILED_IMAGES)).inc(
+        refused.count(Reason.INFERENCE_FAILED))
+    request_bytes = metrics.distribution(named(metrics.SERVING_REQUEST_BYTES))
     for size in tally.request_bytes:
       request_bytes.update(size)
     if tally.throttled_secs:
-      progress.counter(f'{prefix}throttled_ms').inc(int(tally.throttled_secs * 1000))
+      metrics.counter(named(metrics.SERVING_THROTTLED_MS)).inc(int(tally.throttled_secs * 1000))
       self.throttler.throttling_signaler.signal_throttled(int(tally.throttled_secs))
