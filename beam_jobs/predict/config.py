@@ -151,8 +151,8 @@ def parse_args(argv) -> tuple[Any, list[str]]:
                       help='delete an earlier run of this job in OUTPUT_DIR (only its own files)')
   parser.add_argument('--previous_output', type=command_line.user_path,
                       help='a finished prediction output: its rows for unchanged images (same '
-                           'name and bytes) of the same model version and thresholds are carried '
-                           'over, not predicted again')
+                           'name and bytes) made by the same model (its fingerprint) and '
+                           'thresholds are carried over, not predicted again')
   parser.add_argument('--resume', action='store_true',
                       help='continue an unfinished (killed or failed) run of this same job in '
                            'OUTPUT_DIR: the images it completed are not predicted again')
