@@ -39,7 +39,8 @@ def _tree(folder: pathlib.Path) -> dict[str, str]:
   return found
 
 
-def _one_line_error(capsys, command, argv, code=1) -> str:
+def one_line_error(capsys, command, argv, code=1) -> str:
+  """The command exits `code` with one line on stderr, no traceback; returns the line."""
   with pytest.raises(SystemExit) as exit_info:
     command(argv)
   assert exit_info.value.code == code
@@ -79,16 +80,16 @@ def test_a_folder_of_the_users_files_is_refused_by_every_stage(sample, export_ba
   (own / 'PlanetModel' / 'readme.md').write_text('mine')
   before = _tree(own)
   for overwrite in ([], ['--overwrite']):
-    err = _one_line_error(capsys, preprocess.main, _preprocess_args(sample, own, *overwrite))
+    err = one_line_error(capsys, preprocess.main, _preprocess_args(sample, own, *overwrite))
     assert "did not write ('PlanetModel/readme.md', 'notes.txt', 'train/photo.jpg')" in err
-    err = _one_line_error(capsys, predict.main,
+    err = one_line_error(capsys, predict.main,
                           _predict_args(sample / 'train-jpg', own, export_base, *overwrite))
     assert 'files that predict did not write' in err and 'notes.txt' in err
   # Training's folders: checked before any data is read (the data folder need not exist).
   for flag in ('--job_dir', '--export_base'):
     folders = {'--job_dir': str(tmp_path / 'job'), '--export_base': str(tmp_path / 'export'),
                flag: str(own)}
-    err = _one_line_error(capsys, train.main, ['--data_dir', str(tmp_path / 'prep'),
+    err = one_line_error(capsys, train.main, ['--data_dir', str(tmp_path / 'prep'),
                                                *[x for kv in folders.items() for x in kv]])
     assert flag in err and 'notes.txt' in err, err
   assert _tree(own) == before and not (own / CLAIM_FILE).exists()
@@ -103,7 +104,7 @@ def test_preprocess_output_overlapping_an_input_is_refused_untouched(sample, tmp
          'the labels file': sample / 'train_v2.csv'}[where]
   before = _tree(sample)
   for overwrite in ([], ['--overwrite']):
-    err = _one_line_error(capsys, preprocess.main, _preprocess_args(sample, out, *overwrite))
+    err = one_line_error(capsys, preprocess.main, _preprocess_args(sample, out, *overwrite))
     assert 'nothing was touched' in err and ('--images_dir' in err or '--labels_csv' in err)
   assert _tree(sample) == before and not (sample / 'train-jpg' / 'out').exists()
 
@@ -115,7 +116,7 @@ def test_predict_output_overlapping_an_input_is_refused_untouched(sample, export
   for out, relation in ((images, ' is --input'), (images / 'predictions', 'lies inside --input'),
                         (sample, 'contains --input'), (export_base / 'PlanetModel', '--model_dir'),
                         (sample / 'train_v2.csv', '--labels_csv')):
-    err = _one_line_error(capsys, predict.main, _predict_args(
+    err = one_line_error(capsys, predict.main, _predict_args(
         images, out, export_base, '--labels_csv', str(sample / 'train_v2.csv'), '--overwrite'))
     assert relation in err and 'nothing was touched' in err, err
   assert _tree(sample) == before and _tree(export_base) == model_before
@@ -314,24 +315,24 @@ def test_configuration_errors_are_one_line_before_anything_runs(sample, export_b
                                                                 capsys):
   header_only = tmp_path / 'header_only.csv'
   header_only.write_text('image_name,tags\n\n')
-  err = _one_line_error(capsys, preprocess.main, [
+  err = one_line_error(capsys, preprocess.main, [
       '--labels_csv', str(header_only), '--images_dir', str(sample / 'train-jpg'),
       '--output_dir', str(tmp_path / 'p1')])
   assert 'has a header but no rows' in err
   huge_header = tmp_path / 'huge.csv'
   huge_header.write_bytes(b'x' * 10_000_000)
-  err = _one_line_error(capsys, preprocess.main, [
+  err = one_line_error(capsys, preprocess.main, [
       '--labels_csv', str(huge_header), '--images_dir', str(sample / 'train-jpg'),
       '--output_dir', str(tmp_path / 'p2')])
   assert len(err) < 500
   a_file = tmp_path / 'a_file'
   a_file.write_text('x')
-  err = _one_line_error(capsys, preprocess.main, _preprocess_args(sample, a_file))
+  err = one_line_error(capsys, preprocess.main, _preprocess_args(sample, a_file))
   assert 'is a file, not a folder' in err
-  err = _one_line_error(capsys, predict.main, _predict_args(sample / 'train-jpg', a_file,
+  err = one_line_error(capsys, predict.main, _predict_args(sample / 'train-jpg', a_file,
                                                             export_base))
   assert 'is a file, not a folder' in err
-  err = _one_line_error(capsys, predict.main, _predict_args(
+  err = one_line_error(capsys, predict.main, _predict_args(
       sample / 'train-jpg', tmp_path / 'p3', export_base, '--labels_csv', str(header_only)))
   assert 'has a header but no rows' in err
   assert not any((tmp_path / name).exists() for name in ('p1', 'p2', 'p3'))
@@ -342,9 +343,9 @@ def test_a_misspelled_flag_is_refused_with_the_closest_one(command, sample, expo
                                                            capsys):
   args = (_preprocess_args(sample, tmp_path / 'out') if command is preprocess.main
           else _predict_args(sample / 'train-jpg', tmp_path / 'out', export_base))
-  err = _one_line_error(capsys, command, [*args, '--max_bad_fractoin', '0.5'], code=2)
+  err = one_line_error(capsys, command, [*args, '--max_bad_fractoin', '0.5'], code=2)
   assert 'unknown flag --max_bad_fractoin (did you mean --max_bad_fraction?)' in err
-  err = _one_line_error(capsys, command, [*args, '--direct_num_worker=2'], code=2)
+  err = one_line_error(capsys, command, [*args, '--direct_num_worker=2'], code=2)
   assert 'did you mean --direct_num_workers?' in err
   assert not (tmp_path / 'out').exists()
   # Beam's own options, the Dataflow runner's included, still pass.

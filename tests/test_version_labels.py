@@ -17,19 +17,10 @@ from model.serving.faults import Faults
 from model.serving.local_server import LocalServingServer
 from tests.conftest import make_export_base, read_jsonl
 from tests.test_reliability_serving import export_version
+from tests.test_user_mistakes import one_line_error
 
 PREDICTIONS = f'{schema.PREDICTIONS_PREFIX}-*.jsonl'
 PROTOCOLS = ['grpc', 'rest']
-
-
-def one_line_error(capsys, command, argv, code=1) -> str:
-  """The command exits `code` with one line on stderr, no traceback; returns the line."""
-  with pytest.raises(SystemExit) as exit_info:
-    command(argv)
-  assert exit_info.value.code == code
-  err = capsys.readouterr().err.strip()
-  assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
-  return err
 
 
 def write_config(path, base_path, labels: dict) -> None:
