@@ -2,9 +2,9 @@
 
 One DoFn does all of it, so an Example's bytes never cross a grouping or a process: each bundle
 decodes its images ahead on a thread pool (common/lookahead.py: reading, sha256 and Pillow's
-decoding release the GIL, so the threads use every core of the worker) and writes each Example, in input order, straight into
-the bundle's part file of its split's shard (beam_jobs/common/tfrecord_sink.py). What leaves the
-DoFn is small: the part names, dead letters, and the bundle's tally as (key, count) pairs.
+decoding release the GIL, so the threads use every core of the worker) and writes each Example,
+in input order, straight into the bundle's part file of its split's shard
+(beam_jobs/common/tfrecord_sink.py). What leaves the DoFn is small: the part names, dead letters, and the bundle's tally as (key, count) pairs.
 
 Usage:
   encoded = images | beam.ParDo(EncodeAndWriteExamples(config, parts_dirs)).with_outputs(
@@ -183,6 +183,8 @@ class EncodeAndWriteExamples(beam.DoFn):
     if len(self._executors) == 1:
       return 0
     split = assign_split(image.image_name, self._config.eval_fraction)
+    if not self._owned_shards[split]:   # a split whose every shard the processes share
+      return self._next_lane
     shard = example_shard(image.image_name, self._shards[split])
     return shard % len(self._executors) if shard < self._owned_shards[split] else self._next_lane
 
