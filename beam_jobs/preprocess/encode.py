@@ -4,7 +4,8 @@ One DoFn does all of it, so an Example's bytes never cross a grouping or a proce
 decodes its images ahead on a thread pool (common/lookahead.py: reading, sha256 and Pillow's
 decoding release the GIL, so the threads use every core of the worker) and writes each Example,
 in input order, straight into the bundle's part file of its split's shard
-(beam_jobs/common/tfrecord_sink.py). What leaves the DoFn is small: the part names, dead letters, and the bundle's tally as (key, count) pairs.
+(beam_jobs/common/tfrecord_sink.py). What leaves the DoFn is small: the part names, dead
+letters, and the bundle's tally as (key, count) pairs.
 
 Usage:
   encoded = images | beam.ParDo(EncodeAndWriteExamples(config, parts_dirs)).with_outputs(
